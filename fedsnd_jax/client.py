@@ -1,0 +1,105 @@
+"""Client local training as a pure function: `lax.scan` over on-device batches (DESIGN §3)."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedsnd_jax import losses
+from fedsnd_jax.data import normalize
+from fedsnd_jax.federated_data import FederatedData, client_batches
+
+Params = Any
+# loss_fn(params, x [B, ...], y [B], rng, context) -> per-example loss [B]; `context` is whatever the
+# algorithm passes to every client (for FedAvg the received global params).
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+class ClientOutput(NamedTuple):
+  """One client's upload (stacked with a leading C axis once mapped over clients).
+
+  Attributes:
+    params: the locally trained params.
+    num_examples: int32 n_k, the client's example count (the aggregation weight).
+    loss: float32 mean training loss over the round's valid examples.
+  """
+
+  params: Params
+  num_examples: jax.Array
+  loss: jax.Array
+
+
+def client_optimizer(lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+  """SGD with (optional) momentum and L2 weight decay added to the gradient, as in NIID-Bench."""
+  sgd = optax.sgd(lr, momentum=momentum or None)
+  return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+
+
+def supervised_loss(model) -> LossFn:
+  """FedAvg's local loss: CE(f(x; w, ξ), y) with dropout ξ drawn from `rng`."""
+
+  def loss_fn(params, x, y, rng, context):
+    del context
+    return losses.cross_entropy(model.apply(params, x, train=True, rng=rng), y)
+
+  return loss_fn
+
+
+def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean, std, idx, mask, key):
+  """Runs S masked local steps; a step whose batch is fully masked leaves params and optimiser untouched.
+
+  Args:
+    loss_fn: per-example loss, see `LossFn`.
+    optimizer: optax transformation, initialised here (local state starts fresh every round).
+    params: starting params.
+    context: passed to every `loss_fn` call.
+    x_all: [N, ...] training inputs; y_all: [N] labels; mean, std: [ch] normalisation.
+    idx: [S, B] int32 example indices; mask: [S, B] bool.
+    key: PRNG key for dropout (one per step is derived from it).
+
+  Returns:
+    (params, mean loss over valid examples).
+  """
+
+  def step(carry, inputs):
+    params, opt_state = carry
+    idx_s, mask_s, key_s = inputs
+    x, y = normalize(x_all[idx_s], mean, std), y_all[idx_s]
+
+    def objective(p):
+      return losses.masked_mean(loss_fn(p, x, y, key_s, context), mask_s)
+
+    loss, grads = jax.value_and_grad(objective)(params)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new = (optax.apply_updates(params, updates), new_opt_state)
+    active = jnp.any(mask_s)
+    carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (params, opt_state))
+    valid = jnp.sum(mask_s)
+    return carry, (loss * valid, valid)
+
+  keys = jax.random.split(key, idx.shape[0])
+  (params, _), (loss_sums, valids) = jax.lax.scan(step, (params, optimizer.init(params)),
+                                                  (idx, mask, keys))
+  return params, jnp.sum(loss_sums) / jnp.maximum(jnp.sum(valids), 1)
+
+
+def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps: int,
+                       local_epochs: int, local_steps: int):
+  """Builds client_update(params, context, client_id, key, data) -> ClientOutput for one client.
+
+  The client gathers its own batch schedule (`client_batches`) from `data` by its id, then trains
+  from `params`. Pure and vmappable over (client_id, key).
+  """
+
+  def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
+    batch_key, train_key = jax.random.split(key)
+    count = data.counts[client_id]
+    idx, mask = client_batches(batch_key, data.index[client_id], count, batch_size=batch_size,
+                               num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
+    new_params, loss = train_steps(loss_fn, optimizer, params, context, data.x, data.y, data.mean,
+                                   data.std, idx, mask, train_key)
+    return ClientOutput(new_params, count, loss)
+
+  return client_update

@@ -1,0 +1,92 @@
+"""Device-resident federated training data and on-device batch schedules (DESIGN §3).
+
+The training set is placed on the device once; clients are rows of a padded index table. Each local
+step gathers its batch by index on the device, so a round moves no data between host and device.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsnd_jax.partition import Partition
+
+
+class FederatedData(NamedTuple):
+  """The training set and who holds what, as device arrays (a pytree: pass it to jitted functions).
+
+  Attributes:
+    x: [N, ...] training inputs (uint8 images stay uint8).
+    y: [N] int32 labels.
+    index: [K, n_max] int32 training-example indices of each client, padded with 0.
+    counts: [K] int32 examples per client.
+    mean, std: [ch] float32 normalisation statistics.
+  """
+
+  x: jax.Array
+  y: jax.Array
+  index: jax.Array
+  counts: jax.Array
+  mean: jax.Array
+  std: jax.Array
+
+  @property
+  def max_count(self) -> int:
+    return self.index.shape[1]
+
+
+def to_device(x, y, part: Partition, mean, std) -> FederatedData:
+  """Builds the padded index table and places everything on the default device."""
+  counts = part.sizes
+  index = np.zeros((len(counts), int(counts.max())), np.int32)
+  for k, idx in enumerate(part.client_indices):
+    index[k, : len(idx)] = idx
+  return FederatedData(*(jnp.asarray(a) for a in (x, y, index, counts.astype(np.int32), mean, std)))
+
+
+def steps_per_round(max_count: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
+  """S: local_steps if > 0, else local_epochs × ceil(n_max / B) (clients with fewer examples mask the rest)."""
+  if local_steps > 0:
+    return local_steps
+  return local_epochs * -(-max_count // batch_size)
+
+
+def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, local_epochs: int,
+                   local_steps: int):
+  """On-device batch schedule for one client (vmap it over clients).
+
+  Each epoch visits the client's own examples once in a fresh random order; its last partial batch is
+  masked. With `local_steps > 0` the client runs exactly that many steps of ceil(count / B) batches per
+  epoch, starting a new epoch as needed. With epochs (`local_steps == 0`) every client's schedule has
+  `num_steps = E·ceil(n_max / B)` slots and the slots past its own ceil(count / B) batches per epoch are
+  fully masked.
+
+  Args:
+    key: the client's PRNG key for this round.
+    index_row: [n_max] int32 indices of the client's examples (padded).
+    count: int32 scalar, the client's number of examples.
+    batch_size: B.
+    num_steps: S.
+    local_epochs, local_steps: the schedule, as for `steps_per_round`.
+
+  Returns:
+    idx: [S, B] int32 training-example indices.
+    mask: [S, B] bool, True where the slot holds a real example.
+  """
+  n_max = index_row.shape[0]
+  num_epochs = num_steps if local_steps > 0 else local_epochs  # An upper bound on epochs started.
+  slots_per_epoch = -(-n_max // batch_size)
+
+  def permutation(epoch_key):  # Valid positions first, in random order; padding last.
+    u = jax.random.uniform(epoch_key, (n_max,))
+    return jnp.argsort(jnp.where(jnp.arange(n_max) < count, u, 2.0)).astype(jnp.int32)
+
+  perms = jax.vmap(permutation)(jax.random.split(key, num_epochs))  # [E, n_max]
+  steps = jnp.arange(num_steps)
+  batches_per_epoch = jnp.maximum(-(-count // batch_size), 1) if local_steps > 0 else slots_per_epoch
+  epoch, slot = steps // batches_per_epoch, steps % batches_per_epoch
+  pos = slot[:, None] * batch_size + jnp.arange(batch_size)[None, :]  # [S, B]
+  mask = pos < count
+  local = perms[epoch[:, None], jnp.minimum(pos, n_max - 1)]
+  return index_row[local], mask

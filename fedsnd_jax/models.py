@@ -1,0 +1,208 @@
+"""Models as `Model(init, apply)` pairs over flax.linen modules, and a registry by name.
+
+`apply(params, x, train=False, rng=None)` maps normalised inputs [B, *input_shape] (token ids [B, L]
+for text) to logits [B, NC]; dropout is active only with `train=True`, drawing from `rng`. Text models
+also have `apply_embedded(params, e, ...)` starting from token embeddings [B, L, d], so noise can live
+in embedding space.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedsnd_jax.errors import InputError
+
+Params = Any
+
+
+class Model(NamedTuple):
+  """A pure model pair.
+
+  Attributes:
+    init: key -> params.
+    apply: (params, x [B, ...], train=False, rng=None) -> logits [B, NC].
+    apply_embedded: text models only: (params, e [B, L, d], train=False, rng=None) -> logits [B, NC].
+  """
+
+  init: Callable[[jax.Array], Params]
+  apply: Callable[..., jax.Array]
+  apply_embedded: Callable[..., jax.Array] | None = None
+
+
+class MLP(nn.Module):
+  """Flatten → [Dense → ReLU → Dropout] × len(hidden) → Dense."""
+
+  num_classes: int
+  hidden: Sequence[int] = (200, 200)
+  dropout: float = 0.2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN2(nn.Module):
+  """The 2-conv CNN for 28×28 grayscale (the flax MNIST example, 824,458 params, plus dropout).
+
+  conv3×3·32 → ReLU → avgpool 2 → conv3×3·64 → ReLU → avgpool 2 → Dense 256 → ReLU → Dropout → Dense.
+  """
+
+  num_classes: int
+  dropout: float = 0.2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for features in (32, 64):
+      x = nn.avg_pool(nn.relu(nn.Conv(features, (3, 3))(x)), (2, 2), (2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(256)(x)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class SimpleCNN(nn.Module):
+  """The simple CNN of NIID-Bench (Li et al., 2022) and MOON for 32×32 colour (62,006 params on CIFAR-10).
+
+  conv5×5·6 → ReLU → maxpool 2 → conv5×5·16 → ReLU → maxpool 2 → fc 120 → fc 84 → fc NC, dropout after
+  each hidden fc layer.
+  """
+
+  num_classes: int
+  dropout: float = 0.2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for features in (6, 16):
+      x = nn.max_pool(nn.relu(nn.Conv(features, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
+    x = x.reshape((x.shape[0], -1))
+    for width in (120, 84):
+      x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class _BasicBlock(nn.Module):
+  features: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x):
+    norm = lambda: nn.GroupNorm(num_groups=min(32, self.features // 4) or 1)  # noqa: E731
+    y = nn.relu(norm()(nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)))
+    y = norm()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+    if x.shape != y.shape:
+      x = norm()(nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x))
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet with GroupNorm (BatchNorm's running statistics do not average across clients).
+
+  3×3 stem → stages of basic blocks (`blocks` per stage, widths doubling, stride 2 between stages) →
+  global average pool → Dropout → Dense.
+  """
+
+  num_classes: int
+  blocks: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+  dropout: float = 0.2
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(self.width, (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.GroupNorm(num_groups=min(32, self.width // 4))(x))
+    for stage, n in enumerate(self.blocks):
+      for b in range(n):
+        x = _BasicBlock(self.width * 2**stage, 2 if stage > 0 and b == 0 else 1)(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x.mean(axis=(1, 2)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class TextClassifier(nn.Module):
+  """Embedding → (conv1d·width → ReLU → max-pool over tokens | mean-pool) → Dropout → Dense.
+
+  Padding (id 0) is excluded from the mean pool. `from_embeddings` starts after the token lookup.
+  """
+
+  num_classes: int
+  vocab_size: int
+  embed_dim: int = 64
+  pooling: str = "mean"  # mean | conv
+  width: int = 128
+  dropout: float = 0.2
+
+  def setup(self):
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim)
+    self.conv = nn.Conv(self.width, (3,)) if self.pooling == "conv" else None
+    self.drop = nn.Dropout(self.dropout)
+    self.head = nn.Dense(self.num_classes)
+
+  def __call__(self, tokens, train: bool = False):
+    valid = (tokens > 0).astype(jnp.float32)
+    return self.from_embeddings(self.embed(tokens), train, valid)
+
+  def from_embeddings(self, e, train: bool = False, valid=None):
+    """e: [B, L, d] embeddings; valid: [B, L] 1 for real tokens (all real when None)."""
+    valid = jnp.ones(e.shape[:2]) if valid is None else valid
+    if self.conv is not None:
+      h = nn.relu(self.conv(e))
+      h = jnp.max(jnp.where(valid[..., None] > 0, h, -jnp.inf), axis=1)
+      h = jnp.where(jnp.isfinite(h), h, 0.0)
+    else:
+      h = (e * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1, keepdims=True), 1.0)
+    return self.head(self.drop(h, deterministic=not train))
+
+
+def _pair(module: nn.Module, input_shape, input_dtype=jnp.float32) -> Model:
+  def init(key):
+    return module.init(key, jnp.zeros((1, *input_shape), input_dtype))["params"]
+
+  def apply(params, x, train=False, rng=None, **kwargs):
+    rngs = {"dropout": rng} if train else {}
+    return module.apply({"params": params}, x, train, rngs=rngs, **kwargs)
+
+  return init, apply
+
+
+MODELS = ("mlp", "cnn2", "simple_cnn", "resnet8", "resnet18", "text_mean", "text_conv")
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, dropout: float = 0.2,
+                vocab_size: int = 0) -> Model:
+  """Builds a registered model.
+
+  Args:
+    name: one of MODELS.
+    input_shape: one example's shape, e.g. (28, 28, 1), or (L,) for text.
+    num_classes: NC.
+    dropout: dropout rate of every dropout layer.
+    vocab_size: text models only.
+  """
+  if name == "mlp":
+    return Model(*_pair(MLP(num_classes, dropout=dropout), input_shape))
+  if name == "cnn2":
+    return Model(*_pair(CNN2(num_classes, dropout=dropout), input_shape))
+  if name == "simple_cnn":
+    return Model(*_pair(SimpleCNN(num_classes, dropout=dropout), input_shape))
+  if name in ("resnet8", "resnet18"):
+    blocks, width = ((1, 1, 1), 16) if name == "resnet8" else ((2, 2, 2, 2), 64)
+    return Model(*_pair(ResNet(num_classes, blocks, width, dropout), input_shape))
+  if name in ("text_mean", "text_conv"):
+    if vocab_size <= 0:
+      raise InputError("model", f"{name} needs a text dataset (token ids), not images")
+    module = TextClassifier(num_classes, vocab_size, pooling=name[len("text_"):], dropout=dropout)
+    init, apply = _pair(module, input_shape, jnp.int32)
+
+    def apply_embedded(params, e, train=False, rng=None):
+      return apply(params, e, train, rng, method=TextClassifier.from_embeddings)
+
+    return Model(init, apply, apply_embedded)
+  raise InputError("model", f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+
+
+def num_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
