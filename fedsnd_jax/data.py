@@ -211,17 +211,23 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
     raise InputError("dataset", f"unknown dataset {name!r}; use one of {', '.join(OFFLINE_SOURCES)} "
                      "or a TFDS image-classification name (mnist, fashion_mnist, cifar10, ...)")
   try:
-    train, test = tfds.load(name, split=["train", "test"], batch_size=-1, as_supervised=True,
-                            data_dir=data_dir, download=download)
+    splits = tfds.load(name, split=["train", "test"], as_supervised=True, data_dir=data_dir,
+                       download=download)
+    # Big batches, concatenated: `batch_size=-1` aborts the process under tfds.testing.mock_data.
+    (x_train, y_train), (x_test, y_test) = [_concat(tfds.as_numpy(s.batch(8192))) for s in splits]
   except Exception as e:  # pylint: disable=broad-except  # TFDS raises many types for missing data.
     hint = "" if download else " (downloads are off; pass --download or prepare data_dir)"
     raise InputError("dataset", f"TFDS could not load {name!r}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
   num_classes = _tfds_num_classes(tfds, name, data_dir)
-  (x_train, y_train), (x_test, y_test) = [tfds.as_numpy(s) for s in (train, test)]
   if name in TEXT_DATASETS:
     return make_text_dataset(name, x_train, y_train, x_test, y_test, num_classes)
   return make_dataset(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+def _concat(batches):
+  xs, ys = zip(*batches, strict=True)
+  return np.concatenate(xs), np.concatenate(ys)
 
 
 def _tfds_num_classes(tfds, name, data_dir) -> int | None:

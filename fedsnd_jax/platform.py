@@ -22,13 +22,17 @@ def _jaxlib_version() -> tuple[int, ...]:
   return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
+def with_cpu_flag(xla_flags: str, jaxlib_version: tuple[int, ...]) -> str:
+  """XLA_FLAGS with the CPU flag appended, unless already set or unknown to this jaxlib."""
+  if "xla_cpu_experimental_ynn_fusion_type" in xla_flags or jaxlib_version < _FIRST_JAXLIB_WITH_FLAG:
+    return xla_flags
+  return f"{xla_flags} {CPU_FLAG}".strip()
+
+
 def configure_xla_flags() -> None:
-  """Appends the CPU flag to XLA_FLAGS unless jax is already imported or the user set it."""
+  """Applies `with_cpu_flag` to this process's XLA_FLAGS, if jax has not been imported yet."""
   if "jax" in sys.modules:
     return  # Too late to change XLA_FLAGS for this process.
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" in flags:
-    return
-  if _jaxlib_version() < _FIRST_JAXLIB_WITH_FLAG:
-    return
-  os.environ["XLA_FLAGS"] = f"{flags} {CPU_FLAG}".strip()
+  flags = with_cpu_flag(os.environ.get("XLA_FLAGS", ""), _jaxlib_version())
+  if flags:
+    os.environ["XLA_FLAGS"] = flags

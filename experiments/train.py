@@ -1,0 +1,235 @@
+r"""Runs one federated experiment and writes DESIGN §5's output contract into --workdir.
+
+  python -m experiments.train --config=experiments/configs/default.py --workdir=runs/digits \
+      --config.alpha=0.5 --config.client_map=chunked
+
+Running the same command again resumes from the newest checkpoint in the workdir. Bad input exits with
+code 2 and one line on stderr naming the field; nothing is written before the input has been checked.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from fedsnd_jax import checkpoint, client, evaluation, federated_data, mapping, metrics, models
+from fedsnd_jax import partition as partition_lib
+from fedsnd_jax.algorithm import FederatedAlgorithm
+from fedsnd_jax.data import Dataset, load_dataset
+from fedsnd_jax.errors import InputError
+from fedsnd_jax.fedavg import build_fedavg
+
+ALGORITHMS = ("fedavg",)
+SERVER_OPTIMIZERS = ("sgd", "adam")
+# Fields a resumed run may change; every other field must match the workdir's config.json.
+RESUMABLE_CHANGES = ("rounds", "checkpoint_every", "eval_batch_size", "client_map", "chunk_size")
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it holds a checkpoint).")
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise InputError(field, message)
+
+
+def validate_config(c) -> None:
+  """Checks every field that can be checked without loading data.
+
+  Raises:
+    InputError: naming the first bad field and its allowed values.
+  """
+  _require(c.algorithm in ALGORITHMS, "algorithm",
+           f"unknown algorithm {c.algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
+  _require(c.model in models.MODELS, "model", f"unknown model {c.model!r}; allowed: {', '.join(models.MODELS)}")
+  _require(c.partition in partition_lib.PARTITIONS, "partition",
+           f"unknown partition {c.partition!r}; allowed: {', '.join(partition_lib.PARTITIONS)}")
+  _require(c.client_map in mapping.CLIENT_MAPS, "client_map",
+           f"unknown client_map {c.client_map!r}; allowed: {', '.join(mapping.CLIENT_MAPS)}")
+  _require(c.server_opt in SERVER_OPTIMIZERS, "server_opt",
+           f"unknown server_opt {c.server_opt!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}")
+  _require(c.alpha > 0, "alpha", f"must be > 0, got {c.alpha}")
+  _require(c.num_clients >= 1, "num_clients", f"must be ≥ 1, got {c.num_clients}")
+  _require(1 <= c.clients_per_round <= c.num_clients, "clients_per_round",
+           f"must be in [1, num_clients={c.num_clients}], got {c.clients_per_round}")
+  for field in ("rounds", "batch_size", "eval_every", "eval_batch_size", "chunk_size"):
+    _require(c[field] >= 1, field, f"must be ≥ 1, got {c[field]}")
+  for field in ("local_steps", "checkpoint_every", "weight_decay", "client_momentum", "server_momentum",
+                "dropout"):
+    _require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
+  _require(c.local_steps > 0 or c.local_epochs >= 1, "local_epochs",
+           f"must be ≥ 1 when local_steps is 0, got {c.local_epochs}")
+  _require(c.client_lr > 0, "client_lr", f"must be > 0, got {c.client_lr}")
+  _require(c.server_lr > 0, "server_lr", f"must be > 0, got {c.server_lr}")
+  _require(c.dropout < 1, "dropout", f"must be < 1, got {c.dropout}")
+  _require(0 < c.target_accuracy <= 1, "target_accuracy", f"must be in (0, 1], got {c.target_accuracy}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, built from a config."""
+
+  dataset: Dataset
+  partition: partition_lib.Partition
+  model: models.Model
+  algorithm: FederatedAlgorithm
+  train_data: federated_data.FederatedData
+  test_data: evaluation.EvalData
+  num_steps: int
+
+
+def prepare(c) -> Experiment:
+  """Loads the data, partitions it, builds the model and the algorithm. Raises InputError on bad input."""
+  validate_config(c)
+  ds = load_dataset(c.dataset, data_dir=c.data_dir or None, download=c.download)
+  part = partition_lib.partition(ds.y_train, c.num_clients, c.partition, alpha=c.alpha, seed=c.seed,
+                                 min_size=c.min_size, shards_per_client=c.shards_per_client,
+                                 num_classes=ds.num_classes)
+  model = models.build_model(c.model, ds.input_shape, ds.num_classes, dropout=c.dropout,
+                             vocab_size=ds.vocab_size)
+  train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
+  num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,
+                                             c.local_steps)
+  server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
+                else optax.adam(c.server_lr))
+  algorithm = build_fedavg(
+      model, num_clients=c.num_clients, clients_per_round=c.clients_per_round, batch_size=c.batch_size,
+      num_steps=num_steps, local_epochs=c.local_epochs, local_steps=c.local_steps,
+      client_opt=client.client_optimizer(c.client_lr, c.client_momentum, c.weight_decay),
+      server_opt=server_opt, client_map=c.client_map, chunk_size=c.chunk_size)
+  test_data = evaluation.to_eval_data(ds.x_test, ds.y_test, ds.mean, ds.std, c.eval_batch_size)
+  return Experiment(ds, part, model, algorithm, train_data, test_data, num_steps)
+
+
+def _check_workdir(workdir: str, config: dict) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = sorted(k for k in config if k not in RESUMABLE_CHANGES and saved.get(k) != config[k])
+  _require(not changed, "workdir", f"{workdir} holds a run with other values of {', '.join(changed)}; "
+           "use another --workdir or the same config to resume")
+
+
+def _save_partition(workdir: str, exp: Experiment) -> None:
+  np.savez_compressed(os.path.join(workdir, "partition.npz"),
+                      index=np.asarray(exp.train_data.index), counts=exp.partition.sizes,
+                      histograms=exp.partition.histograms)
+
+
+def _summary(c, records: list[dict], wall_s: float) -> dict:
+  accs = [r["test_accuracy"] for r in records]
+  reached = [r["round"] for r in records if r["test_accuracy"] >= c.target_accuracy]
+  timed = [r for r in records if r["round"] > 1] or records  # Round 1 includes compilation.
+  return {
+      "algorithm": c.algorithm, "dataset": c.dataset, "partition": c.partition, "alpha": c.alpha,
+      "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed,
+      "rounds": records[-1]["round"], "final_accuracy": accs[-1], "best_accuracy": max(accs),
+      "last5_mean_accuracy": float(np.mean(accs[-5:])), "target_accuracy": c.target_accuracy,
+      "rounds_to_target": reached[0] if reached else None,
+      "mean_client_time_s": float(np.mean([r["client_time_s"] for r in timed])),
+      "mean_server_time_s": float(np.mean([r["server_time_s"] for r in timed])),
+      "total_wall_s": wall_s,
+  }
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
+  """Runs (or resumes) the experiment; returns summary.json's content.
+
+  Args:
+    c: the experiment ConfigDict.
+    workdir: output folder.
+    stop_after: return after this round's checkpoint without a summary, as if killed (for tests).
+  """
+  exp = prepare(c)  # All input checks happen before anything is written.
+  config = c.to_dict()
+  _check_workdir(workdir, config)
+  os.makedirs(workdir, exist_ok=True)
+  resolved = {"num_steps": exp.num_steps, "max_client_examples": exp.train_data.max_count,
+              "num_params": models.num_params(jax.eval_shape(exp.model.init, jax.random.key(0))),
+              "backend": jax.default_backend(), "input_shape": list(exp.dataset.input_shape),
+              "num_classes": exp.dataset.num_classes}
+  metrics.write_json_atomic(os.path.join(workdir, "config.json"), {**config, "resolved": resolved})
+  _save_partition(workdir, exp)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = exp.algorithm.init(jax.random.key(c.seed))
+  log = {"records": [], "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
+  if ckpt.latest_round() is not None:
+    state, log = ckpt.restore(state)
+    print(f"resuming {workdir} from round {int(state.round)}", flush=True)
+  writer = metrics.MetricsWriter(workdir, log["records"])
+  evaluate = evaluation.make_evaluator(exp.model)
+  session_start, start_round = time.perf_counter(), int(state.round)
+  try:
+    for _ in range(start_round, c.rounds):
+      state, diag = exp.algorithm.apply(state, exp.train_data)
+      r = int(state.round)
+      log["bytes_up"] += diag.pop("bytes_up")
+      log["bytes_down"] += diag.pop("bytes_down")
+      elapsed = time.perf_counter() - session_start
+      wall_s = log["wall_s"] + elapsed
+      if r % c.eval_every == 0 or r == c.rounds:
+        acc, loss = (float(v) for v in evaluate(state.params, exp.test_data))
+        record = {"round": r, "test_accuracy": acc, "test_loss": loss, **diag,
+                  "bytes_up": log["bytes_up"], "bytes_down": log["bytes_down"], "wall_s": wall_s}
+        log["records"].append(record)
+        writer.write(record)
+        per_round = elapsed / (r - start_round)
+        print(f"round {r}/{c.rounds} | acc {acc:.4f} | loss {loss:.4f} | {per_round:.2f} s/round | "
+              f"ETA {_format_eta(per_round * (c.rounds - r))}", flush=True)
+      if (c.checkpoint_every and r % c.checkpoint_every == 0) or r == c.rounds or r == stop_after:
+        ckpt.save(r, state, {**log, "wall_s": wall_s})
+      if r == stop_after:
+        return None
+  finally:
+    writer.close()
+    ckpt.close()
+  summary = _summary(c, log["records"], log["wall_s"] + time.perf_counter() - session_start)
+  metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}, "
+        f"last-5 mean {summary['last5_mean_accuracy']:.4f}); rounds to {c.target_accuracy:.2f}: "
+        f"{summary['rounds_to_target']}; {summary['total_wall_s']:.1f} s", flush=True)
+  return summary
+
+
+def _parse_flags(argv):
+  """absl flag parsing, but a bad flag value exits with code 2 and one line, like any other bad input."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO.
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    print("error: workdir: --workdir is required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

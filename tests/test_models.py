@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedsnd_jax import models as M
+from fedsnd_jax.errors import InputError
+
+# Hand-counted parameter totals (weights + biases; GroupNorm has scale + bias per channel).
+# cnn2 on 28×28×1: conv 3·3·1·32+32 = 320, conv 3·3·32·64+64 = 18,496, dense 7·7·64·256+256 = 803,072,
+#   dense 256·10+10 = 2,570 → 824,458.
+# simple_cnn on 32×32×3: 456 + 2,416 + (5·5·16·120+120 = 48,120) + 10,164 + 850 → 62,006.
+# mlp on 8×8×1: 64·200+200 + 200·200+200 + 200·10+10 → 55,210.
+COUNTS = [("mlp", (8, 8, 1), 55_210), ("cnn2", (28, 28, 1), 824_458), ("simple_cnn", (32, 32, 3), 62_006)]
+
+
+@pytest.mark.parametrize("name, shape, count", COUNTS)
+def test_output_shape_and_param_count(name, shape, count):
+  model = M.build_model(name, shape, 10)
+  params = model.init(jax.random.key(0))
+  assert M.num_params(params) == count
+  assert model.apply(params, jnp.zeros((3, *shape))).shape == (3, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "resnet18"])
+def test_resnets(name):
+  model = M.build_model(name, (32, 32, 3), 10)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  n = M.num_params(params)
+  # ResNet-18 (CIFAR stem) has ≈ 11.2M params; ResNet-8 (16/32/64 wide) ≈ 78k.
+  assert (10.9e6 < n < 11.5e6) if name == "resnet18" else (60e3 < n < 100e3)
+  if name == "resnet8":
+    out = model.apply(model.init(jax.random.key(0)), jnp.ones((2, 32, 32, 3)))
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn2", "simple_cnn", "resnet8", "text_mean", "text_conv"])
+def test_dropout_only_in_train_mode(name):
+  text = name.startswith("text")
+  shape = (12,) if text else {"simple_cnn": (32, 32, 3), "resnet8": (16, 16, 3)}.get(name, (28, 28, 1))
+  model = M.build_model(name, shape, 5, dropout=0.5, vocab_size=30 if text else 0)
+  params = model.init(jax.random.key(0))
+  x = (jax.random.randint(jax.random.key(1), (4, *shape), 1, 30) if text
+       else jax.random.normal(jax.random.key(1), (4, *shape)))
+  eval_a, eval_b = model.apply(params, x), model.apply(params, x)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train_a = model.apply(params, x, train=True, rng=jax.random.key(2))
+  train_b = model.apply(params, x, train=True, rng=jax.random.key(3))
+  assert not np.allclose(train_a, train_b)
+
+
+def test_text_model_starts_from_embeddings():
+  model = M.build_model("text_mean", (6,), 4, vocab_size=20)
+  params = model.init(jax.random.key(0))
+  tokens = jnp.array([[3, 4, 5, 0, 0, 0]])
+  e = params["embed"]["embedding"][jnp.array([[3, 4, 5]])]  # only the real tokens
+  np.testing.assert_allclose(model.apply(params, tokens), model.apply_embedded(params, e), rtol=1e-5)
+
+
+def test_unknown_model_and_text_model_on_images():
+  with pytest.raises(InputError, match="^model: unknown model 'vgg'"):
+    M.build_model("vgg", (8, 8, 1), 10)
+  with pytest.raises(InputError, match="^model: text_conv needs a text dataset"):
+    M.build_model("text_conv", (8, 8, 1), 10)
