@@ -13,14 +13,13 @@ import os
 import sys
 import time
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
-
 import jax
 import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from fedsnd_jax import checkpoint, client, evaluation, federated_data, mapping, metrics, models
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm
@@ -214,7 +213,10 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (KeyError, AttributeError) as e:  # ml_collections' answer to an unknown --config.<field>
+    print(f"error: config: unknown field {str(e).strip(chr(34))}; see experiments/configs/default.py",
+          file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv):

@@ -4,6 +4,7 @@ Every source returns a `Dataset` of host numpy arrays. Images stay uint8 (normal
 `normalize`); text is int32 token ids. Shape letters as in `fedsnd_jax.shapes`.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -203,11 +204,15 @@ def _load_npz(path: str):
 def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
   """Loads a TFDS dataset; TensorFlow is imported only here (it is absent on the GPU machines)."""
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    # TensorFlow's C++ start-up chatter (oneDNN, CPU features, cloud auth) goes to fd 2, not sys.stderr.
+    with _quiet_stderr():
+      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+      known = tfds.list_builders()
   except ImportError as e:
     raise InputError("dataset", f"{name!r} is not an offline source ({', '.join(OFFLINE_SOURCES)}) and "
                      f"tensorflow-datasets cannot be imported: {e}") from None
-  if name.split(":")[0].split("/")[0] not in tfds.list_builders():
+  if name.split(":")[0].split("/")[0] not in known:
     raise InputError("dataset", f"unknown dataset {name!r}; use one of {', '.join(OFFLINE_SOURCES)} "
                      "or a TFDS image-classification name (mnist, fashion_mnist, cifar10, ...)")
   try:
@@ -223,6 +228,19 @@ def _load_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
   if name in TEXT_DATASETS:
     return make_text_dataset(name, x_train, y_train, x_test, y_test, num_classes)
   return make_dataset(name, x_train, y_train, x_test, y_test, num_classes)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Points file descriptor 2 at /dev/null for the duration (C++ logging ignores sys.stderr)."""
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
 
 
 def _concat(batches):

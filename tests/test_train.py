@@ -1,0 +1,106 @@
+"""The binary's output contract, resume, and input validation (DESIGN §5)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import train
+from experiments.configs import tiny
+
+TIMING_FIELDS = ("client_time_s", "server_time_s", "wall_s")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_workdir_contract(tmp_path):
+  summary = train.run(tiny.get_config(), str(tmp_path))
+  for name in ("config.json", "partition.npz", "metrics.jsonl", "summary.json", "checkpoints"):
+    assert (tmp_path / name).exists(), name
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
+  records = _read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["round"] for r in records] == [1, 2, 3]
+  for r in records:
+    for field in ("round", "test_accuracy", "test_loss", "client_time_s", "server_time_s", "bytes_up",
+                  "bytes_down", "wall_s"):
+      assert field in r, field
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+  assert records[1]["bytes_up"] == 2 * records[0]["bytes_up"] > 0  # cumulative, constant per round
+  with open(tmp_path / "summary.json") as f:
+    assert json.load(f) == summary
+  for field in ("final_accuracy", "best_accuracy", "rounds_to_target", "total_wall_s", "algorithm",
+                "dataset", "partition", "alpha"):
+    assert field in summary, field
+  assert summary["final_accuracy"] == records[-1]["test_accuracy"]
+  assert summary["best_accuracy"] == max(r["test_accuracy"] for r in records)
+  with open(tmp_path / "config.json") as f:
+    config = json.load(f)
+  assert config["num_clients"] == 3 and config["resolved"]["num_steps"] == 2
+  part = np.load(tmp_path / "partition.npz")
+  assert part["histograms"].shape == (3, 10) and part["counts"].sum() == part["histograms"].sum()
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+  config = tiny.get_config()
+  config.rounds, config.checkpoint_every = 4, 2
+  full = train.run(config, str(tmp_path / "full"))
+  # "Killed" after round 3 was logged but before its checkpoint: metrics.jsonl holds round 3.
+  assert train.run(config, str(tmp_path / "cut"), stop_after=3) is None
+  shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # only round 2's checkpoint survived the "kill"
+  assert len(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == 3
+  resumed = train.run(config, str(tmp_path / "cut"))
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rs]
+  assert strip(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(
+      _read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+  for field in ("final_accuracy", "best_accuracy", "rounds_to_target", "last5_mean_accuracy"):
+    assert resumed[field] == full[field], field
+
+
+def test_rerun_with_other_config_is_refused(tmp_path):
+  train.run(tiny.get_config(), str(tmp_path))
+  config = tiny.get_config()
+  config.alpha = 0.7
+  with pytest.raises(train.InputError, match="^workdir: .*alpha"):
+    train.run(config, str(tmp_path))
+
+
+BAD_INPUTS = [
+    ("--config.dataset=nosuchsource:x", "dataset"),
+    ("--config.dataset=idx:/nonexistent/dir", "dataset"),
+    ("--config.algorithm=fedfoo", "algorithm"),
+    ("--config.model=vgg99", "model"),
+    ("--config.partition=striped", "partition"),
+    ("--config.client_map=pmap", "client_map"),
+    ("--config.alpha=0", "alpha"),
+    ("--config.clients_per_round=4", "clients_per_round"),
+    ("--config.num_clients=5000", "num_clients"),
+    ("--config.rounds=0", "rounds"),
+    ("--config.batch_size=-1", "batch_size"),
+    ("--config.client_lr=0", "client_lr"),
+    ("--config.alpha=abc", "alpha"),
+    ("--config.nofield=3", "nofield"),
+]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+  procs = []
+  for i, (flag, field) in enumerate(BAD_INPUTS):
+    workdir = tmp_path / f"w{i}"
+    cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+           f"--workdir={workdir}", flag]
+    procs.append((flag, field, workdir, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                                         stderr=subprocess.PIPE, text=True)))
+  for flag, field, workdir, proc in procs:
+    _, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2, (flag, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], (flag, err[-2000:])
+    assert not workdir.exists(), flag  # nothing written that looks like a result
