@@ -20,14 +20,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
-from fedsnd_jax import checkpoint, client, evaluation, federated_data, mapping, metrics, models
+from fedsnd_jax import checkpoint, client, distillation, evaluation, federated_data, mapping, metrics, models
 from fedsnd_jax import partition as partition_lib
-from fedsnd_jax.algorithm import FederatedAlgorithm
+from fedsnd_jax.algorithm import FederatedAlgorithm, LocalSchedule
 from fedsnd_jax.data import Dataset, load_dataset
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.fedavg import build_fedavg
+from fedsnd_jax.fedsnd import DISTILL_TARGETS, NOISE_TARGETS, NoiseDistillation, build_fedsnd
+from fedsnd_jax.self_distillation import SELF_DISTILL_MODES, self_distillation_loss
 
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = ("fedavg", "fedsd", "fednd", "fedsnd")
+CLIENT_DISTILLATION = ("fedsd", "fedsnd")
+SERVER_DISTILLATION = ("fednd", "fedsnd")
 SERVER_OPTIMIZERS = ("sgd", "adam")
 # Fields a resumed run may change; every other field must match the workdir's config.json.
 RESUMABLE_CHANGES = ("rounds", "checkpoint_every", "eval_batch_size", "client_map", "chunk_size")
@@ -71,6 +75,24 @@ def validate_config(c) -> None:
   _require(c.server_lr > 0, "server_lr", f"must be > 0, got {c.server_lr}")
   _require(c.dropout < 1, "dropout", f"must be < 1, got {c.dropout}")
   _require(0 < c.target_accuracy <= 1, "target_accuracy", f"must be in (0, 1], got {c.target_accuracy}")
+  _require(0 <= c.validation_fraction < 1, "validation_fraction",
+           f"must be in [0, 1), got {c.validation_fraction}")
+  _validate_fedsnd(c)
+
+
+def _validate_fedsnd(c) -> None:
+  for field, allowed in (("self_distill", SELF_DISTILL_MODES), ("noise_targets", NOISE_TARGETS),
+                         ("teacher_weighting", distillation.TEACHER_WEIGHTINGS),
+                         ("distill_target", DISTILL_TARGETS)):
+    _require(c[field] in allowed, field, f"unknown value {c[field]!r}; allowed: {', '.join(allowed)}")
+  for field in ("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "distill_steps",
+                "distill_rounds"):
+    _require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
+  for field in ("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr", "distill_lr_decay"):
+    _require(c[field] > 0, field, f"must be > 0, got {c[field]}")
+  if c.algorithm in SERVER_DISTILLATION:
+    _require(c.clients_per_round >= 2, "clients_per_round",
+             f"{c.algorithm} distils on the other clients' noise, so it needs ≥ 2, got {c.clients_per_round}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +104,45 @@ class Experiment:
   model: models.Model
   algorithm: FederatedAlgorithm
   train_data: federated_data.FederatedData
-  test_data: evaluation.EvalData
+  eval_sets: dict[str, evaluation.EvalData]  # "test", and "val" when validation_fraction > 0
   num_steps: int
+
+
+def build_algorithm(c, model: models.Model, ds: Dataset, schedule: LocalSchedule) -> FederatedAlgorithm:
+  """Turns the config's algorithm fields into builder arguments."""
+  server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
+                else optax.adam(c.server_lr))
+  common = dict(num_clients=c.num_clients, clients_per_round=c.clients_per_round, schedule=schedule,
+                client_opt=client.client_optimizer(c.client_lr, c.client_momentum, c.weight_decay),
+                server_opt=server_opt, client_map=c.client_map, chunk_size=c.chunk_size)
+  if c.algorithm == "fedavg":
+    return build_fedavg(model, **common)
+  client_loss = None
+  if c.algorithm in CLIENT_DISTILLATION:
+    client_loss = self_distillation_loss(model, lambda_mutual=c.lambda_mutual, lambda_prev=c.lambda_prev,
+                                         temperature=c.temperature, mode=c.self_distill)
+  server = None
+  if c.algorithm in SERVER_DISTILLATION:
+    server = NoiseDistillation(**{field: c[field] for field in NoiseDistillation._fields})
+  return build_fedsnd(model, ds.input_shape, ds.num_classes, client_loss=client_loss, server=server, **common)
+
+
+def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple | None]:
+  """Holds out a seeded `fraction` of the training set; returns (the rest as a Dataset, (x_val, y_val))."""
+  if fraction <= 0:
+    return ds, None
+  order = np.random.default_rng(seed).permutation(len(ds.y_train))
+  n_val = max(1, int(round(fraction * len(order))))
+  val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+  rest = dataclasses.replace(ds, x_train=ds.x_train[train], y_train=ds.y_train[train])
+  return rest, (ds.x_train[val], ds.y_train[val])
 
 
 def prepare(c) -> Experiment:
   """Loads the data, partitions it, builds the model and the algorithm. Raises InputError on bad input."""
   validate_config(c)
-  ds = load_dataset(c.dataset, data_dir=c.data_dir or None, download=c.download)
+  ds, val = split_validation(load_dataset(c.dataset, data_dir=c.data_dir or None, download=c.download),
+                             c.validation_fraction, c.seed)
   part = partition_lib.partition(ds.y_train, c.num_clients, c.partition, alpha=c.alpha, seed=c.seed,
                                  min_size=c.min_size, shards_per_client=c.shards_per_client,
                                  num_classes=ds.num_classes)
@@ -98,15 +151,11 @@ def prepare(c) -> Experiment:
   train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
   num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,
                                              c.local_steps)
-  server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
-                else optax.adam(c.server_lr))
-  algorithm = build_fedavg(
-      model, num_clients=c.num_clients, clients_per_round=c.clients_per_round, batch_size=c.batch_size,
-      num_steps=num_steps, local_epochs=c.local_epochs, local_steps=c.local_steps,
-      client_opt=client.client_optimizer(c.client_lr, c.client_momentum, c.weight_decay),
-      server_opt=server_opt, client_map=c.client_map, chunk_size=c.chunk_size)
-  test_data = evaluation.to_eval_data(ds.x_test, ds.y_test, ds.mean, ds.std, c.eval_batch_size)
-  return Experiment(ds, part, model, algorithm, train_data, test_data, num_steps)
+  schedule = LocalSchedule(c.batch_size, num_steps, c.local_epochs, c.local_steps)
+  eval_sets = {"test": evaluation.to_eval_data(ds.x_test, ds.y_test, ds.mean, ds.std, c.eval_batch_size)}
+  if val is not None:
+    eval_sets["val"] = evaluation.to_eval_data(*val, ds.mean, ds.std, c.eval_batch_size)
+  return Experiment(ds, part, model, build_algorithm(c, model, ds, schedule), train_data, eval_sets, num_steps)
 
 
 def _check_workdir(workdir: str, config: dict) -> None:
@@ -140,6 +189,14 @@ def _summary(c, records: list[dict], wall_s: float) -> dict:
       "mean_server_time_s": float(np.mean([r["server_time_s"] for r in timed])),
       "total_wall_s": wall_s,
   }
+
+
+def _evaluate(evaluate, params, eval_sets, suffix="") -> dict[str, float]:
+  out = {}
+  for name, data in eval_sets.items():
+    acc, loss = evaluate(params, data)
+    out[f"{name}_accuracy{suffix}"], out[f"{name}_loss{suffix}"] = float(acc), float(loss)
+  return out
 
 
 def _format_eta(seconds: float) -> str:
@@ -183,10 +240,13 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
       log["bytes_down"] += diag.pop("bytes_down")
       elapsed = time.perf_counter() - session_start
       wall_s = log["wall_s"] + elapsed
+      extra_params = diag.pop("eval_params", {})
       if r % c.eval_every == 0 or r == c.rounds:
-        acc, loss = (float(v) for v in evaluate(state.params, exp.test_data))
-        record = {"round": r, "test_accuracy": acc, "test_loss": loss, **diag,
+        record = {"round": r, **_evaluate(evaluate, state.params, exp.eval_sets), **diag,
                   "bytes_up": log["bytes_up"], "bytes_down": log["bytes_down"], "wall_s": wall_s}
+        for name, params in extra_params.items():  # e.g. the aggregate without distillation
+          record.update(_evaluate(evaluate, params, exp.eval_sets, suffix=f"_{name}"))
+        acc, loss = record["test_accuracy"], record["test_loss"]
         log["records"].append(record)
         writer.write(record)
         per_round = elapsed / (r - start_round)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedsnd_jax import client, mapping
+
 Params = Any
 
 
@@ -43,21 +45,54 @@ class FederatedAlgorithm(NamedTuple):
 def round_keys(rng, round_index, num_clients: int, clients_per_round: int):
   """Samples the round's clients and derives their keys.
 
-  round_key = fold_in(rng, round); (sample_key, clients_key) = split(round_key); the C of K client ids
-  are drawn without replacement from sample_key and sorted; client k's key is fold_in(clients_key, k),
-  so it depends only on the seed, the round and the client id.
+  round_key = fold_in(rng, round); (sample_key, clients_key, server_key) = split(round_key, 3); the C
+  of K client ids are drawn without replacement from sample_key and sorted; client k's key is
+  fold_in(clients_key, k), so it depends only on the seed, the round and the client id.
 
   Returns:
     ids: [C] int32 sorted client ids.
     keys: [C] typed keys.
+    server_key: a typed key for the server's own randomness this round.
   """
-  sample_key, clients_key = jax.random.split(jax.random.fold_in(rng, round_index))
+  sample_key, clients_key, server_key = jax.random.split(jax.random.fold_in(rng, round_index), 3)
   if clients_per_round == num_clients:
     ids = jnp.arange(num_clients, dtype=jnp.int32)
   else:
     ids = jnp.sort(jax.random.choice(sample_key, num_clients, (clients_per_round,), replace=False))
     ids = ids.astype(jnp.int32)
-  return ids, jax.vmap(lambda i: jax.random.fold_in(clients_key, i))(ids)
+  return ids, jax.vmap(lambda i: jax.random.fold_in(clients_key, i))(ids), server_key
+
+
+class LocalSchedule(NamedTuple):
+  """Static local schedule: B, S, and whether S comes from epochs or a fixed step count."""
+
+  batch_size: int
+  num_steps: int
+  local_epochs: int
+  local_steps: int
+
+
+def make_client_phase(loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
+                      chunk_size: int):
+  """Returns client_phase((params, data), (ids [C], keys [C])) -> stacked ClientOutput.
+
+  Every client starts from the received params, which are also its loss's `context`.
+  """
+  update = client.make_client_update(loss_fn, client_opt, **schedule._asdict())
+  return mapping.map_clients(lambda params, data, cid, key: update(params, params, cid, key, data),
+                             client_map, chunk_size)
+
+
+def make_sampler(num_clients: int, clients_per_round: int):
+  """Jitted (rng, round) -> (ids, client keys, server key); see `round_keys`."""
+  return jax.jit(lambda rng, r: round_keys(rng, r, num_clients, clients_per_round))
+
+
+def init_state(model, server_opt, key, clients=None) -> ServerState:
+  """Fresh model params from split(key)[0]; the run's PRNG stream is split(key)[1]."""
+  init_key, run_key = jax.random.split(key)
+  params = model.init(init_key)
+  return ServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32), run_key, clients)
 
 
 def weighted_average(stacked, weights):

@@ -1,35 +1,31 @@
 """FedAvg (McMahan et al., 2017) with an optional server optimiser (FedOpt; Reddi et al., 2021)."""
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import algorithm, client, mapping
-from fedsnd_jax.algorithm import FederatedAlgorithm, ServerState
+from fedsnd_jax import algorithm, client
+from fedsnd_jax.algorithm import FederatedAlgorithm, LocalSchedule, ServerState
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.models import Model
 
 
-def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, batch_size: int,
-                 num_steps: int, local_epochs: int, local_steps: int, client_opt: optax.GradientTransformation,
-                 server_opt: optax.GradientTransformation | None = None, client_map: str = "vmap",
-                 chunk_size: int = 8) -> FederatedAlgorithm:
+def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, schedule: LocalSchedule,
+                 client_opt: optax.GradientTransformation, server_opt: optax.GradientTransformation | None = None,
+                 client_map: str = "vmap", chunk_size: int = 8) -> FederatedAlgorithm:
   """FedAvg: sampled clients train locally from w; w ← server step towards Σ_k (n_k / Σ n) w_k.
 
   Args:
     model: the model pair.
     num_clients: K; clients_per_round: C ≤ K (sampled without replacement each round).
-    batch_size, num_steps, local_epochs, local_steps: the local schedule (see `client_batches`).
+    schedule: the local schedule (see `client_batches`).
     client_opt: the clients' optax optimiser (fresh state every round).
     server_opt: optimiser on the pseudo-gradient w − average; None is SGD at lr 1 (plain FedAvg).
     client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
   """
   server_opt = server_opt or optax.sgd(1.0)
-  update = client.make_client_update(client.supervised_loss(model), client_opt, batch_size=batch_size,
-                                     num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
-  client_phase = mapping.map_clients(
-      lambda params, data, cid, key: update(params, params, cid, key, data), client_map, chunk_size)
-  sample = jax.jit(lambda rng, r: algorithm.round_keys(rng, r, num_clients, clients_per_round))
+  client_phase = algorithm.make_client_phase(client.supervised_loss(model), client_opt, schedule, client_map,
+                                             chunk_size)
+  sample = algorithm.make_sampler(num_clients, clients_per_round)
 
   @jax.jit
   def server_phase(state: ServerState, uploads: client.ClientOutput):
@@ -38,14 +34,9 @@ def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, batc
     train_loss = algorithm.weighted_average(uploads.loss, uploads.num_examples)
     return state._replace(params=params, opt_state=opt_state, round=state.round + 1), train_loss
 
-  def init(key) -> ServerState:
-    init_key, run_key = jax.random.split(key)
-    params = model.init(init_key)
-    return ServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32), run_key)
-
   def apply(state: ServerState, data: FederatedData):
     timer = algorithm.PhaseTimer()
-    ids, keys = sample(state.rng, state.round)
+    ids, keys, _ = sample(state.rng, state.round)
     uploads = timer.lap("client_time_s", client_phase((state.params, data), (ids, keys)))
     state, train_loss = timer.lap("server_time_s", server_phase(state, uploads))
     model_bytes = algorithm.param_bytes(state.params)
@@ -53,4 +44,4 @@ def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, batc
                    "bytes_up": clients_per_round * (model_bytes + 4),  # params + the int32 count
                    "bytes_down": clients_per_round * model_bytes}
 
-  return FederatedAlgorithm(init, apply)
+  return FederatedAlgorithm(lambda key: algorithm.init_state(model, server_opt, key), apply)

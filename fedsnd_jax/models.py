@@ -25,11 +25,13 @@ class Model(NamedTuple):
     init: key -> params.
     apply: (params, x [B, ...], train=False, rng=None) -> logits [B, NC].
     apply_embedded: text models only: (params, e [B, L, d], train=False, rng=None) -> logits [B, NC].
+    embed_table: text models only: params -> the token embedding matrix [V, d].
   """
 
   init: Callable[[jax.Array], Params]
   apply: Callable[..., jax.Array]
   apply_embedded: Callable[..., jax.Array] | None = None
+  embed_table: Callable[[Params], jax.Array] | None = None
 
 
 class MLP(nn.Module):
@@ -200,7 +202,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
     def apply_embedded(params, e, train=False, rng=None):
       return apply(params, e, train, rng, method=TextClassifier.from_embeddings)
 
-    return Model(init, apply, apply_embedded)
+    return Model(init, apply, apply_embedded, lambda params: params["embed"]["embedding"])
   raise InputError("model", f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
 
 

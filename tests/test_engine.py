@@ -24,8 +24,8 @@ def _setup(num_clients=3, clients_per_round=3, model_name="mlp", dropout=0.2, **
   sched = {"batch_size": 4, "local_epochs": 1, "local_steps": 0, **sched}
   num_steps = federated_data.steps_per_round(data.max_count, sched["batch_size"], sched["local_epochs"],
                                              sched["local_steps"])
-  return data, model, dict(num_clients=num_clients, clients_per_round=clients_per_round,
-                           num_steps=num_steps, **sched)
+  schedule = algorithm.LocalSchedule(sched["batch_size"], num_steps, sched["local_epochs"], sched["local_steps"])
+  return data, model, dict(num_clients=num_clients, clients_per_round=clients_per_round, schedule=schedule)
 
 
 def _run(alg, data, rounds, seed=0):
@@ -143,13 +143,13 @@ def test_round_does_not_retrace(client_map):
 
 def test_sampling_is_seeded_and_without_replacement():
   rng = jax.random.key(3)
-  ids_a, keys_a = algorithm.round_keys(rng, 5, 10, 4)
-  ids_b, _ = algorithm.round_keys(rng, 5, 10, 4)
-  ids_c, _ = algorithm.round_keys(rng, 6, 10, 4)
+  ids_a, keys_a, _ = algorithm.round_keys(rng, 5, 10, 4)
+  ids_b, _, _ = algorithm.round_keys(rng, 5, 10, 4)
+  ids_c, _, _ = algorithm.round_keys(rng, 6, 10, 4)
   np.testing.assert_array_equal(ids_a, ids_b)
   assert len(set(np.asarray(ids_a).tolist())) == 4
   assert not np.array_equal(ids_a, ids_c)
   # A client's key depends on its id and the round only, not on who else was sampled.
-  _, clients_key = jax.random.split(jax.random.fold_in(rng, 5))
+  _, clients_key, _ = jax.random.split(jax.random.fold_in(rng, 5), 3)
   np.testing.assert_array_equal(jax.random.key_data(keys_a[0]),
                                 jax.random.key_data(jax.random.fold_in(clients_key, ids_a[0])))

@@ -5,10 +5,12 @@ Every field is documented here; the binaries turn them into builder arguments.
 
 import ml_collections
 
+from fedsnd_jax.fedsnd import NoiseDistillation
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedavg"  # fedavg
+  c.algorithm = "fedavg"  # fedavg | fedsd (client self-distillation) | fednd (server noise-distillation) | fedsnd
   # Data (DESIGN §4).
   c.dataset = "digits"  # digits | idx:<dir> | npz:<file> | a TFDS name (mnist, fashion_mnist, cifar10, ...)
   c.data_dir = ""  # TFDS data_dir ("" = TFDS default)
@@ -18,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.min_size = 2  # least examples per client (dirichlet_label, quantity)
   c.shards_per_client = 2  # `shards` partition only
   c.num_clients = 20  # K
+  c.validation_fraction = 0.0  # seeded share of the training set held out from clients (val_* metrics)
   c.clients_per_round = 20  # C ≤ K, sampled without replacement each round
   # Model.
   c.model = "mlp"  # mlp | cnn2 | simple_cnn | resnet8 | resnet18 | text_mean | text_conv
@@ -33,6 +36,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.server_opt = "sgd"  # sgd | adam
   c.server_lr = 1.0
   c.server_momentum = 0.0
+  # FedSND client side (fedsd, fedsnd; DESIGN §2.2).
+  c.self_distill = "both"  # none | dropout | previous | both: which self-distillation terms are on
+  c.lambda_mutual = 1.0  # λ_mutual: the two dropout views distil each other
+  c.lambda_prev = 0.1  # λ_prev: the received global model as teacher (≈ 0.1 was neutral, §2.6)
+  # FedSND server side (fednd, fedsnd; §2.3–2.6): one field per NoiseDistillation attribute, same defaults
+  # (see its docstring): temperature, noise_samples, noise_steps, noise_lr, noise_l2, noise_projection,
+  # noise_warm_start, noise_targets, adversarial, distill_steps, distill_batch, distill_lr, distill_lr_decay,
+  # distill_rounds, teacher_weighting, distill_target, student_train_mode.
+  for field, value in NoiseDistillation._field_defaults.items():
+    c[field] = value
   # Run.
   c.rounds = 30
   c.seed = 0

@@ -1,0 +1,108 @@
+"""FedSND's server side, part 2: cross-client distillation on the other clients' noise (DESIGN §2.4).
+
+Every uploaded model j is a student (vmapped over j) that learns, for D steps, on batches drawn only
+from the pool of the other clients' pseudo-samples, with loss T²·KL(p ‖ σ(f(x̃; w_j')/T)). Teachers are
+the uploaded models, fixed, so the result does not depend on client order. Position t in the C axis is
+the t-th uploaded client; `owners[i]` is the position of the client whose noise sample i is.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedsnd_jax import losses
+from fedsnd_jax.noise import NoiseSpace
+
+TEACHER_WEIGHTINGS = ("none", "class_count", "confidence")
+
+
+def teacher_probs(space: NoiseSpace, teachers, pool, temperature: float):
+  """σ(f(x̃_i; w_t)/T) of every teacher t on every pool sample i.
+
+  Args:
+    teachers: stacked params [C, ...]. pool: [P, *shape].
+
+  Returns:
+    [C, P, NC].
+  """
+  return jax.vmap(lambda p: losses.tempered_softmax(space.apply(p, pool), temperature))(teachers)
+
+
+def soft_targets(probs, owners, student, weighting: str, histograms=None):
+  """The soft label each pool sample carries for one student.
+
+  none:        the owner's own p_k (the paper's reading).
+  class_count: Σ_t a_tc·p_t(c) over teachers t ≠ student, a_tc = n_tc / Σ_t' n_t'c (each teacher weighted,
+               per class, by its share of that class's training examples), renormalised over classes.
+  confidence:  Σ_t m_t·p_t / Σ_t m_t over t ≠ student, m_t = max_c p_t(c) on that sample.
+
+  Args:
+    probs: [C, P, NC] from `teacher_probs`. owners: [P] int positions. student: int position (or −1 for
+      "no student": every teacher counts, as for distilling into the global model).
+    weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts (class_count only).
+
+  Returns:
+    [P, NC] rows summing to 1.
+  """
+  num_teachers = probs.shape[0]
+  others = (jnp.arange(num_teachers) != student).astype(jnp.float32)  # [C]
+  if weighting == "none":
+    return probs[owners, jnp.arange(owners.shape[0])]
+  if weighting == "class_count":
+    counts = histograms.astype(jnp.float32) * others[:, None]  # [C, NC]
+    total = jnp.sum(counts, axis=0, keepdims=True)
+    share = jnp.where(total > 0, counts / jnp.maximum(total, 1.0), others[:, None] / jnp.sum(others))
+    mix = jnp.einsum("tc,tpc->pc", share, probs)
+  elif weighting == "confidence":
+    conf = jnp.max(probs, axis=-1) * others[:, None]  # [C, P]
+    mix = jnp.einsum("tp,tpc->pc", conf, probs) / jnp.sum(conf, axis=0)[:, None]
+  else:
+    raise ValueError(f"unknown teacher weighting {weighting!r}; allowed: {', '.join(TEACHER_WEIGHTINGS)}")
+  return mix / jnp.sum(mix, axis=-1, keepdims=True)
+
+
+def sample_batches(key, owners, student, steps: int, batch_size: int):
+  """[D, B_d] pool indices drawn uniformly (with replacement) among samples not owned by `student`."""
+  logits = jnp.where(owners != student, 0.0, -jnp.inf)
+  return jax.random.categorical(key, logits, shape=(steps, batch_size)).astype(jnp.int32)
+
+
+def mean_kl(space: NoiseSpace, params, pool, targets, weights, temperature: float):
+  """T²·Σ_i weights_i·KL(targets_i ‖ σ(f(x̃_i; w)/T)) / Σ weights (eval mode). weights: [P]."""
+  kl = losses.kl_divergence(targets, space.apply(params, pool), temperature)
+  return temperature**2 * jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, temperature: float,
+            train_mode: bool = False, step_scale=1.0):
+  """D optimiser steps of T²·mean KL(targets ‖ σ(f(x̃; w)/T)) on the given pool batches.
+
+  Args:
+    params: the student's starting params.
+    pool: [P, *shape] pseudo-samples. targets: [P, NC] soft labels.
+    idx: [D, B_d] pool indices of each step's batch.
+    key: dropout key (train_mode only).
+    optimizer: optax transformation (fresh state).
+    train_mode: run the student with dropout.
+    step_scale: scalar multiplying every update (a decaying distillation step size).
+
+  Returns:
+    the distilled params.
+  """
+
+  def step(carry, inputs):
+    params, opt_state = carry
+    batch, step_key = inputs
+
+    def objective(p):
+      logits = space.apply(p, pool[batch], train=train_mode, rng=step_key if train_mode else None)
+      return temperature**2 * jnp.mean(losses.kl_divergence(targets[batch], logits, temperature))
+
+    grads = jax.grad(objective)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: u * step_scale, updates)
+    return (optax.apply_updates(params, updates), opt_state), None
+
+  keys = jax.random.split(key, idx.shape[0])
+  (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), (idx, keys))
+  return params

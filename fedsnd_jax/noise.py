@@ -1,0 +1,126 @@
+"""FedSND's server side, part 1: adaptive noise synthesis, one pseudo-sample set per uploaded model (§2.3).
+
+Only the inputs are optimised; the model is fixed and in eval mode. vmap `synthesize` over the stacked
+uploaded models.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedsnd_jax import losses
+from fedsnd_jax.models import Model
+
+Params = Any
+
+
+class NoiseSpace(NamedTuple):
+  """Where pseudo-samples live and how a model reads them.
+
+  Attributes:
+    shape: one sample's shape: the normalised input shape, or (L, d) embeddings for text models.
+    apply: (params, x [N, *shape], train=False, rng=None) -> logits [N, NC].
+    init_scale: params -> std of the Gaussian start (1 for standardised inputs).
+    norm: params -> the norm a real sample has in this space (√d for d standardised features).
+  """
+
+  shape: tuple[int, ...]
+  apply: Callable[..., jax.Array]
+  init_scale: Callable[[Params], jax.Array]
+  norm: Callable[[Params], jax.Array]
+
+
+def noise_space(model: Model, input_shape) -> NoiseSpace:
+  """Normalised input space for image/vector models; embedding space after the token lookup for text."""
+  if model.apply_embedded is None:
+    d = math.prod(input_shape)
+    return NoiseSpace(tuple(input_shape), model.apply, lambda p: jnp.float32(1.0),
+                      lambda p: jnp.float32(math.sqrt(d)))
+  table_shape = jax.eval_shape(lambda: model.embed_table(model.init(jax.random.key(0)))).shape
+  length = input_shape[0]
+  return NoiseSpace((length, table_shape[1]), model.apply_embedded,
+                    lambda p: jnp.std(model.embed_table(p)),
+                    lambda p: math.sqrt(length) * jnp.mean(jnp.linalg.norm(model.embed_table(p), axis=-1)))
+
+
+def balanced_targets(num_samples: int, num_classes: int):
+  """[N] labels 0, 1, …, C−1, 0, 1, … (every class equally often, up to one)."""
+  return jnp.arange(num_samples, dtype=jnp.int32) % num_classes
+
+
+def histogram_targets(key, histogram, num_samples: int):
+  """[N] labels drawn from a client's label histogram [NC] (needs the client to upload it)."""
+  logits = jnp.log(jnp.maximum(histogram.astype(jnp.float32), 0.0))
+  return jax.random.categorical(key, logits, shape=(num_samples,)).astype(jnp.int32)
+
+
+def project(x, norm):
+  """Scales every sample x_i ([N, ...]) to ‖x_i‖ = norm."""
+  axes = tuple(range(1, x.ndim))
+  return x * (norm / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True)), 1e-12))
+
+
+class SynthesisStats(NamedTuple):
+  """Per-model diagnostics: teacher CE on its targets before and after, accuracy, mean sample norm."""
+
+  ce_initial: jax.Array
+  ce_final: jax.Array
+  accuracy: jax.Array
+  norm: jax.Array
+
+
+def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer, l2: float = 0.0,
+               projection: bool = False, init=None, adversarial: float = 0.0, student_params=None,
+               temperature: float = 1.0):
+  """Optimises pseudo-samples so that the model predicts the targets on them.
+
+  minimise_x  mean CE(f(x; w_k), ỹ) + β·mean‖x‖² − a·T²·mean KL(σ(f(x; w_k)/T) ‖ σ(f(x; w_s)/T))
+  for G optimiser steps, from x ~ N(0, s²) (or `init`); with `projection` every sample is rescaled to the
+  norm of a real sample after every step. The last term (a = `adversarial`, w_s = `student_params`)
+  seeks hard samples on which the student disagrees with the teacher.
+
+  Args:
+    space: the noise space.
+    params: the teacher's params w_k.
+    key: PRNG key of the Gaussian start.
+    targets: [N] int labels ỹ.
+    steps: G. optimizer: optax transformation over x.
+    l2: β. projection: keep ‖x_i‖ at `space.norm`. init: [N, *shape] start instead of Gaussian.
+    adversarial, student_params, temperature: the hard-sample term.
+
+  Returns:
+    (x [N, *shape], SynthesisStats).
+  """
+  norm = space.norm(params)
+  x = init if init is not None else space.init_scale(params) * jax.random.normal(
+      key, (targets.shape[0], *space.shape))
+  if projection:
+    x = project(x, norm)
+
+  def objective(x):
+    logits = space.apply(params, x)
+    ce = jnp.mean(losses.cross_entropy(logits, targets))
+    loss = ce + l2 * jnp.mean(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
+    if adversarial > 0:
+      teacher = losses.tempered_softmax(logits, temperature)
+      kl = losses.kl_divergence(teacher, space.apply(student_params, x), temperature)
+      loss -= adversarial * temperature**2 * jnp.mean(kl)
+    return loss, ce
+
+  def step(carry, _):
+    x, opt_state = carry
+    (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(x)
+    updates, opt_state = optimizer.update(grads, opt_state, x)
+    x = x + updates
+    return (project(x, norm) if projection else x, opt_state), ce
+
+  (x, _), ces = jax.lax.scan(step, (x, optimizer.init(x)), None, length=steps)
+  logits = space.apply(params, x)
+  ce_final = jnp.mean(losses.cross_entropy(logits, targets))
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+  sample_norm = jnp.mean(jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1)))
+  ce_initial = ces[0] if steps > 0 else ce_final
+  return x, SynthesisStats(ce_initial, ce_final, accuracy, sample_norm)

@@ -1,0 +1,47 @@
+"""FedSND's client side: self-distillation against local over-fitting (DESIGN §2.2)."""
+
+import jax
+
+from fedsnd_jax import losses
+from fedsnd_jax.client import LossFn
+from fedsnd_jax.models import Model
+
+SELF_DISTILL_MODES = ("none", "dropout", "previous", "both")
+
+
+def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: float, temperature: float,
+                           mode: str = "both") -> LossFn:
+  """Local loss with two dropout views distilling each other and the received model as teacher.
+
+  L = ½[CE(z₁, y) + CE(z₂, y)] + λ_m·T²·½[KL(σ(z₁/T) ‖ σ(z₂/T)) + KL(σ(z₂/T) ‖ σ(z₁/T))]
+      + λ_p·T²·KL(σ(f(x; w⁰)/T) ‖ σ(z₁/T)),
+  z_i = f(x; w, ξ_i) with independent dropout keys, w⁰ the round's received params (the loss's
+  `context`) in eval mode under stop_gradient. `mode` switches terms off (none | dropout | previous |
+  both). With λ_m = 0 there is one forward pass, z₁ with the whole `rng`, and the CE term is CE(z₁, y):
+  all terms off is FedAvg's loss exactly.
+
+  Returns:
+    loss_fn(params, x [B, ...], y [B], rng, received_params) -> [B].
+  """
+  lam_m = lambda_mutual if mode in ("dropout", "both") else 0.0
+  lam_p = lambda_prev if mode in ("previous", "both") else 0.0
+  t2 = temperature**2
+
+  def loss_fn(params, x, y, rng, received_params):
+    if lam_m > 0:
+      k1, k2 = jax.random.split(rng)
+      z1 = model.apply(params, x, train=True, rng=k1)
+      z2 = model.apply(params, x, train=True, rng=k2)
+      p1, p2 = losses.tempered_softmax(z1, temperature), losses.tempered_softmax(z2, temperature)
+      loss = 0.5 * (losses.cross_entropy(z1, y) + losses.cross_entropy(z2, y))
+      loss += lam_m * t2 * 0.5 * (losses.kl_divergence(p1, z2, temperature)
+                                  + losses.kl_divergence(p2, z1, temperature))
+    else:
+      z1 = model.apply(params, x, train=True, rng=rng)
+      loss = losses.cross_entropy(z1, y)
+    if lam_p > 0:
+      teacher = jax.lax.stop_gradient(model.apply(received_params, x))
+      loss += lam_p * t2 * losses.kl_divergence(losses.tempered_softmax(teacher, temperature), z1, temperature)
+    return loss
+
+  return loss_fn
