@@ -12,7 +12,6 @@ import pytest
 from experiments import train
 from experiments.configs import tiny
 
-TIMING_FIELDS = ("client_time_s", "server_time_s", "wall_s")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,8 +47,27 @@ def test_workdir_contract(tmp_path):
   assert part["histograms"].shape == (3, 10) and part["counts"].sum() == part["histograms"].sum()
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path):
+def _fedsnd_tiny():
   config = tiny.get_config()
+  config.algorithm, config.noise_warm_start, config.validation_fraction = "fedsnd", True, 0.2
+  config.noise_samples, config.noise_steps, config.distill_steps, config.distill_batch = 8, 5, 3, 8
+  return config
+
+
+def test_fedsnd_end_to_end(tmp_path):
+  summary = train.run(_fedsnd_tiny(), str(tmp_path))
+  records = _read_jsonl(tmp_path / "metrics.jsonl")
+  for field in ("val_accuracy", "test_accuracy_no_distill", "teacher_ce", "teacher_agreement", "kl_before",
+                "kl_after", "noise_norm", "synthesis_time_s", "distill_time_s"):
+    assert field in records[-1], field
+  assert summary["algorithm"] == "fedsnd" and 0 <= summary["final_accuracy"] <= 1
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["noise_warm_start"] is True
+
+
+@pytest.mark.parametrize("make_config", [tiny.get_config, _fedsnd_tiny], ids=["fedavg", "fedsnd_warm_start"])
+def test_resumed_run_equals_uninterrupted(tmp_path, make_config):
+  config = make_config()
   config.rounds, config.checkpoint_every = 4, 2
   full = train.run(config, str(tmp_path / "full"))
   # "Killed" after round 3 was logged but before its checkpoint: metrics.jsonl holds round 3.
@@ -57,7 +75,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # only round 2's checkpoint survived the "kill"
   assert len(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == 3
   resumed = train.run(config, str(tmp_path / "cut"))
-  strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rs]
+  strip = lambda rs: [{k: v for k, v in r.items() if not (k.endswith("time_s") or k == "wall_s")} for r in rs]
   assert strip(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(
       _read_jsonl(tmp_path / "full" / "metrics.jsonl"))
   for field in ("final_accuracy", "best_accuracy", "rounds_to_target", "last5_mean_accuracy"):
@@ -87,6 +105,8 @@ BAD_INPUTS = [
     ("--config.client_lr=0", "client_lr"),
     ("--config.alpha=abc", "alpha"),
     ("--config.nofield=3", "nofield"),
+    ("--config.teacher_weighting=loudest", "teacher_weighting"),
+    ("--config.algorithm=fednd --config.clients_per_round=1", "clients_per_round"),
 ]
 
 
@@ -95,7 +115,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
   for i, (flag, field) in enumerate(BAD_INPUTS):
     workdir = tmp_path / f"w{i}"
     cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
-           f"--workdir={workdir}", flag]
+           f"--workdir={workdir}", *flag.split()]
     procs.append((flag, field, workdir, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                                                          stderr=subprocess.PIPE, text=True)))
   for flag, field, workdir, proc in procs:
