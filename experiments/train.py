@@ -85,11 +85,12 @@ def _validate_fedsnd(c) -> None:
                          ("teacher_weighting", distillation.TEACHER_WEIGHTINGS),
                          ("distill_target", DISTILL_TARGETS)):
     _require(c[field] in allowed, field, f"unknown value {c[field]!r}; allowed: {', '.join(allowed)}")
-  for field in ("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "distill_steps",
-                "distill_rounds"):
+  for field in ("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "bn_prior",
+                "distill_steps", "distill_rounds"):
     _require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
   for field in ("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr", "distill_lr_decay"):
     _require(c[field] > 0, field, f"must be > 0, got {c[field]}")
+  _require(c.bn_prior == 0 or c.batch_norm, "bn_prior", "needs --config.batch_norm=True (a BatchNorm model)")
   if c.algorithm in SERVER_DISTILLATION:
     _require(c.clients_per_round >= 2, "clients_per_round",
              f"{c.algorithm} distils on the other clients' noise, so it needs ≥ 2, got {c.clients_per_round}")
@@ -147,7 +148,7 @@ def prepare(c) -> Experiment:
                                  min_size=c.min_size, shards_per_client=c.shards_per_client,
                                  num_classes=ds.num_classes)
   model = models.build_model(c.model, ds.input_shape, ds.num_classes, dropout=c.dropout,
-                             vocab_size=ds.vocab_size)
+                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm)
   train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
   num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,
                                              c.local_steps)

@@ -72,13 +72,13 @@ class LocalSchedule(NamedTuple):
   local_steps: int
 
 
-def make_client_phase(loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
+def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
                       chunk_size: int):
   """Returns client_phase((params, data), (ids [C], keys [C])) -> stacked ClientOutput.
 
   Every client starts from the received params, which are also its loss's `context`.
   """
-  update = client.make_client_update(loss_fn, client_opt, **schedule._asdict())
+  update = client.make_client_update(loss_fn, client_opt, **schedule._asdict(), calibrate=model.calibrate)
   return mapping.map_clients(lambda params, data, cid, key: update(params, params, cid, key, data),
                              client_map, chunk_size)
 

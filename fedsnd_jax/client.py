@@ -85,12 +85,17 @@ def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean,
   return params, jnp.sum(loss_sums) / jnp.maximum(jnp.sum(valids), 1)
 
 
+CALIBRATION_SIZE = 256
+
+
 def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps: int,
-                       local_epochs: int, local_steps: int):
+                       local_epochs: int, local_steps: int, calibrate=None):
   """Builds client_update(params, context, client_id, key, data) -> ClientOutput for one client.
 
   The client gathers its own batch schedule (`client_batches`) from `data` by its id, then trains
-  from `params`. Pure and vmappable over (client_id, key).
+  from `params`. With `calibrate` (BatchNorm models, `Model.calibrate`) it then sets the BatchNorm
+  statistics from CALIBRATION_SIZE of its examples drawn with replacement. Pure and vmappable over
+  (client_id, key).
   """
 
   def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
@@ -100,6 +105,9 @@ def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps
                                num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
     new_params, loss = train_steps(loss_fn, optimizer, params, context, data.x, data.y, data.mean,
                                    data.std, idx, mask, train_key)
+    if calibrate is not None:
+      pick = jax.random.randint(jax.random.fold_in(key, 1), (CALIBRATION_SIZE,), 0, count)
+      new_params = calibrate(new_params, normalize(data.x[data.index[client_id][pick]], data.mean, data.std))
     return ClientOutput(new_params, count, loss)
 
   return client_update

@@ -31,6 +31,7 @@ class NoiseDistillation(NamedTuple):
     noise_warm_start: start each client's noise from what it had at its last participation.
     noise_targets: balanced (default) | histogram (drawn from the client's label histogram, uploaded).
     adversarial: weight of the hard-sample term (maximise teacher–global-model disagreement).
+    bn_prior: weight of the BatchNorm-statistics prior (DeepInversion; BatchNorm models only).
     distill_steps: D optimiser steps per student; distill_batch: B_d; distill_lr: Adam learning rate.
     distill_lr_decay: the step size of round r is multiplied by decay**r.
     distill_rounds: distil only in the first R_d rounds (0 = every round).
@@ -48,6 +49,7 @@ class NoiseDistillation(NamedTuple):
   noise_warm_start: bool = False
   noise_targets: str = "balanced"
   adversarial: float = 0.0
+  bn_prior: float = 0.0
   distill_steps: int = 20
   distill_batch: int = 64
   distill_lr: float = 1e-3
@@ -161,7 +163,7 @@ def build_fedsnd(model: Model, input_shape, num_classes: int, *, num_clients: in
     server: noise-distillation settings; None aggregates the uploads as FedAvg does.
   """
   server_opt = server_opt or optax.sgd(1.0)
-  client_phase = algorithm.make_client_phase(client_loss or client.supervised_loss(model), client_opt,
+  client_phase = algorithm.make_client_phase(model, client_loss or client.supervised_loss(model), client_opt,
                                              schedule, client_map, chunk_size)
   sample = algorithm.make_sampler(num_clients, clients_per_round)
   space = noise.noise_space(model, input_shape)
@@ -196,7 +198,8 @@ def build_fedsnd(model: Model, input_shape, num_classes: int, *, num_clients: in
     pool, stats = jax.vmap(lambda p, k, y, x0: noise.synthesize(
         space, p, k, y, steps=server.noise_steps, optimizer=optimizer, l2=server.noise_l2,
         projection=server.noise_projection, init=x0, adversarial=server.adversarial,
-        student_params=state.params, temperature=server.temperature))(uploads.params, keys, labels, init)
+        student_params=state.params, temperature=server.temperature, bn_prior=server.bn_prior))(
+            uploads.params, keys, labels, init)
     clients = None
     if server.noise_warm_start:
       clients = NoiseMemory(state.clients.noise.at[ids].set(pool), state.clients.seen.at[ids].set(True))

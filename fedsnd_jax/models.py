@@ -26,12 +26,24 @@ class Model(NamedTuple):
     apply: (params, x [B, ...], train=False, rng=None) -> logits [B, NC].
     apply_embedded: text models only: (params, e [B, L, d], train=False, rng=None) -> logits [B, NC].
     embed_table: text models only: params -> the token embedding matrix [V, d].
+    calibrate: BatchNorm models only: (params, x [B, ...]) -> params whose BatchNorm statistics are
+      this batch's per-layer input mean and variance (differentiable in x).
+
+  BatchNorm models keep their statistics inside `params` ({"params": …, "batch_stats": …}); training
+  uses batch statistics and leaves them alone (their gradient is 0), and clients `calibrate` them on
+  their own data after local training, so the aggregate averages the clients' statistics.
   """
 
   init: Callable[[jax.Array], Params]
   apply: Callable[..., jax.Array]
   apply_embedded: Callable[..., jax.Array] | None = None
   embed_table: Callable[[Params], jax.Array] | None = None
+  calibrate: Callable[[Params, jax.Array], Params] | None = None
+
+
+def _maybe_bn(on: bool, x, train: bool):
+  # momentum 0: a train-mode pass with mutable statistics sets them to the batch's own (see calibrate).
+  return nn.BatchNorm(use_running_average=not train, momentum=0.0)(x) if on else x
 
 
 class MLP(nn.Module):
@@ -57,11 +69,13 @@ class CNN2(nn.Module):
 
   num_classes: int
   dropout: float = 0.2
+  batch_norm: bool = False  # BatchNorm after each conv (statistics: see `Model.calibrate`)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for features in (32, 64):
-      x = nn.avg_pool(nn.relu(nn.Conv(features, (3, 3))(x)), (2, 2), (2, 2))
+      x = _maybe_bn(self.batch_norm, nn.Conv(features, (3, 3))(x), train)
+      x = nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(256)(x)))
     return nn.Dense(self.num_classes)(x)
@@ -76,11 +90,13 @@ class SimpleCNN(nn.Module):
 
   num_classes: int
   dropout: float = 0.2
+  batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for features in (6, 16):
-      x = nn.max_pool(nn.relu(nn.Conv(features, (5, 5), padding="VALID")(x)), (2, 2), (2, 2))
+      x = _maybe_bn(self.batch_norm, nn.Conv(features, (5, 5), padding="VALID")(x), train)
+      x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     for width in (120, 84):
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
@@ -159,7 +175,9 @@ class TextClassifier(nn.Module):
     return self.head(self.drop(h, deterministic=not train))
 
 
-def _pair(module: nn.Module, input_shape, input_dtype=jnp.float32) -> Model:
+def _pair(module: nn.Module, input_shape, input_dtype=jnp.float32):
+  """(init, apply) for a module without BatchNorm: params are the "params" collection."""
+
   def init(key):
     return module.init(key, jnp.zeros((1, *input_shape), input_dtype))["params"]
 
@@ -170,11 +188,34 @@ def _pair(module: nn.Module, input_shape, input_dtype=jnp.float32) -> Model:
   return init, apply
 
 
+def _bn_model(module: nn.Module, input_shape) -> Model:
+  """A BatchNorm model: params are all variables, statistics included."""
+
+  def init(key):
+    return dict(module.init(key, jnp.zeros((1, *input_shape))))
+
+  def apply(params, x, train=False, rng=None):
+    if not train:
+      return module.apply(params, x, False)
+    logits, _ = module.apply(params, x, True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    return logits
+
+  def calibrate(params, x):
+    # Dropout sits after every BatchNorm, so its key cannot change the statistics.
+    _, new = module.apply(params, x, True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+    return {**params, "batch_stats": new["batch_stats"]}
+
+  return Model(init, apply, calibrate=calibrate)
+
+
 MODELS = ("mlp", "cnn2", "simple_cnn", "resnet8", "resnet18", "text_mean", "text_conv")
 
 
+BATCH_NORM_MODELS = ("cnn2", "simple_cnn")
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, dropout: float = 0.2,
-                vocab_size: int = 0) -> Model:
+                vocab_size: int = 0, batch_norm: bool = False) -> Model:
   """Builds a registered model.
 
   Args:
@@ -183,13 +224,15 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
     num_classes: NC.
     dropout: dropout rate of every dropout layer.
     vocab_size: text models only.
+    batch_norm: BatchNorm after each conv (BATCH_NORM_MODELS only).
   """
+  if batch_norm and name not in BATCH_NORM_MODELS:
+    raise InputError("batch_norm", f"only {', '.join(BATCH_NORM_MODELS)} have a BatchNorm option, not {name}")
+  if name in BATCH_NORM_MODELS:
+    module = (CNN2 if name == "cnn2" else SimpleCNN)(num_classes, dropout=dropout, batch_norm=batch_norm)
+    return _bn_model(module, input_shape) if batch_norm else Model(*_pair(module, input_shape))
   if name == "mlp":
     return Model(*_pair(MLP(num_classes, dropout=dropout), input_shape))
-  if name == "cnn2":
-    return Model(*_pair(CNN2(num_classes, dropout=dropout), input_shape))
-  if name == "simple_cnn":
-    return Model(*_pair(SimpleCNN(num_classes, dropout=dropout), input_shape))
   if name in ("resnet8", "resnet18"):
     blocks, width = ((1, 1, 1), 16) if name == "resnet8" else ((2, 2, 2, 2), 64)
     return Model(*_pair(ResNet(num_classes, blocks, width, dropout), input_shape))

@@ -25,12 +25,14 @@ class NoiseSpace(NamedTuple):
     apply: (params, x [N, *shape], train=False, rng=None) -> logits [N, NC].
     init_scale: params -> std of the Gaussian start (1 for standardised inputs).
     norm: params -> the norm a real sample has in this space (√d for d standardised features).
+    calibrate: BatchNorm models only: `Model.calibrate`, for the BatchNorm-statistics prior.
   """
 
   shape: tuple[int, ...]
   apply: Callable[..., jax.Array]
   init_scale: Callable[[Params], jax.Array]
   norm: Callable[[Params], jax.Array]
+  calibrate: Callable[[Params, jax.Array], Params] | None = None
 
 
 def noise_space(model: Model, input_shape) -> NoiseSpace:
@@ -38,7 +40,7 @@ def noise_space(model: Model, input_shape) -> NoiseSpace:
   if model.apply_embedded is None:
     d = math.prod(input_shape)
     return NoiseSpace(tuple(input_shape), model.apply, lambda p: jnp.float32(1.0),
-                      lambda p: jnp.float32(math.sqrt(d)))
+                      lambda p: jnp.float32(math.sqrt(d)), model.calibrate)
   table_shape = jax.eval_shape(lambda: model.embed_table(model.init(jax.random.key(0)))).shape
   length = input_shape[0]
   return NoiseSpace((length, table_shape[1]), model.apply_embedded,
@@ -72,15 +74,26 @@ class SynthesisStats(NamedTuple):
   norm: jax.Array
 
 
+def bn_statistics_loss(space: NoiseSpace, params, x):
+  """DeepInversion's prior: Σ_l ‖μ_l(x) − μ̂_l‖₂ + ‖σ²_l(x) − σ̂²_l‖₂ over BatchNorm layers l, where
+  μ_l(x), σ²_l(x) are the batch statistics of layer l's input on x and μ̂_l, σ̂²_l the model's stored
+  (client-calibrated) statistics (Yin et al., CVPR 2020)."""
+  stored = params["batch_stats"]
+  of_x = space.calibrate(params, x)["batch_stats"]
+  gaps = jax.tree.map(lambda a, b: jnp.sqrt(jnp.sum((a - b) ** 2) + 1e-12), of_x, stored)
+  return sum(jax.tree.leaves(gaps))
+
+
 def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer, l2: float = 0.0,
                projection: bool = False, init=None, adversarial: float = 0.0, student_params=None,
-               temperature: float = 1.0):
+               temperature: float = 1.0, bn_prior: float = 0.0):
   """Optimises pseudo-samples so that the model predicts the targets on them.
 
-  minimise_x  mean CE(f(x; w_k), ỹ) + β·mean‖x‖² − a·T²·mean KL(σ(f(x; w_k)/T) ‖ σ(f(x; w_s)/T))
+  minimise_x  mean CE(f(x; w_k), ỹ) + β·mean‖x‖² + b·R_BN(x) − a·T²·mean KL(σ(f(x; w_k)/T) ‖ σ(f(x; w_s)/T))
   for G optimiser steps, from x ~ N(0, s²) (or `init`); with `projection` every sample is rescaled to the
-  norm of a real sample after every step. The last term (a = `adversarial`, w_s = `student_params`)
-  seeks hard samples on which the student disagrees with the teacher.
+  norm of a real sample after every step. R_BN (b = `bn_prior`, BatchNorm models) is
+  `bn_statistics_loss`. The last term (a = `adversarial`, w_s = `student_params`) seeks hard samples on
+  which the student disagrees with the teacher.
 
   Args:
     space: the noise space.
@@ -90,6 +103,7 @@ def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer
     steps: G. optimizer: optax transformation over x.
     l2: β. projection: keep ‖x_i‖ at `space.norm`. init: [N, *shape] start instead of Gaussian.
     adversarial, student_params, temperature: the hard-sample term.
+    bn_prior: weight of the BatchNorm-statistics prior.
 
   Returns:
     (x [N, *shape], SynthesisStats).
@@ -104,6 +118,8 @@ def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer
     logits = space.apply(params, x)
     ce = jnp.mean(losses.cross_entropy(logits, targets))
     loss = ce + l2 * jnp.mean(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
+    if bn_prior > 0:
+      loss += bn_prior * bn_statistics_loss(space, params, x)
     if adversarial > 0:
       teacher = losses.tempered_softmax(logits, temperature)
       kl = losses.kl_divergence(teacher, space.apply(student_params, x), temperature)

@@ -62,3 +62,25 @@ def test_unknown_model_and_text_model_on_images():
     M.build_model("vgg", (8, 8, 1), 10)
   with pytest.raises(InputError, match="^model: text_conv needs a text dataset"):
     M.build_model("text_conv", (8, 8, 1), 10)
+
+
+def test_batch_norm_calibration_sets_batch_statistics():
+  model = M.build_model("cnn2", (8, 8, 1), 3, batch_norm=True)
+  params = model.init(jax.random.key(0))
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (64, 8, 8, 1))
+  new = model.calibrate(params, x)
+  # The first BatchNorm sees conv1(x); its stored mean must be that activation's per-channel mean.
+  conv = params["params"]["Conv_0"]
+  act = jax.lax.conv_general_dilated(x, conv["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+  np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["mean"], act.mean((0, 1, 2)), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"], act.var((0, 1, 2)), rtol=1e-3,
+                             atol=1e-5)
+  # Eval mode normalises with the stored statistics, so calibration changes eval outputs.
+  assert not np.allclose(model.apply(params, x), model.apply(new, x))
+
+
+def test_batch_norm_only_where_offered():
+  with pytest.raises(InputError, match="^batch_norm: "):
+    M.build_model("mlp", (8, 8, 1), 3, batch_norm=True)

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   c.model = "mlp"  # mlp | cnn2 | simple_cnn | resnet8 | resnet18 | text_mean | text_conv
   c.dropout = 0.2
+  c.batch_norm = False  # BatchNorm after each conv (cnn2, simple_cnn); needed for bn_prior
   # Local training: SGD with momentum and weight decay (NIID-Bench's client optimiser).
   c.local_epochs = 2
   c.local_steps = 0  # > 0: exactly this many local steps instead of epochs
@@ -42,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lambda_prev = 0.1  # λ_prev: the received global model as teacher (≈ 0.1 was neutral, §2.6)
   # FedSND server side (fednd, fedsnd; §2.3–2.6): one field per NoiseDistillation attribute, same defaults
   # (see its docstring): temperature, noise_samples, noise_steps, noise_lr, noise_l2, noise_projection,
-  # noise_warm_start, noise_targets, adversarial, distill_steps, distill_batch, distill_lr, distill_lr_decay,
+  # noise_warm_start, noise_targets, adversarial, bn_prior, distill_steps, distill_batch, distill_lr, distill_lr_decay,
   # distill_rounds, teacher_weighting, distill_target, student_train_mode.
   for field, value in NoiseDistillation._field_defaults.items():
     c[field] = value
