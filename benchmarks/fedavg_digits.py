@@ -8,11 +8,10 @@ Prints one Markdown table.
 
 import tempfile
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
-
 import jax
 from absl import app, flags, logging
 
+import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from experiments import train
 from experiments.configs import default
 

@@ -66,8 +66,8 @@ def validate_config(c) -> None:
            f"must be in [1, num_clients={c.num_clients}], got {c.clients_per_round}")
   for field in ("rounds", "batch_size", "eval_every", "eval_batch_size", "chunk_size"):
     _require(c[field] >= 1, field, f"must be ≥ 1, got {c[field]}")
-  for field in ("local_steps", "checkpoint_every", "weight_decay", "client_momentum", "server_momentum",
-                "dropout"):
+  for field in ("local_steps", "checkpoint_every", "train_examples", "weight_decay", "client_momentum",
+                "server_momentum", "dropout"):
     _require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
   _require(c.local_steps > 0 or c.local_epochs >= 1, "local_epochs",
            f"must be ≥ 1 when local_steps is 0, got {c.local_epochs}")
@@ -139,16 +139,29 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
   return rest, (ds.x_train[val], ds.y_train[val])
 
 
+def resolve_conv_impl(c) -> str:
+  """The config's conv_impl with `auto` replaced by the backend's default."""
+  return models.default_conv_impl(jax.default_backend()) if c.conv_impl == "auto" else c.conv_impl
+
+
+def subsample(ds: Dataset, num_examples: int) -> Dataset:
+  """The first `num_examples` of a fixed (seed 0) shuffle of the training set: the same for every run seed."""
+  if num_examples <= 0 or num_examples >= len(ds.y_train):
+    return ds
+  keep = np.sort(np.random.default_rng(0).permutation(len(ds.y_train))[:num_examples])
+  return dataclasses.replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+
+
 def prepare(c) -> Experiment:
   """Loads the data, partitions it, builds the model and the algorithm. Raises InputError on bad input."""
   validate_config(c)
-  ds, val = split_validation(load_dataset(c.dataset, data_dir=c.data_dir or None, download=c.download),
-                             c.validation_fraction, c.seed)
+  ds = subsample(load_dataset(c.dataset, data_dir=c.data_dir or None, download=c.download), c.train_examples)
+  ds, val = split_validation(ds, c.validation_fraction, c.seed)
   part = partition_lib.partition(ds.y_train, c.num_clients, c.partition, alpha=c.alpha, seed=c.seed,
                                  min_size=c.min_size, shards_per_client=c.shards_per_client,
                                  num_classes=ds.num_classes)
   model = models.build_model(c.model, ds.input_shape, ds.num_classes, dropout=c.dropout,
-                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm)
+                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm, conv_impl=resolve_conv_impl(c))
   train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
   num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,
                                              c.local_steps)
@@ -219,7 +232,8 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
   os.makedirs(workdir, exist_ok=True)
   resolved = {"num_steps": exp.num_steps, "max_client_examples": exp.train_data.max_count,
               "num_params": models.num_params(jax.eval_shape(exp.model.init, jax.random.key(0))),
-              "backend": jax.default_backend(), "input_shape": list(exp.dataset.input_shape),
+              "backend": jax.default_backend(), "conv_impl": resolve_conv_impl(c),
+              "input_shape": list(exp.dataset.input_shape),
               "num_classes": exp.dataset.num_classes}
   metrics.write_json_atomic(os.path.join(workdir, "config.json"), {**config, "resolved": resolved})
   _save_partition(workdir, exp)

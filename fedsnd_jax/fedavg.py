@@ -23,8 +23,8 @@ def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, sche
     client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
   """
   server_opt = server_opt or optax.sgd(1.0)
-  client_phase = algorithm.make_client_phase(model, client.supervised_loss(model), client_opt, schedule, client_map,
-                                             chunk_size)
+  client_phase = algorithm.make_client_phase(model, client.supervised_loss(model), client_opt, schedule,
+                                             client_map, chunk_size)
   sample = algorithm.make_sampler(num_clients, clients_per_round)
 
   @jax.jit

@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +85,32 @@ def test_batch_norm_calibration_sets_batch_statistics():
 def test_batch_norm_only_where_offered():
   with pytest.raises(InputError, match="^batch_norm: "):
     M.build_model("mlp", (8, 8, 1), 3, batch_norm=True)
+
+
+@pytest.mark.parametrize("padding, kernel", [("SAME", (3, 3)), ("VALID", (5, 5)), ("SAME", (4, 2))])
+def test_im2col_conv_matches_flax_conv(padding, kernel):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+  ref = nn.Conv(5, kernel, padding=padding)
+  ours = M.Im2colConv(5, kernel, padding)
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda mod: lambda p, x: jnp.sum(jnp.sin(mod.apply(p, x)))
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+
+
+@pytest.mark.parametrize("name, shape", [("cnn2", (28, 28, 1)), ("simple_cnn", (32, 32, 3))])
+def test_model_conv_impls_share_params_and_outputs(name, shape):
+  xla = M.build_model(name, shape, 10, conv_impl="xla")
+  im2col = M.build_model(name, shape, 10, conv_impl="im2col")
+  params = xla.init(jax.random.key(0))
+  assert jax.tree.structure(params) == jax.tree.structure(im2col.init(jax.random.key(0)))
+  x = jax.random.normal(jax.random.key(1), (2, *shape))
+  np.testing.assert_allclose(im2col.apply(params, x), xla.apply(params, x), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_default_per_backend():
+  assert M.default_conv_impl("cpu") == "im2col"
+  assert M.default_conv_impl("gpu") == M.default_conv_impl("tpu") == "xla"

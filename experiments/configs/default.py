@@ -20,11 +20,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.min_size = 2  # least examples per client (dirichlet_label, quantity)
   c.shards_per_client = 2  # `shards` partition only
   c.num_clients = 20  # K
+  c.train_examples = 0  # > 0: train on a fixed (seed-independent) random subset of this many examples
   c.validation_fraction = 0.0  # seeded share of the training set held out from clients (val_* metrics)
   c.clients_per_round = 20  # C ≤ K, sampled without replacement each round
   # Model.
   c.model = "mlp"  # mlp | cnn2 | simple_cnn | resnet8 | resnet18 | text_mean | text_conv
   c.dropout = 0.2
+  c.conv_impl = "auto"  # auto (im2col on CPU, xla elsewhere) | xla | im2col; cnn2 and simple_cnn
   c.batch_norm = False  # BatchNorm after each conv (cnn2, simple_cnn); needed for bn_prior
   # Local training: SGD with momentum and weight decay (NIID-Bench's client optimiser).
   c.local_epochs = 2
@@ -43,8 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.lambda_prev = 0.1  # λ_prev: the received global model as teacher (≈ 0.1 was neutral, §2.6)
   # FedSND server side (fednd, fedsnd; §2.3–2.6): one field per NoiseDistillation attribute, same defaults
   # (see its docstring): temperature, noise_samples, noise_steps, noise_lr, noise_l2, noise_projection,
-  # noise_warm_start, noise_targets, adversarial, bn_prior, distill_steps, distill_batch, distill_lr, distill_lr_decay,
-  # distill_rounds, teacher_weighting, distill_target, student_train_mode.
+  # noise_warm_start, noise_targets, adversarial, bn_prior, distill_steps, distill_batch, distill_lr,
+  # distill_lr_decay, distill_rounds, teacher_weighting, distill_target, student_train_mode.
   for field, value in NoiseDistillation._field_defaults.items():
     c[field] = value
   # Run.
