@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 
 import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
-from experiments import train
+from experiments import runner
 from experiments.configs import default
 
 _ALPHAS = flags.DEFINE_list("alphas", ["0.1", "1.0"], "Dirichlet α values (dirichlet_label).")
@@ -29,7 +29,7 @@ def main(argv):
       c = default.get_config()
       c.alpha, c.client_map, c.rounds = float(alpha), client_map, _ROUNDS.value
       with tempfile.TemporaryDirectory() as workdir:
-        s = train.run(c, workdir)
+        s = runner.run(c, workdir)
       rows.append(f"| {alpha} | {client_map} | {s['final_accuracy']:.4f} | {s['last5_mean_accuracy']:.4f} | "
                   f"{s['rounds_to_target']} | {s['mean_client_time_s']:.4f} | {s['mean_server_time_s']:.4f} |")
   c = default.get_config()

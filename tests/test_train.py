@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import runner
 from experiments.configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ def _read_jsonl(path):
 
 
 def test_workdir_contract(tmp_path):
-  summary = train.run(tiny.get_config(), str(tmp_path))
+  summary = runner.run(tiny.get_config(), str(tmp_path))
   for name in ("config.json", "partition.npz", "metrics.jsonl", "summary.json", "checkpoints"):
     assert (tmp_path / name).exists(), name
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
@@ -55,7 +55,7 @@ def _fedsnd_tiny():
 
 
 def test_fedsnd_end_to_end(tmp_path):
-  summary = train.run(_fedsnd_tiny(), str(tmp_path))
+  summary = runner.run(_fedsnd_tiny(), str(tmp_path))
   records = _read_jsonl(tmp_path / "metrics.jsonl")
   for field in ("val_accuracy", "test_accuracy_no_distill", "teacher_ce", "teacher_agreement", "kl_before",
                 "kl_after", "noise_norm", "synthesis_time_s", "distill_time_s"):
@@ -69,12 +69,12 @@ def test_fedsnd_end_to_end(tmp_path):
 def test_resumed_run_equals_uninterrupted(tmp_path, make_config):
   config = make_config()
   config.rounds, config.checkpoint_every = 4, 2
-  full = train.run(config, str(tmp_path / "full"))
+  full = runner.run(config, str(tmp_path / "full"))
   # "Killed" after round 3 was logged but before its checkpoint: metrics.jsonl holds round 3.
-  assert train.run(config, str(tmp_path / "cut"), stop_after=3) is None
+  assert runner.run(config, str(tmp_path / "cut"), stop_after=3) is None
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # only round 2's checkpoint survived the "kill"
   assert len(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == 3
-  resumed = train.run(config, str(tmp_path / "cut"))
+  resumed = runner.run(config, str(tmp_path / "cut"))
   strip = lambda rs: [{k: v for k, v in r.items() if not (k.endswith("time_s") or k == "wall_s")} for r in rs]
   assert strip(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(
       _read_jsonl(tmp_path / "full" / "metrics.jsonl"))
@@ -83,11 +83,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path, make_config):
 
 
 def test_rerun_with_other_config_is_refused(tmp_path):
-  train.run(tiny.get_config(), str(tmp_path))
+  runner.run(tiny.get_config(), str(tmp_path))
   config = tiny.get_config()
   config.alpha = 0.7
-  with pytest.raises(train.InputError, match="^workdir: .*alpha"):
-    train.run(config, str(tmp_path))
+  with pytest.raises(runner.InputError, match="^workdir: .*alpha"):
+    runner.run(config, str(tmp_path))
 
 
 BAD_INPUTS = [
