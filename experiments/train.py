@@ -18,6 +18,10 @@ from fedsnd_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it holds a checkpoint).")
+# Multi-host runs (client_map=sharded over every process's devices): jax.distributed.initialize's arguments.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
 
 
 def _parse_flags(argv):
@@ -39,6 +43,10 @@ def main(argv):
   if not _WORKDIR.value:
     print("error: workdir: --workdir is required", file=sys.stderr)
     sys.exit(2)
+  if _COORDINATOR.value:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     run(_CONFIG.value, _WORKDIR.value)
   except InputError as e:

@@ -1,0 +1,170 @@
+r"""Client-phase throughput of every client-mapping strategy, and FedSND's round time beside FedAvg's.
+
+  python -m benchmarks.throughput [--models=mlp,cnn2] [--clients=10,100,1000] [--strategies=vmap,chunked,loop]
+
+Synthetic 28×28×1 uint8 data, batch 32 per client, 10 local steps (SGD with momentum). For each model and
+clients-per-round C it first checks that the strategies give the same params (allclose to `vmap`, or to
+`chunked` where `vmap` is skipped), then times one warm client phase per strategy. "ceiling" is one
+centralised jitted train step at the same batch of 32, called repeatedly: what one model can do. Prints
+Markdown tables with the device named.
+"""
+
+import resource
+import time
+
+import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from fedsnd_jax import algorithm, client, federated_data, losses, models
+from fedsnd_jax.fedavg import build_fedavg
+from fedsnd_jax.fedsnd import NoiseDistillation, build_fedsnd
+from fedsnd_jax.partition import partition
+from fedsnd_jax.self_distillation import self_distillation_loss
+
+_MODELS = flags.DEFINE_list("models", ["mlp", "cnn2"], "Models.")
+_CLIENTS = flags.DEFINE_list("clients", ["10", "100", "1000"], "Clients per round.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["vmap", "chunked", "loop"], "Client-mapping strategies.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 10, "Clients per chunk for `chunked`.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Local steps per client.")
+_MAX_VMAP = flags.DEFINE_integer("max_vmap_clients", 1000, "Skip `vmap` above this many clients.")
+_MAX_LOOP = flags.DEFINE_integer("max_loop_clients", 1000, "Skip `loop` above this many clients.")
+_ROUND_CLIENTS = flags.DEFINE_integer("round_clients", 10, "Clients per round for the FedSND/FedAvg table.")
+_CONV = flags.DEFINE_string("conv_impl", "auto", "auto | xla | im2col.")
+
+BATCH = 32
+SHAPE = (28, 28, 1)
+
+
+def _peak_memory_mb() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # host peak RSS (KiB on Linux)
+
+
+def _data(num_clients: int, examples_per_client: int):
+  rng = np.random.default_rng(0)
+  n = num_clients * examples_per_client
+  x = rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  part = partition(y, num_clients, "iid", seed=0)
+  return federated_data.to_device(x, y, part, np.array([128.0], np.float32), np.array([64.0], np.float32))
+
+
+def _timed(fn, *args, repeats=1):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = jax.block_until_ready(fn(*args))
+  return out, first, (time.perf_counter() - start) / repeats
+
+
+def _ceiling(model, opt):
+  """Examples/s of one jitted train step of one model at batch 32."""
+  x = jax.random.normal(jax.random.key(1), (BATCH, *SHAPE))
+  y = jnp.arange(BATCH) % 10
+  params = model.init(jax.random.key(0))
+
+  @jax.jit
+  def step(params, opt_state, key):
+    grads = jax.grad(lambda p: jnp.mean(losses.cross_entropy(model.apply(p, x, train=True, rng=key), y)))(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
+
+  state = (params, opt.init(params))
+  state = jax.block_until_ready(step(*state, jax.random.key(2)))
+  n = 50
+  start = time.perf_counter()
+  for _ in range(n):
+    state = step(*state, jax.random.key(2))
+  jax.block_until_ready(state)
+  return n * BATCH / (time.perf_counter() - start)
+
+
+def throughput_table(model_name: str, conv_impl: str) -> list[str]:
+  model = models.build_model(model_name, SHAPE, 10, conv_impl=conv_impl)
+  opt = client.client_optimizer(0.01, 0.9)
+  ceiling = _ceiling(model, opt)
+  rows = [f"| {model_name} | – | ceiling (1 model, batch {BATCH}) | {ceiling:,.0f} | – | – | – | – |"]
+  steps = _STEPS.value
+  schedule = algorithm.LocalSchedule(BATCH, steps, 1, steps)
+  for num in (int(c) for c in _CLIENTS.value):
+    data = _data(num, BATCH * steps)
+    params = model.init(jax.random.key(0))
+    ids = jnp.arange(num, dtype=jnp.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(ids)
+    results, timings = {}, {}
+    for strategy in _STRATEGIES.value:
+      if (strategy == "vmap" and num > _MAX_VMAP.value) or (strategy == "loop" and num > _MAX_LOOP.value):
+        continue
+      phase = algorithm.make_client_phase(model, client.supervised_loss(model), opt, schedule, strategy,
+                                          _CHUNK.value)
+      out, first, steady = _timed(phase, (params, data), (ids, keys))
+      results[strategy] = out.params
+      timings[strategy] = (first, steady, _peak_memory_mb())
+    reference = next(iter(results))
+    for strategy, p in results.items():  # The strategies must agree before their times mean anything.
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), p, results[reference])
+    loop_rate = num * steps * BATCH / timings["loop"][1] if "loop" in timings else None
+    for strategy, (first, steady, mem) in timings.items():
+      rate = num * steps * BATCH / steady
+      vs_loop = f"{rate / loop_rate:.2f}×" if loop_rate else "–"
+      rows.append(f"| {model_name} | {num} | {strategy}{f' ({_CHUNK.value})' if strategy == 'chunked' else ''} | "
+                  f"{rate:,.0f} | {vs_loop} | {rate / ceiling:.2f}× | {max(first - steady, 0):.1f} | {mem:,.0f} |")
+  return rows
+
+
+def round_table(conv_impl: str) -> list[str]:
+  """FedSND's and FedAvg's round time (client and server parts) for the CNN at `round_clients` clients."""
+  num = _ROUND_CLIENTS.value
+  model = models.build_model("cnn2", SHAPE, 10, conv_impl=conv_impl)
+  data = _data(num, BATCH * _STEPS.value)
+  common = dict(num_clients=num, clients_per_round=num, client_opt=client.client_optimizer(0.01, 0.9),
+                schedule=algorithm.LocalSchedule(BATCH, _STEPS.value, 1, _STEPS.value),
+                client_map=_STRATEGIES.value[0], chunk_size=_CHUNK.value)
+  algs = {"fedavg": build_fedavg(model, **common),
+          "fedsnd": build_fedsnd(model, SHAPE, 10, server=NoiseDistillation(), client_loss=self_distillation_loss(
+              model, lambda_mutual=1.0, lambda_prev=0.1, temperature=2.0), **common)}
+  rows, times = [], {}
+  for name, alg in algs.items():
+    state = alg.init(jax.random.key(0))
+    state, _ = alg.apply(state, data)  # compile
+    diags = []
+    for _ in range(3):
+      state, diag = alg.apply(state, data)
+      diags.append(diag)
+    times[name] = {k: float(np.mean([d.get(k, 0.0) for d in diags]))
+                   for k in ("client_time_s", "server_time_s", "synthesis_time_s", "distill_time_s")}
+  base = times["fedavg"]["client_time_s"] + times["fedavg"]["server_time_s"]
+  for name, t in times.items():
+    total = t["client_time_s"] + t["server_time_s"]
+    rows.append(f"| {name} | {t['client_time_s']:.3f} | {t['server_time_s']:.3f} | {t['synthesis_time_s']:.3f} | "
+                f"{t['distill_time_s']:.3f} | {total:.3f} | {total / base:.2f}× |")
+  return rows
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  conv_impl = models.default_conv_impl(jax.default_backend()) if _CONV.value == "auto" else _CONV.value
+  print(f"device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
+        f"jax {jax.__version__}; conv_impl {conv_impl}; batch {BATCH}/client, {_STEPS.value} local steps\n")
+  print("| model | clients | strategy | examples/s | vs loop | vs ceiling | compile s | peak MiB (process so far) |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name in _MODELS.value:
+    print("\n".join(throughput_table(name, conv_impl)), flush=True)
+  print(f"\nRound time, cnn2, {_ROUND_CLIENTS.value} clients, client_map {_STRATEGIES.value[0]}, FedSND with default "
+        f"server settings (64 samples × 100 synthesis steps, 20 distillation steps of 64), seconds:\n")
+  print("| algorithm | client | server | synthesis | distillation | round | vs FedAvg |")
+  print("|---|---|---|---|---|---|---|")
+  print("\n".join(round_table(conv_impl)), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
