@@ -11,7 +11,6 @@ import tempfile
 import jax
 from absl import app, flags, logging
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from experiments import runner
 from experiments.configs import default
 

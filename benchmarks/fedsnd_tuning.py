@@ -14,7 +14,6 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from experiments import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", "benchmarks/configs/fmnist_cpu.py", "Base config.")

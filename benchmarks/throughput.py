@@ -12,8 +12,6 @@ Markdown tables with the device named.
 import resource
 import time
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,7 +107,7 @@ def throughput_table(model_name: str, conv_impl: str) -> list[str]:
       results[strategy] = out.params
       timings[strategy] = (first, steady, _peak_memory_mb())
     reference = next(iter(results))
-    for strategy, p in results.items():  # The strategies must agree before their times mean anything.
+    for p in results.values():  # The strategies must agree before their times mean anything.
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), p, results[reference])
     loop_rate = num * steps * BATCH / timings["loop"][1] if "loop" in timings else None
     for strategy, (first, steady, mem) in timings.items():
@@ -155,12 +153,12 @@ def main(argv):
   conv_impl = models.default_conv_impl(jax.default_backend()) if _CONV.value == "auto" else _CONV.value
   print(f"device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
         f"jax {jax.__version__}; conv_impl {conv_impl}; batch {BATCH}/client, {_STEPS.value} local steps\n")
-  print("| model | clients | strategy | examples/s | vs loop | vs ceiling | compile s | peak MiB (process so far) |")
+  print("| model | clients | strategy | examples/s | vs loop | vs ceiling | compile s | peak MiB (so far) |")
   print("|---|---|---|---|---|---|---|---|")
   for name in _MODELS.value:
     print("\n".join(throughput_table(name, conv_impl)), flush=True)
-  print(f"\nRound time, cnn2, {_ROUND_CLIENTS.value} clients, client_map {_STRATEGIES.value[0]}, FedSND with default "
-        f"server settings (64 samples × 100 synthesis steps, 20 distillation steps of 64), seconds:\n")
+  print(f"\nRound time, cnn2, {_ROUND_CLIENTS.value} clients, client_map {_STRATEGIES.value[0]}, FedSND with "
+        f"default server settings (64 samples × 100 synthesis steps, 20 distillation steps of 64), seconds:\n")
   print("| algorithm | client | server | synthesis | distillation | round | vs FedAvg |")
   print("|---|---|---|---|---|---|---|")
   print("\n".join(round_table(conv_impl)), flush=True)

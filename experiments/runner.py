@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import optax
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from fedsnd_jax import checkpoint, client, distillation, evaluation, federated_data, mapping, metrics, models
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm, LocalSchedule

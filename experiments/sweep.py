@@ -20,7 +20,6 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from experiments import runner
 from fedsnd_jax.errors import InputError
 

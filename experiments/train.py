@@ -12,7 +12,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import fedsnd_jax  # noqa: F401  # Sets XLA_FLAGS before jax is imported.
 from experiments.runner import run
 from fedsnd_jax.errors import InputError
 
