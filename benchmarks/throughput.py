@@ -103,7 +103,7 @@ def throughput_table(model_name: str, conv_impl: str) -> list[str]:
         continue
       phase = algorithm.make_client_phase(model, client.supervised_loss(model), opt, schedule, strategy,
                                           _CHUNK.value)
-      out, first, steady = _timed(phase, (params, data), (ids, keys))
+      out, first, steady = _timed(phase, (params, None, data), (ids, keys, None))
       results[strategy] = out.params
       timings[strategy] = (first, steady, _peak_memory_mb())
     reference = next(iter(results))

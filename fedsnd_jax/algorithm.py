@@ -74,13 +74,17 @@ class LocalSchedule(NamedTuple):
 
 def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
                       chunk_size: int):
-  """Returns client_phase((params, data), (ids [C], keys [C])) -> stacked ClientOutput.
+  """Returns client_phase((params, shared, data), (ids [C], keys [C], own)) -> stacked ClientOutput.
 
-  Every client starts from the received params, which are also its loss's `context`.
+  Every client starts from the received params; its loss sees ClientContext(params, shared, own[c]),
+  `own` being per-client state stacked [C, ...] (or None).
   """
   update = client.make_client_update(loss_fn, client_opt, **schedule._asdict(), calibrate=model.calibrate)
-  return mapping.map_clients(lambda params, data, cid, key: update(params, params, cid, key, data),
-                             client_map, chunk_size)
+
+  def one(params, shared, data, cid, key, own):
+    return update(params, client.ClientContext(params, shared, own), cid, key, data)
+
+  return mapping.map_clients(one, client_map, chunk_size)
 
 
 def make_sampler(num_clients: int, clients_per_round: int):

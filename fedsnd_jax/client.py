@@ -12,9 +12,25 @@ from fedsnd_jax.data import normalize
 from fedsnd_jax.federated_data import FederatedData, client_batches
 
 Params = Any
-# loss_fn(params, x [B, ...], y [B], rng, context) -> per-example loss [B]; `context` is whatever the
-# algorithm passes to every client (for FedAvg the received global params).
-LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
+class ClientContext(NamedTuple):
+  """What a client's local loss may look at besides its batch.
+
+  Attributes:
+    received: the round's global params (also the client's starting point).
+    shared: algorithm-wide extras sent to every client (SCAFFOLD's server control), or None.
+    own: this client's persistent state (SCAFFOLD's control, MOON's previous model, FedDyn's
+      gradient state), or None.
+  """
+
+  received: Params
+  shared: Any = None
+  own: Any = None
+
+
+# loss_fn(params, x [B, ...], y [B], rng, context: ClientContext) -> per-example loss [B].
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, ClientContext], jax.Array]
 
 
 class ClientOutput(NamedTuple):
@@ -54,7 +70,7 @@ def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean,
     loss_fn: per-example loss, see `LossFn`.
     optimizer: optax transformation, initialised here (local state starts fresh every round).
     params: starting params.
-    context: passed to every `loss_fn` call.
+    context: the ClientContext passed to every `loss_fn` call.
     x_all: [N, ...] training inputs; y_all: [N] labels; mean, std: [ch] normalisation.
     idx: [S, B] int32 example indices; mask: [S, B] bool.
     key: PRNG key for dropout (one per step is derived from it).

@@ -37,7 +37,7 @@ def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, sche
   def apply(state: ServerState, data: FederatedData):
     timer = algorithm.PhaseTimer()
     ids, keys, _ = sample(state.rng, state.round)
-    uploads = timer.lap("client_time_s", client_phase((state.params, data), (ids, keys)))
+    uploads = timer.lap("client_time_s", client_phase((state.params, None, data), (ids, keys, None)))
     state, train_loss = timer.lap("server_time_s", server_phase(state, uploads))
     model_bytes = algorithm.param_bytes(state.params)
     return state, {**timer.times, "train_loss": float(train_loss),

@@ -234,7 +234,7 @@ def build_fedsnd(model: Model, input_shape, num_classes: int, *, num_clients: in
   def apply(state: ServerState, data: FederatedData):
     timer = algorithm.PhaseTimer()
     ids, keys, server_key = sample(state.rng, state.round)
-    uploads = timer.lap("client_time_s", client_phase((state.params, data), (ids, keys)))
+    uploads = timer.lap("client_time_s", client_phase((state.params, None, data), (ids, keys, None)))
     model_bytes = algorithm.param_bytes(state.params)
     out = {"bytes_up": clients_per_round * (model_bytes + 4), "bytes_down": clients_per_round * model_bytes}
     if distills_in(int(state.round)):

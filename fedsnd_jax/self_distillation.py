@@ -15,19 +15,19 @@ def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: f
 
   L = ½[CE(z₁, y) + CE(z₂, y)] + λ_m·T²·½[KL(σ(z₁/T) ‖ σ(z₂/T)) + KL(σ(z₂/T) ‖ σ(z₁/T))]
       + λ_p·T²·KL(σ(f(x; w⁰)/T) ‖ σ(z₁/T)),
-  z_i = f(x; w, ξ_i) with independent dropout keys, w⁰ the round's received params (the loss's
-  `context`) in eval mode under stop_gradient. `mode` switches terms off (none | dropout | previous |
+  z_i = f(x; w, ξ_i) with independent dropout keys, w⁰ the round's received params (`context.received`)
+  in eval mode under stop_gradient. `mode` switches terms off (none | dropout | previous |
   both). With λ_m = 0 there is one forward pass, z₁ with the whole `rng`, and the CE term is CE(z₁, y):
   all terms off is FedAvg's loss exactly.
 
   Returns:
-    loss_fn(params, x [B, ...], y [B], rng, received_params) -> [B].
+    loss_fn(params, x [B, ...], y [B], rng, context) -> [B].
   """
   lam_m = lambda_mutual if mode in ("dropout", "both") else 0.0
   lam_p = lambda_prev if mode in ("previous", "both") else 0.0
   t2 = temperature**2
 
-  def loss_fn(params, x, y, rng, received_params):
+  def loss_fn(params, x, y, rng, context):
     if lam_m > 0:
       k1, k2 = jax.random.split(rng)
       z1 = model.apply(params, x, train=True, rng=k1)
@@ -40,7 +40,7 @@ def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: f
       z1 = model.apply(params, x, train=True, rng=rng)
       loss = losses.cross_entropy(z1, y)
     if lam_p > 0:
-      teacher = jax.lax.stop_gradient(model.apply(received_params, x))
+      teacher = jax.lax.stop_gradient(model.apply(context.received, x))
       loss += lam_p * t2 * losses.kl_divergence(losses.tempered_softmax(teacher, temperature), z1, temperature)
     return loss
 

@@ -97,7 +97,7 @@ def test_masked_step_is_a_noop():
   real = jnp.ones((1, 4), bool)
   key = jax.random.key(1)
   x, y = jnp.asarray(X), jnp.asarray(Y)
-  args = (loss_fn, opt, params, None, x, y, MEAN, STD)
+  args = (loss_fn, opt, params, client.ClientContext(params), x, y, MEAN, STD)
   # A masked step in front must leave the real step's result (params and, through adam's counter and
   # moments, the optimiser state) exactly as without it. Same dropout key for the real step.
   masked_first, _ = client.train_steps(*args, idx, jnp.concatenate([~real, real]), key)

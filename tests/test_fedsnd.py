@@ -75,9 +75,10 @@ def test_kl_terms_vanish_when_teacher_is_student():
   y = jnp.arange(6) % 3
   sd = self_distillation_loss(model, lambda_mutual=1.0, lambda_prev=1.0, temperature=2.0)
   ce = losses.cross_entropy(model.apply(params, x), y)
-  np.testing.assert_allclose(sd(params, x, y, jax.random.key(3), params), ce, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sd(params, x, y, jax.random.key(3), client.ClientContext(params)), ce, rtol=1e-5,
+                             atol=1e-6)
   other = model.init(jax.random.key(4))  # a different teacher makes the previous-model term positive
-  assert jnp.all(sd(params, x, y, jax.random.key(3), other) > ce)
+  assert jnp.all(sd(params, x, y, jax.random.key(3), client.ClientContext(other)) > ce)
 
 
 def test_kl_by_hand():
