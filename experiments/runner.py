@@ -16,13 +16,14 @@ import optax
 from fedsnd_jax import checkpoint, client, distillation, evaluation, federated_data, mapping, metrics, models
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm, LocalSchedule
+from fedsnd_jax.baselines import BASELINES, build_baseline
 from fedsnd_jax.data import Dataset, load_dataset
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.fedavg import build_fedavg
 from fedsnd_jax.fedsnd import DISTILL_TARGETS, NOISE_TARGETS, NoiseDistillation, build_fedsnd
 from fedsnd_jax.self_distillation import SELF_DISTILL_MODES, self_distillation_loss
 
-ALGORITHMS = ("fedavg", "fedsd", "fednd", "fedsnd")
+ALGORITHMS = ("fedavg", "fedsd", "fednd", "fedsnd", *BASELINES)
 CLIENT_DISTILLATION = ("fedsd", "fedsnd")
 SERVER_DISTILLATION = ("fednd", "fedsnd")
 SERVER_OPTIMIZERS = ("sgd", "adam")
@@ -67,6 +68,12 @@ def validate_config(c) -> None:
   _require(0 <= c.validation_fraction < 1, "validation_fraction",
            f"must be in [0, 1), got {c.validation_fraction}")
   _validate_fedsnd(c)
+  for field in ("prox_mu", "moon_mu", "feddyn_alpha", "ntd_beta", "projection_dim"):
+    _require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
+  for field in ("moon_tau", "ntd_tau"):
+    _require(c[field] > 0, field, f"must be > 0, got {c[field]}")
+  _require(c.algorithm != "moon" or c.model in ("mlp", "cnn2", "simple_cnn"), "model",
+           f"moon needs a model with a representation (mlp, cnn2, simple_cnn), not {c.model}")
 
 
 def _validate_fedsnd(c) -> None:
@@ -107,6 +114,10 @@ def build_algorithm(c, model: models.Model, ds: Dataset, schedule: LocalSchedule
                 server_opt=server_opt, client_map=c.client_map, chunk_size=c.chunk_size)
   if c.algorithm == "fedavg":
     return build_fedavg(model, **common)
+  if c.algorithm in BASELINES:
+    mu, tau = (c.moon_mu, c.moon_tau) if c.algorithm == "moon" else (c.prox_mu, c.ntd_tau)
+    return build_baseline(c.algorithm, model, mu=mu, tau=tau, alpha=c.feddyn_alpha, beta=c.ntd_beta,
+                          client_step=c.client_lr / (1.0 - c.client_momentum), **common)
   client_loss = None
   if c.algorithm in CLIENT_DISTILLATION:
     client_loss = self_distillation_loss(model, lambda_mutual=c.lambda_mutual, lambda_prev=c.lambda_prev,
@@ -150,7 +161,8 @@ def prepare(c) -> Experiment:
                                  min_size=c.min_size, shards_per_client=c.shards_per_client,
                                  num_classes=ds.num_classes)
   model = models.build_model(c.model, ds.input_shape, ds.num_classes, dropout=c.dropout,
-                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm, conv_impl=resolve_conv_impl(c))
+                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm, conv_impl=resolve_conv_impl(c),
+                             projection_dim=c.projection_dim if c.algorithm == "moon" else 0)
   train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
   num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,
                                              c.local_steps)

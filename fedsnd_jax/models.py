@@ -28,6 +28,8 @@ class Model(NamedTuple):
     embed_table: text models only: params -> the token embedding matrix [V, d].
     calibrate: BatchNorm models only: (params, x [B, ...]) -> params whose BatchNorm statistics are
       this batch's per-layer input mean and variance (differentiable in x).
+    represent: mlp, cnn2, simple_cnn: (params, x, train=False, rng=None) -> [B, d] penultimate features
+      (or the projection head's output), for MOON.
 
   BatchNorm models keep their statistics inside `params` ({"params": …, "batch_stats": …}); training
   uses batch statistics and leaves them alone (their gradient is 0), and clients `calibrate` them on
@@ -39,6 +41,7 @@ class Model(NamedTuple):
   apply_embedded: Callable[..., jax.Array] | None = None
   embed_table: Callable[[Params], jax.Array] | None = None
   calibrate: Callable[[Params, jax.Array], Params] | None = None
+  represent: Callable[..., jax.Array] | None = None
 
 
 CONV_IMPLS = ("xla", "im2col")
@@ -84,6 +87,15 @@ def _conv(impl: str, features: int, kernel_size, padding: str, name: str):
   return nn.Conv(features, kernel_size, padding=padding, name=name)
 
 
+def _sow_representation(module: nn.Module, features, projection_dim: int):
+  """Records the penultimate features (through a 2-layer projection head when projection_dim > 0) for
+  `Model.represent`; the classifier reads the features, never the head (MOON's head, SimCLR style)."""
+  if projection_dim > 0:
+    features = nn.Dense(projection_dim, name="proj_out")(nn.relu(nn.Dense(features.shape[-1], name="proj_in")(
+        features)))
+  module.sow("intermediates", "representation", features)
+
+
 def _maybe_bn(on: bool, x, train: bool):
   # momentum 0: a train-mode pass with mutable statistics sets them to the batch's own (see calibrate).
   return nn.BatchNorm(use_running_average=not train, momentum=0.0)(x) if on else x
@@ -95,12 +107,14 @@ class MLP(nn.Module):
   num_classes: int
   hidden: Sequence[int] = (200, 200)
   dropout: float = 0.2
+  projection_dim: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
+    _sow_representation(self, x, self.projection_dim)
     return nn.Dense(self.num_classes)(x)
 
 
@@ -114,6 +128,7 @@ class CNN2(nn.Module):
   dropout: float = 0.2
   batch_norm: bool = False  # BatchNorm after each conv (statistics: see `Model.calibrate`)
   conv_impl: str = "xla"  # xla | im2col (see `default_conv_impl`)
+  projection_dim: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -122,6 +137,7 @@ class CNN2(nn.Module):
       x = nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(256)(x)))
+    _sow_representation(self, x, self.projection_dim)
     return nn.Dense(self.num_classes)(x)
 
 
@@ -136,6 +152,7 @@ class SimpleCNN(nn.Module):
   dropout: float = 0.2
   batch_norm: bool = False
   conv_impl: str = "xla"
+  projection_dim: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -145,6 +162,7 @@ class SimpleCNN(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for width in (120, 84):
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
+    _sow_representation(self, x, self.projection_dim)
     return nn.Dense(self.num_classes)(x)
 
 
@@ -233,6 +251,17 @@ def _pair(module: nn.Module, input_shape, input_dtype=jnp.float32):
   return init, apply
 
 
+def _with_represent(model: Model, module: nn.Module, variables_of) -> Model:
+  """Adds `represent`: the sown penultimate features of a forward pass."""
+
+  def represent(params, x, train=False, rng=None):
+    rngs = {"dropout": rng} if train else {}
+    _, state = module.apply(variables_of(params), x, train, rngs=rngs, mutable=["intermediates", "batch_stats"])
+    return state["intermediates"]["representation"][0]
+
+  return model._replace(represent=represent)
+
+
 def _bn_model(module: nn.Module, input_shape) -> Model:
   """A BatchNorm model: params are all variables, statistics included."""
 
@@ -260,7 +289,8 @@ BATCH_NORM_MODELS = ("cnn2", "simple_cnn")
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, dropout: float = 0.2,
-                vocab_size: int = 0, batch_norm: bool = False, conv_impl: str = "xla") -> Model:
+                vocab_size: int = 0, batch_norm: bool = False, conv_impl: str = "xla",
+                projection_dim: int = 0) -> Model:
   """Builds a registered model.
 
   Args:
@@ -271,17 +301,23 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
     vocab_size: text models only.
     batch_norm: BatchNorm after each conv (BATCH_NORM_MODELS only).
     conv_impl: one of CONV_IMPLS, for cnn2 and simple_cnn.
+    projection_dim: > 0 adds MOON's 2-layer projection head of this width to `represent`.
   """
   if conv_impl not in CONV_IMPLS:
     raise InputError("conv_impl", f"unknown {conv_impl!r}; allowed: auto, {', '.join(CONV_IMPLS)}")
   if batch_norm and name not in BATCH_NORM_MODELS:
     raise InputError("batch_norm", f"only {', '.join(BATCH_NORM_MODELS)} have a BatchNorm option, not {name}")
+  if projection_dim and name not in ("mlp", *BATCH_NORM_MODELS):
+    raise InputError("projection_dim", f"only mlp, {', '.join(BATCH_NORM_MODELS)} have a projection head")
   if name in BATCH_NORM_MODELS:
     module = (CNN2 if name == "cnn2" else SimpleCNN)(num_classes, dropout=dropout, batch_norm=batch_norm,
-                                                     conv_impl=conv_impl)
-    return _bn_model(module, input_shape) if batch_norm else Model(*_pair(module, input_shape))
+                                                     conv_impl=conv_impl, projection_dim=projection_dim)
+    if batch_norm:
+      return _with_represent(_bn_model(module, input_shape), module, lambda p: p)
+    return _with_represent(Model(*_pair(module, input_shape)), module, lambda p: {"params": p})
   if name == "mlp":
-    return Model(*_pair(MLP(num_classes, dropout=dropout), input_shape))
+    module = MLP(num_classes, dropout=dropout, projection_dim=projection_dim)
+    return _with_represent(Model(*_pair(module, input_shape)), module, lambda p: {"params": p})
   if name in ("resnet8", "resnet18"):
     blocks, width = ((1, 1, 1), 16) if name == "resnet8" else ((2, 2, 2, 2), 64)
     return Model(*_pair(ResNet(num_classes, blocks, width, dropout), input_shape))

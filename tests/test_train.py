@@ -65,7 +65,14 @@ def test_fedsnd_end_to_end(tmp_path):
     assert json.load(f)["noise_warm_start"] is True
 
 
-@pytest.mark.parametrize("make_config", [tiny.get_config, _fedsnd_tiny], ids=["fedavg", "fedsnd_warm_start"])
+def _scaffold_tiny():
+  config = tiny.get_config()
+  config.algorithm = "scaffold"
+  return config
+
+
+@pytest.mark.parametrize("make_config", [tiny.get_config, _fedsnd_tiny, _scaffold_tiny],
+                         ids=["fedavg", "fedsnd_warm_start", "scaffold_client_state"])
 def test_resumed_run_equals_uninterrupted(tmp_path, make_config):
   config = make_config()
   config.rounds, config.checkpoint_every = 4, 2

@@ -10,7 +10,9 @@ from fedsnd_jax.fedsnd import NoiseDistillation
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.algorithm = "fedavg"  # fedavg | fedsd (client self-distillation) | fednd (server noise-distillation) | fedsnd
+  # fedavg | fedsd (client self-distillation) | fednd (server noise-distillation) | fedsnd (both)
+  # | fedprox | scaffold | moon | feddyn | fedntd (baselines; fedsnd_jax/baselines.py)
+  c.algorithm = "fedavg"
   # Data (DESIGN §4).
   c.dataset = "digits"  # digits | idx:<dir> | npz:<file> | a TFDS name (mnist, fashion_mnist, cifar10, ...)
   c.data_dir = ""  # TFDS data_dir ("" = TFDS default)
@@ -49,6 +51,14 @@ def get_config() -> ml_collections.ConfigDict:
   # distill_lr_decay, distill_rounds, teacher_weighting, distill_target, student_train_mode.
   for field, value in NoiseDistillation._field_defaults.items():
     c[field] = value
+  # Baselines (hyperparameter defaults from each paper).
+  c.prox_mu = 0.01  # FedProx μ; Li et al. (MLSys 2020) tune μ ∈ {0.001, 0.01, 0.1, 1}
+  c.moon_mu = 1.0  # MOON μ; Li, He, Song (CVPR 2021): 5 on CIFAR-10, 1 on CIFAR-100 and Tiny-ImageNet
+  c.moon_tau = 0.5  # MOON temperature τ (the paper's default)
+  c.projection_dim = 256  # MOON's projection head width (the paper's 256-d head)
+  c.feddyn_alpha = 0.01  # FedDyn α; Acar et al. (ICLR 2021) search α ∈ {0.1, 0.01, 0.001}
+  c.ntd_beta = 1.0  # FedNTD β; Lee et al. (NeurIPS 2022) use β = 1
+  c.ntd_tau = 1.0  # FedNTD temperature τ = 1 (the paper's default)
   # Run.
   c.rounds = 30
   c.seed = 0
