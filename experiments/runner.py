@@ -46,8 +46,10 @@ def validate_config(c) -> None:
   _require(c.model in models.MODELS, "model", f"unknown model {c.model!r}; allowed: {', '.join(models.MODELS)}")
   _require(c.partition in partition_lib.PARTITIONS, "partition",
            f"unknown partition {c.partition!r}; allowed: {', '.join(partition_lib.PARTITIONS)}")
-  _require(c.client_map in mapping.CLIENT_MAPS, "client_map",
-           f"unknown client_map {c.client_map!r}; allowed: {', '.join(mapping.CLIENT_MAPS)}")
+  _require(c.client_map == "auto" or c.client_map in mapping.CLIENT_MAPS, "client_map",
+           f"unknown client_map {c.client_map!r}; allowed: auto, {', '.join(mapping.CLIENT_MAPS)}")
+  _require(c.conv_impl == "auto" or c.conv_impl in models.CONV_IMPLS, "conv_impl",
+           f"unknown conv_impl {c.conv_impl!r}; allowed: auto, {', '.join(models.CONV_IMPLS)}")
   _require(c.server_opt in SERVER_OPTIMIZERS, "server_opt",
            f"unknown server_opt {c.server_opt!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}")
   _require(c.alpha > 0, "alpha", f"must be > 0, got {c.alpha}")
@@ -111,7 +113,7 @@ def build_algorithm(c, model: models.Model, ds: Dataset, schedule: LocalSchedule
                 else optax.adam(c.server_lr))
   common = dict(num_clients=c.num_clients, clients_per_round=c.clients_per_round, schedule=schedule,
                 client_opt=client.client_optimizer(c.client_lr, c.client_momentum, c.weight_decay),
-                server_opt=server_opt, client_map=c.client_map, chunk_size=c.chunk_size)
+                server_opt=server_opt, client_map=resolve_client_map(c), chunk_size=c.chunk_size)
   if c.algorithm == "fedavg":
     return build_fedavg(model, **common)
   if c.algorithm in BASELINES:
@@ -142,6 +144,11 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
 def resolve_conv_impl(c) -> str:
   """The config's conv_impl with `auto` replaced by the backend's default."""
   return models.default_conv_impl(jax.default_backend()) if c.conv_impl == "auto" else c.conv_impl
+
+
+def resolve_client_map(c) -> str:
+  """The config's client_map with `auto` replaced by the backend's default."""
+  return mapping.default_client_map(jax.default_backend()) if c.client_map == "auto" else c.client_map
 
 
 def subsample(ds: Dataset, num_examples: int) -> Dataset:
@@ -234,6 +241,7 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
   resolved = {"num_steps": exp.num_steps, "max_client_examples": exp.train_data.max_count,
               "num_params": models.num_params(jax.eval_shape(exp.model.init, jax.random.key(0))),
               "backend": jax.default_backend(), "conv_impl": resolve_conv_impl(c),
+              "client_map": resolve_client_map(c),
               "input_shape": list(exp.dataset.input_shape),
               "num_classes": exp.dataset.num_classes}
   metrics.write_json_atomic(os.path.join(workdir, "config.json"), {**config, "resolved": resolved})

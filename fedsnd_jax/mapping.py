@@ -20,6 +20,17 @@ CLIENT_MAPS = ("vmap", "chunked", "loop", "sharded")
 MESH_AXIS = "clients"
 
 
+def default_client_map(backend: str) -> str:
+  """`loop` on CPU, `vmap` elsewhere.
+
+  Measured on 2 CPU cores (benchmarks/throughput.py, cnn2 with im2col convolutions, batch 32, 10 local
+  steps, 100 clients): loop 2,781 examples/s, chunked(10) 2,293 (0.82×), vmap 2,110 (0.76×); nothing
+  vectorised beat the loop for the CNN (for the MLP chunked reached 1.19×, vmap 0.87–1.22×). On an H200,
+  vmap ran the MLP 48× faster than the loop at 100 clients.
+  """
+  return "loop" if backend == "cpu" else "vmap"
+
+
 def client_mesh() -> jax.sharding.Mesh:
   """A 1-D mesh named `clients` over every device (jax ≥ 0.10 needs explicit Auto axis types)."""
   return jax.make_mesh((jax.device_count(),), (MESH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))

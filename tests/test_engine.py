@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedsnd_jax import algorithm, client, federated_data, losses, models
+from fedsnd_jax import algorithm, client, federated_data, losses, mapping, models
 from fedsnd_jax.data import normalize
 from fedsnd_jax.fedavg import build_fedavg
 from fedsnd_jax.partition import partition
@@ -153,3 +153,8 @@ def test_sampling_is_seeded_and_without_replacement():
   _, clients_key, _ = jax.random.split(jax.random.fold_in(rng, 5), 3)
   np.testing.assert_array_equal(jax.random.key_data(keys_a[0]),
                                 jax.random.key_data(jax.random.fold_in(clients_key, ids_a[0])))
+
+
+def test_client_map_default_per_backend():
+  assert mapping.default_client_map("cpu") == "loop"
+  assert mapping.default_client_map("gpu") == mapping.default_client_map("tpu") == "vmap"

@@ -43,6 +43,9 @@ def test_workdir_contract(tmp_path):
   with open(tmp_path / "config.json") as f:
     config = json.load(f)
   assert config["num_clients"] == 3 and config["resolved"]["num_steps"] == 2
+  # `auto` settings are resolved per backend and recorded (the suite runs on CPU).
+  assert config["client_map"] == "auto" and config["resolved"]["client_map"] == "loop"
+  assert config["resolved"]["conv_impl"] == "im2col" and config["resolved"]["backend"] == "cpu"
   part = np.load(tmp_path / "partition.npz")
   assert part["histograms"].shape == (3, 10) and part["counts"].sum() == part["histograms"].sum()
 
@@ -104,6 +107,7 @@ BAD_INPUTS = [
     ("--config.model=vgg99", "model"),
     ("--config.partition=striped", "partition"),
     ("--config.client_map=pmap", "client_map"),
+    ("--config.conv_impl=fft", "conv_impl"),
     ("--config.alpha=0", "alpha"),
     ("--config.clients_per_round=4", "clients_per_round"),
     ("--config.num_clients=5000", "num_clients"),

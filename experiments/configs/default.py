@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 1
   c.eval_batch_size = 500
   c.target_accuracy = 0.9  # rounds_to_target is the first evaluated round at or above this
-  c.client_map = "vmap"  # vmap | chunked | loop | sharded (client axis over all devices)
+  c.client_map = "auto"  # auto (loop on CPU, vmap elsewhere) | vmap | chunked | loop | sharded (all devices)
   c.chunk_size = 8  # clients per chunk for client_map=chunked
   c.checkpoint_every = 10  # rounds between checkpoints (the last round is always checkpointed)
   return c
