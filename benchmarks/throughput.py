@@ -85,8 +85,9 @@ def _ceiling(model, opt):
   return n * BATCH / (time.perf_counter() - start)
 
 
-def _check_close(name, reference, a, b, tol=1e-2):
-  """Per leaf, ‖a − b‖ ≤ tol·‖b‖ (GPUs' TF32 matmuls differ by ~1e-3 between batch layouts)."""
+def _check_close(name, reference, a, b, tol=5e-2):
+  """Per leaf, ‖a − b‖ ≤ tol·‖b‖: GPUs' TF32 matmuls and convolutions differ between batch layouts (on an
+  H200 one cnn2 leaf differed by 1.1e-2 after 10 SGD steps); a mapping bug gives gaps of order 1."""
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     gap, size = float(jnp.linalg.norm(x - y)), float(jnp.linalg.norm(y))
     if gap > tol * max(size, 1e-6):
