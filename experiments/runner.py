@@ -201,7 +201,10 @@ def _summary(c, records: list[dict], wall_s: float) -> dict:
   accs = [r["test_accuracy"] for r in records]
   reached = [r["round"] for r in records if r["test_accuracy"] >= c.target_accuracy]
   timed = [r for r in records if r["round"] > 1] or records  # Round 1 includes compilation.
-  return {
+  val = ({"final_val_accuracy": records[-1]["val_accuracy"],
+          "last5_mean_val_accuracy": float(np.mean([r["val_accuracy"] for r in records[-5:]]))}
+         if "val_accuracy" in records[-1] else {})
+  return {**val,
       "algorithm": c.algorithm, "dataset": c.dataset, "partition": c.partition, "alpha": c.alpha,
       "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed,
       "rounds": records[-1]["round"], "final_accuracy": accs[-1], "best_accuracy": max(accs),

@@ -121,6 +121,15 @@ def server_update(server_opt, params, opt_state, new_average):
   return optax.apply_updates(params, updates), opt_state
 
 
+def finish_round(server_opt, state: ServerState, new_average, uploads: client.ClientOutput, clients=None):
+  """The server optimiser's step towards `new_average`, the round counter + 1, and new per-client state
+  (`clients`; None keeps the old). Returns (state, the uploads' example-weighted training loss)."""
+  params, opt_state = server_update(server_opt, state.params, state.opt_state, new_average)
+  state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,
+                         clients=state.clients if clients is None else clients)
+  return state, weighted_average(uploads.loss, uploads.num_examples)
+
+
 def param_bytes(params) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 

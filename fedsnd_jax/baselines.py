@@ -163,9 +163,7 @@ def _build(model: Model, loss_fn: client.LossFn, *, init_extra: Callable[[Any], 
     steps = (jnp.full_like(count, schedule.num_steps) if schedule.local_steps > 0
              else schedule.local_epochs * -(-count // schedule.batch_size))  # non-masked local steps
     average, extra = server_fn(state, uploads, ids, own, steps)
-    params, opt_state = algorithm.server_update(server_opt, state.params, state.opt_state, average)
-    state = state._replace(params=params, opt_state=opt_state, round=state.round + 1, clients=extra)
-    return state, algorithm.weighted_average(uploads.loss, uploads.num_examples)
+    return algorithm.finish_round(server_opt, state, average, uploads, extra)
 
   def init(key) -> ServerState:
     state = algorithm.init_state(model, server_opt, key)

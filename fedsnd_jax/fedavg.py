@@ -30,9 +30,7 @@ def build_fedavg(model: Model, *, num_clients: int, clients_per_round: int, sche
   @jax.jit
   def server_phase(state: ServerState, uploads: client.ClientOutput):
     average = algorithm.weighted_average(uploads.params, uploads.num_examples)
-    params, opt_state = algorithm.server_update(server_opt, state.params, state.opt_state, average)
-    train_loss = algorithm.weighted_average(uploads.loss, uploads.num_examples)
-    return state._replace(params=params, opt_state=opt_state, round=state.round + 1), train_loss
+    return algorithm.finish_round(server_opt, state, average, uploads)
 
   def apply(state: ServerState, data: FederatedData):
     timer = algorithm.PhaseTimer()

@@ -168,15 +168,10 @@ def build_fedsnd(model: Model, input_shape, num_classes: int, *, num_clients: in
   sample = algorithm.make_sampler(num_clients, clients_per_round)
   space = noise.noise_space(model, input_shape)
 
-  def finish(state, new_average, uploads, clients=None):
-    params, opt_state = algorithm.server_update(server_opt, state.params, state.opt_state, new_average)
-    state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,
-                           clients=state.clients if clients is None else clients)
-    return state, algorithm.weighted_average(uploads.loss, uploads.num_examples)
-
   @jax.jit
   def aggregate_phase(state: ServerState, uploads: client.ClientOutput):
-    return finish(state, algorithm.weighted_average(uploads.params, uploads.num_examples), uploads)
+    average = algorithm.weighted_average(uploads.params, uploads.num_examples)
+    return algorithm.finish_round(server_opt, state, average, uploads)
 
   @jax.jit
   def synthesis_phase(state: ServerState, uploads, ids, server_key, data: FederatedData):
@@ -216,7 +211,7 @@ def build_fedsnd(model: Model, input_shape, num_classes: int, *, num_clients: in
     raw_average = algorithm.weighted_average(uploads.params, uploads.num_examples)
     average = (distilled if server.distill_target == "global"
                else algorithm.weighted_average(distilled, uploads.num_examples))
-    state, train_loss = finish(state, average, uploads, clients)
+    state, train_loss = algorithm.finish_round(server_opt, state, average, uploads, clients)
     return state, train_loss, raw_average, diag
 
   def init(key) -> ServerState:

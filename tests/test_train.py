@@ -64,6 +64,7 @@ def test_fedsnd_end_to_end(tmp_path):
                 "kl_after", "noise_norm", "synthesis_time_s", "distill_time_s"):
     assert field in records[-1], field
   assert summary["algorithm"] == "fedsnd" and 0 <= summary["final_accuracy"] <= 1
+  assert summary["final_val_accuracy"] == records[-1]["val_accuracy"]
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["noise_warm_start"] is True
 
