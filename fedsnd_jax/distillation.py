@@ -28,18 +28,19 @@ def teacher_probs(space: NoiseSpace, teachers, pool, temperature: float):
   return jax.vmap(lambda p: losses.tempered_softmax(space.apply(p, pool), temperature))(teachers)
 
 
-def soft_targets(probs, owners, student, weighting: str, histograms=None):
+def soft_targets(probs, owners, student, weighting: str, histograms=None, labels=None):
   """The soft label each pool sample carries for one student.
 
   none:        the owner's own p_k (the paper's reading).
-  class_count: Σ_t a_tc·p_t(c) over teachers t ≠ student, a_tc = n_tc / Σ_t' n_t'c (each teacher weighted,
-               per class, by its share of that class's training examples), renormalised over classes.
+  class_count: Σ_t a_t·p_t over teachers t ≠ student, a_t = n_{t,ỹ} / Σ_t' n_{t',ỹ} for the sample's target
+               label ỹ: the teachers that have seen the class the noise was made to show speak for it.
   confidence:  Σ_t m_t·p_t / Σ_t m_t over t ≠ student, m_t = max_c p_t(c) on that sample.
 
   Args:
     probs: [C, P, NC] from `teacher_probs`. owners: [P] int positions. student: int position (or −1 for
       "no student": every teacher counts, as for distilling into the global model).
-    weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts (class_count only).
+    weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts and labels: [P] target labels
+      (class_count only).
 
   Returns:
     [P, NC] rows summing to 1.
@@ -49,16 +50,15 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None):
   if weighting == "none":
     return probs[owners, jnp.arange(owners.shape[0])]
   if weighting == "class_count":
-    counts = histograms.astype(jnp.float32) * others[:, None]  # [C, NC]
+    counts = histograms.astype(jnp.float32)[:, labels] * others[:, None]  # [C, P]
     total = jnp.sum(counts, axis=0, keepdims=True)
-    share = jnp.where(total > 0, counts / jnp.maximum(total, 1.0), others[:, None] / jnp.sum(others))
-    mix = jnp.einsum("tc,tpc->pc", share, probs)
+    weights = jnp.where(total > 0, counts / jnp.maximum(total, 1.0), others[:, None] / jnp.sum(others))
   elif weighting == "confidence":
     conf = jnp.max(probs, axis=-1) * others[:, None]  # [C, P]
-    mix = jnp.einsum("tp,tpc->pc", conf, probs) / jnp.sum(conf, axis=0)[:, None]
+    weights = conf / jnp.sum(conf, axis=0, keepdims=True)
   else:
     raise ValueError(f"unknown teacher weighting {weighting!r}; allowed: {', '.join(TEACHER_WEIGHTINGS)}")
-  return mix / jnp.sum(mix, axis=-1, keepdims=True)
+  return jnp.einsum("tp,tpc->pc", weights, probs)
 
 
 def sample_batches(key, owners, student, steps: int, batch_size: int):

@@ -35,7 +35,8 @@ class NoiseDistillation(NamedTuple):
     distill_steps: D optimiser steps per student; distill_batch: B_d; distill_lr: Adam learning rate.
     distill_lr_decay: the step size of round r is multiplied by decay**r.
     distill_rounds: distil only in the first R_d rounds (0 = every round).
-    teacher_weighting: none | class_count (uploads label histograms) | confidence.
+    teacher_weighting: none | class_count (teachers weighted by how much of the sample's target class they
+      have seen; uploads label histograms) | confidence.
     distill_target: clients (each uploaded model, the paper) | global (the average, FedDF style).
     student_train_mode: students with dropout (default eval mode).
     temperature: T.
@@ -123,7 +124,7 @@ def cross_distill(space: noise.NoiseSpace, teachers, counts, pool, labels, ids, 
 
   if settings.distill_target == "global":
     average = algorithm.weighted_average(teachers, counts)
-    targets = distillation.soft_targets(probs, owners, -1, settings.teacher_weighting, histograms)
+    targets = distillation.soft_targets(probs, owners, -1, settings.teacher_weighting, histograms, flat_labels)
     ones = jnp.ones(owners.shape[0])
     batch_key, train_key = jax.random.split(key)
     new = run(average, targets, batches(batch_key, -1), train_key)
@@ -132,7 +133,7 @@ def cross_distill(space: noise.NoiseSpace, teachers, counts, pool, labels, ids, 
     target_accuracy = jnp.mean(jnp.argmax(targets, -1) == flat_labels)
   else:
     def student(j, params, cid):
-      targets = distillation.soft_targets(probs, owners, j, settings.teacher_weighting, histograms)
+      targets = distillation.soft_targets(probs, owners, j, settings.teacher_weighting, histograms, flat_labels)
       batch_key, train_key = jax.random.split(jax.random.fold_in(key, cid))
       new = run(params, targets, batches(batch_key, j), train_key)
       valid = (owners != j).astype(jnp.float32)

@@ -134,9 +134,10 @@ def test_soft_targets_by_hand():
   owners = jnp.array([0])
   np.testing.assert_allclose(distillation.soft_targets(probs, owners, 2, "none"), [[0.8, 0.2]])
   hist = jnp.array([[10, 10], [0, 30]])  # class 0: only teacher 0; class 1: shares 10/40 and 30/40
-  mix = np.array([0.8, 0.25 * 0.2 + 0.75 * 0.7])
-  np.testing.assert_allclose(distillation.soft_targets(probs, owners, -1, "class_count", hist),
-                             [mix / mix.sum()], rtol=1e-6)
+  for label, expected in ((0, [0.8, 0.2]), (1, [0.25 * 0.8 + 0.75 * 0.3, 0.25 * 0.2 + 0.75 * 0.7])):
+    np.testing.assert_allclose(
+        distillation.soft_targets(probs, owners, -1, "class_count", hist, jnp.array([label])), [expected],
+        rtol=1e-6)
   conf = np.array([0.8, 0.7])
   expected = (conf[0] * np.array([0.8, 0.2]) + conf[1] * np.array([0.3, 0.7])) / conf.sum()
   np.testing.assert_allclose(distillation.soft_targets(probs, owners, -1, "confidence"), [expected], rtol=1e-6)
