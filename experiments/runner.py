@@ -197,9 +197,13 @@ def _save_partition(workdir: str, exp: Experiment) -> None:
                       histograms=exp.partition.histograms)
 
 
+def rounds_to_target(records: list[dict], target: float) -> int | None:
+  """The first evaluated round whose test accuracy is at or above `target` (None if none is)."""
+  return next((r["round"] for r in records if r["test_accuracy"] >= target), None)
+
+
 def _summary(c, records: list[dict], wall_s: float) -> dict:
   accs = [r["test_accuracy"] for r in records]
-  reached = [r["round"] for r in records if r["test_accuracy"] >= c.target_accuracy]
   timed = [r for r in records if r["round"] > 1] or records  # Round 1 includes compilation.
   val = ({"final_val_accuracy": records[-1]["val_accuracy"],
           "last5_mean_val_accuracy": float(np.mean([r["val_accuracy"] for r in records[-5:]]))}
@@ -209,7 +213,7 @@ def _summary(c, records: list[dict], wall_s: float) -> dict:
       "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed,
       "rounds": records[-1]["round"], "final_accuracy": accs[-1], "best_accuracy": max(accs),
       "last5_mean_accuracy": float(np.mean(accs[-5:])), "target_accuracy": c.target_accuracy,
-      "rounds_to_target": reached[0] if reached else None,
+      "rounds_to_target": rounds_to_target(records, c.target_accuracy),
       "mean_client_time_s": float(np.mean([r["client_time_s"] for r in timed])),
       "mean_server_time_s": float(np.mean([r["server_time_s"] for r in timed])),
       "total_wall_s": wall_s,

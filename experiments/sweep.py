@@ -8,6 +8,9 @@ Cell `DIR/<algorithm>/alpha=<α>/seed=<s>/` is skipped when its summary.json exi
 sweep resumes where it stopped. A `--variant=NAME:field=value:...` is an extra "algorithm" NAME: the
 config with those fields set. Writes DIR/results.csv (one row per cell), DIR/results.md (mean ± std over
 seeds, numpy's population std), DIR/accuracy_vs_round_alpha=<α>.png and DIR/final_accuracy_vs_alpha.png.
+Rounds to target are recomputed from each cell's metrics.jsonl at the sweep's `target_accuracy`, so a finished
+sweep can be tabled again at another target (`--config.target_accuracy=0.7`) without running anything; with
+fedavg in the sweep, results.md also gives every algorithm's rounds to target as a ratio to FedAvg's.
 """
 
 import csv
@@ -130,6 +133,26 @@ def markdown(table: list[dict], target: float) -> str:
   return "\n".join(lines)
 
 
+def rounds_ratio_markdown(table: list[dict], target: float) -> str:
+  """Mean rounds to target of each algorithm divided by FedAvg's at the same α ("" without fedavg cells).
+
+  A ratio below 1 means fewer rounds (less communication) than FedAvg; only seeds that reached the target
+  count, so the `reached` columns say how many did.
+  """
+  base = {e["alpha"]: e for e in table if e["algorithm"] == "fedavg"}
+  lines = [f"\nRounds to {target:g} test accuracy relative to FedAvg (mean over the seeds that reached it):\n",
+           "| algorithm | α | rounds / FedAvg's | reached | FedAvg reached |", "|---|---|---|---|---|"]
+  for e in table:
+    ref = base.get(e["alpha"])
+    if ref is None or e["algorithm"] == "fedavg":
+      continue
+    ratio = (f"{e['rounds_to_target'][0] / ref['rounds_to_target'][0]:.2f}"
+             if e["rounds_to_target"] and ref["rounds_to_target"] else "–")
+    lines.append(f"| {e['algorithm']} | {e['alpha']:g} | {ratio} | {e['reached']}/{e['seeds']} | "
+                 f"{ref['reached']}/{ref['seeds']} |")
+  return "\n".join(lines) + "\n" if len(lines) > 3 else ""
+
+
 def plot(workdir, algorithms, alphas, seeds, table) -> list[str]:
   """accuracy-vs-round per α (mean over seeds, ±std band) and final accuracy vs α; returns the paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -191,6 +214,7 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
   rows = []
   for cell in cells:
     s = _read_summary(cell_dir(workdir, *cell))
+    s["rounds_to_target"] = runner.rounds_to_target(_read_metrics(cell_dir(workdir, *cell)), base.target_accuracy)
     rows.append({"algorithm": cell[0], "alpha": cell[1], "seed": cell[2], **{k: s[k] for k in COLUMNS[3:]}})
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -199,7 +223,8 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
   table = aggregate(rows, algorithms, alphas)
   text = (f"Sweep of {base.dataset}, {partition or base.partition} partition, {base.num_clients} clients "
           f"({base.clients_per_round} per round), {base.rounds} rounds; accuracies in %, mean ± std over "
-          f"seeds {', '.join(map(str, seeds))}.\n\n" + markdown(table, base.target_accuracy) + "\n")
+          f"seeds {', '.join(map(str, seeds))}.\n\n" + markdown(table, base.target_accuracy) + "\n"
+          + rounds_ratio_markdown(table, base.target_accuracy))
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
   plot(workdir, algorithms, alphas, seeds, table)

@@ -80,18 +80,22 @@ def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean,
   """
 
   def step(carry, inputs):
-    params, opt_state = carry
     idx_s, mask_s, key_s = inputs
-    x, y = normalize(x_all[idx_s], mean, std), y_all[idx_s]
 
-    def objective(p):
-      return losses.masked_mean(loss_fn(p, x, y, key_s, context), mask_s)
+    def train(carry):
+      params, opt_state = carry
+      x, y = normalize(x_all[idx_s], mean, std), y_all[idx_s]
 
-    loss, grads = jax.value_and_grad(objective)(params)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new = (optax.apply_updates(params, updates), new_opt_state)
-    active = jnp.any(mask_s)
-    carry = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (params, opt_state))
+      def objective(p):
+        return losses.masked_mean(loss_fn(p, x, y, key_s, context), mask_s)
+
+      loss, grads = jax.value_and_grad(objective)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss.astype(jnp.float32)
+
+    # A fully masked step (a client smaller than the largest one) is skipped: on an unbatched client
+    # (the `loop` map) `cond` runs no gradient at all; under vmap it lowers to a select of both branches.
+    carry, loss = jax.lax.cond(jnp.any(mask_s), train, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
     valid = jnp.sum(mask_s)
     return carry, (loss * valid, valid)
 

@@ -44,6 +44,31 @@ def test_table_matches_numpy_over_summaries(tmp_path):
     assert [float(r["final_accuracy"]) for r in csv.DictReader(f)] == finals
 
 
+def _first_round_at(path, target):
+  with open(path / "metrics.jsonl") as f:
+    accs = np.array([json.loads(line)["test_accuracy"] for line in f])
+  return int(np.argmax(accs >= target)) + 1  # rounds are numbered from 1 and evaluated every round
+
+
+def test_rounds_to_target_are_recomputed_and_compared_with_fedavg(tmp_path, monkeypatch):
+  base = tiny.get_config()
+  base.rounds = 3
+  sweep.sweep(base, str(tmp_path), ["fedavg", "fedprox"], [0.5], [0])
+  cells = {alg: tmp_path / alg / "alpha=0.5" / "seed=0" for alg in ("fedavg", "fedprox")}
+  finals = {}
+  for alg, path in cells.items():
+    with open(path / "summary.json") as f:
+      finals[alg] = json.load(f)["final_accuracy"]
+  base.target_accuracy = min(finals.values())  # every cell reaches it, at a round the metrics decide
+  monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+  rows = sweep.sweep(base, str(tmp_path), ["fedavg", "fedprox"], [0.5], [0])
+  expected = {alg: _first_round_at(path, base.target_accuracy) for alg, path in cells.items()}
+  assert {r["algorithm"]: r["rounds_to_target"] for r in rows} == expected
+  text = (tmp_path / "results.md").read_text()
+  ratio_row = [line for line in text.splitlines() if line.startswith("| fedprox | 0.5 | ")][-1]
+  assert ratio_row.split(" | ")[2] == f"{expected['fedprox'] / expected['fedavg']:.2f}"
+
+
 @pytest.mark.parametrize("spec", ["noalg", "x:algorithm=fedsnd:nosuchfield=1",
                                   "x:algorithm=fedsnd:noise_projection=maybe"])
 def test_bad_variants(spec):

@@ -25,4 +25,5 @@ def get_config():
   c.noise_steps = 50
   c.distill_steps = 10
   c.checkpoint_every = 0
+  c.target_accuracy = 0.7  # FedAvg ends near 73 % at α = 0.1 on this protocol: 80 % is never reached there
   return c
