@@ -153,6 +153,34 @@ def rounds_ratio_markdown(table: list[dict], target: float) -> str:
   return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 
+DIAGNOSTICS = (("teacher_ce", "teacher CE on own noise", "{:.2f}"),
+               ("teacher_agreement", "teacher agreement", "{:.1%}"),
+               ("soft_target_accuracy", "soft target = label", "{:.1%}"),
+               ("kl_before", "KL before", "{:.2f}"), ("kl_after", "KL after", "{:.2f}"),
+               ("noise_norm", "noise norm", "{:.1f}"), ("data_norm", "data norm", "{:.1f}"),
+               ("test_accuracy", "acc", "{:.2%}"),
+               ("test_accuracy_no_distill", "acc without distillation", "{:.2%}"))
+
+
+def diagnostics_markdown(workdir, algorithms, alphas, seeds) -> str:
+  """Server-distillation diagnostics of the last round, mean over seeds ("" when no cell distils).
+
+  "acc without distillation" is the same round's aggregate of the undistilled uploads, so its gap to
+  "acc" is what that round's distillation did.
+  """
+  lines = ["\nServer diagnostics in the last round (mean over seeds):\n",
+           "| algorithm | α | " + " | ".join(label for _, label, _ in DIAGNOSTICS) + " |",
+           "|---|---|" + "---|" * len(DIAGNOSTICS)]
+  for alg in algorithms:
+    for alpha in alphas:
+      last = [_read_metrics(cell_dir(workdir, alg, alpha, s))[-1] for s in seeds]
+      if "kl_before" not in last[0]:
+        continue
+      values = [fmt.format(np.mean([r[k] for r in last])) for k, _, fmt in DIAGNOSTICS]
+      lines.append(f"| {alg} | {alpha:g} | " + " | ".join(values).replace("%", " %") + " |")
+  return "\n".join(lines) + "\n" if len(lines) > 3 else ""
+
+
 def plot(workdir, algorithms, alphas, seeds, table) -> list[str]:
   """accuracy-vs-round per α (mean over seeds, ±std band) and final accuracy vs α; returns the paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -224,7 +252,8 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
   text = (f"Sweep of {base.dataset}, {partition or base.partition} partition, {base.num_clients} clients "
           f"({base.clients_per_round} per round), {base.rounds} rounds; accuracies in %, mean ± std over "
           f"seeds {', '.join(map(str, seeds))}.\n\n" + markdown(table, base.target_accuracy) + "\n"
-          + rounds_ratio_markdown(table, base.target_accuracy))
+          + rounds_ratio_markdown(table, base.target_accuracy)
+          + diagnostics_markdown(workdir, algorithms, alphas, seeds))
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
   plot(workdir, algorithms, alphas, seeds, table)

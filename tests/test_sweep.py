@@ -50,23 +50,31 @@ def _first_round_at(path, target):
   return int(np.argmax(accs >= target)) + 1  # rounds are numbered from 1 and evaluated every round
 
 
-def test_rounds_to_target_are_recomputed_and_compared_with_fedavg(tmp_path, monkeypatch):
+def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
   base = tiny.get_config()
   base.rounds = 3
-  sweep.sweep(base, str(tmp_path), ["fedavg", "fedprox"], [0.5], [0])
-  cells = {alg: tmp_path / alg / "alpha=0.5" / "seed=0" for alg in ("fedavg", "fedprox")}
+  sweep.sweep(base, str(tmp_path), ["fedavg", "fednd"], [0.5], [0])
+  cells = {alg: tmp_path / alg / "alpha=0.5" / "seed=0" for alg in ("fedavg", "fednd")}
   finals = {}
   for alg, path in cells.items():
     with open(path / "summary.json") as f:
       finals[alg] = json.load(f)["final_accuracy"]
   base.target_accuracy = min(finals.values())  # every cell reaches it, at a round the metrics decide
   monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
-  rows = sweep.sweep(base, str(tmp_path), ["fedavg", "fedprox"], [0.5], [0])
+  rows = sweep.sweep(base, str(tmp_path), ["fedavg", "fednd"], [0.5], [0])
   expected = {alg: _first_round_at(path, base.target_accuracy) for alg, path in cells.items()}
   assert {r["algorithm"]: r["rounds_to_target"] for r in rows} == expected
   text = (tmp_path / "results.md").read_text()
-  ratio_row = [line for line in text.splitlines() if line.startswith("| fedprox | 0.5 | ")][-1]
-  assert ratio_row.split(" | ")[2] == f"{expected['fedprox'] / expected['fedavg']:.2f}"
+  ratios = text.split("relative to FedAvg")[1].split("Server diagnostics")[0].splitlines()
+  ratio_row = [line for line in ratios if line.startswith("| fednd | 0.5 | ")][0]
+  assert ratio_row.split(" | ")[2] == f"{expected['fednd'] / expected['fedavg']:.2f}"
+  diagnostics = text.split("Server diagnostics")[1].splitlines()
+  assert not [line for line in diagnostics if line.startswith("| fedavg")]  # FedAvg does not distil
+  with open(cells["fednd"] / "metrics.jsonl") as f:
+    last = [json.loads(line) for line in f][-1]
+  row = [line for line in diagnostics if line.startswith("| fednd | 0.5 |")][0].split(" | ")
+  assert row[3] == f"{last['teacher_agreement']:.1%}".replace("%", " %")
+  assert row[5] == f"{last['kl_before']:.2f}"
 
 
 @pytest.mark.parametrize("spec", ["noalg", "x:algorithm=fedsnd:nosuchfield=1",
