@@ -10,17 +10,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/dev
 python -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/device.txt" 2>&1
 
 # Issue 6: client-phase throughput of every strategy and FedSND's round time.
-timeout "${THROUGHPUT_S:-210}" python -m benchmarks.throughput --models=mlp,cnn2 --clients=10,100,1000 \
+timeout "${THROUGHPUT_S:-210}" python -m benchmarks.throughput --models=cnn2,mlp --clients=10,100,1000 \
   --strategies=vmap,chunked,loop > "$OUT/throughput.md" 2> "$OUT/throughput.err"
 
 # Issues 4/5: full Fashion-MNIST, 10 clients all participating, α = 0.1 then 0.5; validation split kept.
 for alpha in ${ALPHAS:-0.1 0.5}; do
   timeout "${SWEEP_S:-170}" python -m experiments.sweep --config=benchmarks/configs/fmnist_gpu.py \
     --config.dataset=idx:.gpu_data/fashion-mnist --alphas=$alpha --seeds=0 \
-    --algorithms=${ALGORITHMS:-fedavg,fedsd,fednd,fedsnd,fedsnd_pc,fedavg_bn,fedsnd_bn} \
-    --variant=fedsnd_pc:algorithm=fedsnd:noise_projection=True:teacher_weighting=class_count \
-    --variant=fedavg_bn:algorithm=fedavg:batch_norm=True \
-    --variant=fedsnd_bn:algorithm=fedsnd:batch_norm=True:bn_prior=0.1:teacher_weighting=class_count \
+    --algorithms=${ALGORITHMS:-fedavg,fedsd,fednd,fedsnd,fedsnd_cw_first3} \
+    --variant=fedsnd_cw_first3:algorithm=fedsnd:teacher_weighting=class_count:distill_rounds=3 \
     --workdir="$OUT/fmnist_full" > "$OUT/sweep_alpha_$alpha.log" 2>&1
 done
 find "$OUT/fmnist_full" -name checkpoints -type d -prune -exec rm -rf {} +
