@@ -8,9 +8,8 @@ set -eu
 BEST="--variant=fedsnd_cw_first3:algorithm=fedsnd:teacher_weighting=class_count:distill_rounds=3"
 ALGORITHMS=fedavg,fedsd,fednd,fedsnd,fedsnd_cw_first3
 # NIID-Bench protocol: 10 clients, all participating (4,500 training examples, 12 rounds).
-python -m experiments.sweep --config=benchmarks/configs/fmnist_cpu.py --config.client_lr=0.03 \
-  --config.local_epochs=2 "$BEST" --algorithms=$ALGORITHMS --alphas=0.1,0.5 --seeds=0,1,2 \
-  --workdir=runs/fmnist_cpu_grid
+python -m experiments.sweep --config=benchmarks/configs/fmnist_cpu.py "$BEST" --algorithms=$ALGORITHMS \
+  --alphas=0.1,0.5 --seeds=0,1,2 --workdir=runs/fmnist_cpu_grid
 # Cross-device: 100 clients, 10 per round (9,000 training examples, 20 rounds).
 python -m experiments.sweep --config=benchmarks/configs/fmnist_cpu_xdevice.py "$BEST" --algorithms=$ALGORITHMS \
   --alphas=0.1,0.5 --seeds=0,1,2 --workdir=runs/fmnist_xdevice
