@@ -14,7 +14,7 @@ by the last-5-round mean of validation accuracy; full table in benchmarks/RESULT
   (`teacher_weighting=class_count`, `distill_rounds=3`): 73.52 %, against 72.64 % for FedSND at the library
   defaults, 73.60 % for FedSD (client side only) and 71.64 % for FedND (server side only). Noise projection,
   distilling into the global model and the BatchNorm-statistics prior all ranked lower.
-""""""
+"""
 
 from experiments.configs import fmnist
 

@@ -6,7 +6,7 @@ protocol's (`fmnist_cpu.py`: 2 local epochs of batch 32 at lr 0.03, chosen for F
 `benchmarks.fedsnd_tuning`), not re-tuned here. FedSND's server budget is that protocol's too: 32
 pseudo-samples per uploaded model, 50 synthesis steps, 10 distillation steps, so its server cost per round
 is the same in both settings.
-""""""
+"""
 
 from benchmarks.configs import fmnist_cpu
 
