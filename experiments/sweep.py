@@ -8,6 +8,7 @@ Cell `DIR/<algorithm>/alpha=<α>/seed=<s>/` is skipped when its summary.json exi
 sweep resumes where it stopped. A `--variant=NAME:field=value:...` is an extra "algorithm" NAME: the
 config with those fields set. Writes DIR/results.csv (one row per cell), DIR/results.md (mean ± std over
 seeds, numpy's population std), DIR/accuracy_vs_round_alpha=<α>.png and DIR/final_accuracy_vs_alpha.png.
+`--table_only` runs nothing and tables the finished cells (listing the missing ones).
 Rounds to target are recomputed from each cell's metrics.jsonl at the sweep's `target_accuracy`, so a finished
 sweep can be tabled again at another target (`--config.target_accuracy=0.7`) without running anything; with
 fedavg in the sweep, results.md also gives every algorithm's rounds to target as a ratio to FedAvg's.
@@ -33,6 +34,7 @@ _ALPHAS = flags.DEFINE_list("alphas", ["0.1", "0.5"], "Dirichlet α values.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _PARTITION = flags.DEFINE_string("partition", None, "Partition convention (default: the config's).")
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME:field=value:field=value — a named config variant.")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Run nothing; table and plot the finished cells.")
 
 COLUMNS = ("algorithm", "alpha", "seed", "final_accuracy", "best_accuracy", "last5_mean_accuracy",
            "rounds_to_target", "mean_client_time_s", "mean_server_time_s", "total_wall_s")
@@ -162,7 +164,7 @@ DIAGNOSTICS = (("teacher_ce", "teacher CE on own noise", "{:.2f}"),
                ("test_accuracy_no_distill", "acc without distillation", "{:.2%}"))
 
 
-def diagnostics_markdown(workdir, algorithms, alphas, seeds) -> str:
+def diagnostics_markdown(workdir, algorithms, alphas, cells) -> str:
   """Server-distillation diagnostics of the last round, mean over seeds ("" when no cell distils).
 
   "acc without distillation" is the same round's aggregate of the undistilled uploads, so its gap to
@@ -173,15 +175,15 @@ def diagnostics_markdown(workdir, algorithms, alphas, seeds) -> str:
            "|---|---|" + "---|" * len(DIAGNOSTICS)]
   for alg in algorithms:
     for alpha in alphas:
-      last = [_read_metrics(cell_dir(workdir, alg, alpha, s))[-1] for s in seeds]
-      if "kl_before" not in last[0]:
+      last = [_read_metrics(cell_dir(workdir, *c))[-1] for c in cells if c[:2] == (alg, alpha)]
+      if not last or "kl_before" not in last[0]:
         continue
       values = [fmt.format(np.mean([r[k] for r in last])) for k, _, fmt in DIAGNOSTICS]
       lines.append(f"| {alg} | {alpha:g} | " + " | ".join(values).replace("%", " %") + " |")
   return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 
-def plot(workdir, algorithms, alphas, seeds, table) -> list[str]:
+def plot(workdir, algorithms, alphas, cells, table) -> list[str]:
   """accuracy-vs-round per α (mean over seeds, ±std band) and final accuracy vs α; returns the paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
@@ -192,7 +194,9 @@ def plot(workdir, algorithms, alphas, seeds, table) -> list[str]:
   for alpha in alphas:
     fig, ax = plt.subplots(figsize=(6, 4))
     for alg in algorithms:
-      runs = [_read_metrics(cell_dir(workdir, alg, alpha, s)) for s in seeds]
+      runs = [_read_metrics(cell_dir(workdir, *c)) for c in cells if c[:2] == (alg, alpha)]
+      if not runs:
+        continue
       rounds = [r["round"] for r in runs[0]]
       acc = np.array([[r["test_accuracy"] for r in run] for run in runs])
       mean, std = acc.mean(0), acc.std(0)
@@ -200,7 +204,7 @@ def plot(workdir, algorithms, alphas, seeds, table) -> list[str]:
       ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"α = {alpha:g} ({len(seeds)} seeds, mean ± std)")
+    ax.set_title(f"α = {alpha:g} (mean ± std over seeds)")
     ax.legend()
     fig.tight_layout()
     paths.append(os.path.join(workdir, f"accuracy_vs_round_alpha={alpha:g}.png"))
@@ -223,8 +227,12 @@ def plot(workdir, algorithms, alphas, seeds, table) -> list[str]:
   return paths
 
 
-def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partition=None) -> list[dict]:
-  """Runs every missing cell, then writes results.csv, results.md and the plots; returns the CSV rows."""
+def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partition=None,
+          table_only=False) -> list[dict]:
+  """Runs every missing cell, then writes results.csv, results.md and the plots; returns the CSV rows.
+
+  With `table_only`, nothing runs: the outputs cover the finished cells and the missing ones are listed.
+  """
   variants = variants or {}
   cells = [(a, al, s) for al in alphas for a in algorithms for s in seeds]
   configs = {cell: cell_config(base, *cell, variants, partition) for cell in cells}
@@ -232,6 +240,11 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
     runner.validate_config(c)
   todo = [cell for cell in cells if not os.path.exists(os.path.join(cell_dir(workdir, *cell), "summary.json"))]
   print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done", flush=True)
+  if table_only:
+    if todo:
+      print("sweep: tabling finished cells only; missing: "
+            + ", ".join(f"{a} α={al:g} seed={s}" for a, al, s in todo), flush=True)
+    cells, todo = [c for c in cells if c not in todo], []
   start = time.perf_counter()
   for done, cell in enumerate(todo, 1):
     summary = runner.run(configs[cell], cell_dir(workdir, *cell))
@@ -253,10 +266,10 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
           f"({base.clients_per_round} per round), {base.rounds} rounds; accuracies in %, mean ± std over "
           f"seeds {', '.join(map(str, seeds))}.\n\n" + markdown(table, base.target_accuracy) + "\n"
           + rounds_ratio_markdown(table, base.target_accuracy)
-          + diagnostics_markdown(workdir, algorithms, alphas, seeds))
+          + diagnostics_markdown(workdir, algorithms, alphas, cells))
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
-  plot(workdir, algorithms, alphas, seeds, table)
+  plot(workdir, algorithms, alphas, cells, table)
   print(text, flush=True)
   return rows
 
@@ -275,7 +288,7 @@ def main(argv):
     sys.exit(2)
   try:
     sweep(_CONFIG.value, _WORKDIR.value, _ALGORITHMS.value, alphas, seeds,
-          parse_variants(_VARIANTS.value, _CONFIG.value), _PARTITION.value)
+          parse_variants(_VARIANTS.value, _CONFIG.value), _PARTITION.value, _TABLE_ONLY.value)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -26,6 +26,9 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
   monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a))
   sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0], [0], variants)
   assert calls == []  # every cell was already finished
+  rows = sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0, 2.0], [0], variants, table_only=True)
+  assert calls == [] and len(rows) == 4  # α = 2 has no finished cell: listed as missing, not run
+  assert not (tmp_path / "fedavg" / "alpha=2").exists()
 
 
 def test_table_matches_numpy_over_summaries(tmp_path):
