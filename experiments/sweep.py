@@ -165,21 +165,24 @@ DIAGNOSTICS = (("teacher_ce", "teacher CE on own noise", "{:.2f}"),
 
 
 def diagnostics_markdown(workdir, algorithms, alphas, cells) -> str:
-  """Server-distillation diagnostics of the last round, mean over seeds ("" when no cell distils).
+  """Server-distillation diagnostics of the last round that distilled, mean over seeds ("" when none did).
 
   "acc without distillation" is the same round's aggregate of the undistilled uploads, so its gap to
   "acc" is what that round's distillation did.
   """
-  lines = ["\nServer diagnostics in the last round (mean over seeds):\n",
-           "| algorithm | α | " + " | ".join(label for _, label, _ in DIAGNOSTICS) + " |",
-           "|---|---|" + "---|" * len(DIAGNOSTICS)]
+  lines = ["\nServer diagnostics in the last round that distilled (mean over seeds):\n",
+           "| algorithm | α | round | " + " | ".join(label for _, label, _ in DIAGNOSTICS) + " |",
+           "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
   for alg in algorithms:
     for alpha in alphas:
-      last = [_read_metrics(cell_dir(workdir, *c))[-1] for c in cells if c[:2] == (alg, alpha)]
-      if not last or "kl_before" not in last[0]:
+      last = [[r for r in _read_metrics(cell_dir(workdir, *c)) if "kl_before" in r][-1:]
+              for c in cells if c[:2] == (alg, alpha)]
+      last = [records[0] for records in last if records]
+      if not last:
         continue
       values = [fmt.format(np.mean([r[k] for r in last])) for k, _, fmt in DIAGNOSTICS]
-      lines.append(f"| {alg} | {alpha:g} | " + " | ".join(values).replace("%", " %") + " |")
+      rounds = "/".join(sorted({str(r["round"]) for r in last}))
+      lines.append(f"| {alg} | {alpha:g} | {rounds} | " + " | ".join(values).replace("%", " %") + " |")
   return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 

@@ -76,8 +76,9 @@ def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
   with open(cells["fednd"] / "metrics.jsonl") as f:
     last = [json.loads(line) for line in f][-1]
   row = [line for line in diagnostics if line.startswith("| fednd | 0.5 |")][0].split(" | ")
-  assert row[3] == f"{last['teacher_agreement']:.1%}".replace("%", " %")
-  assert row[5] == f"{last['kl_before']:.2f}"
+  assert row[2] == str(last["round"])
+  assert row[4] == f"{last['teacher_agreement']:.1%}".replace("%", " %")
+  assert row[6] == f"{last['kl_before']:.2f}"
 
 
 @pytest.mark.parametrize("spec", ["noalg", "x:algorithm=fedsnd:nosuchfield=1",
