@@ -164,20 +164,20 @@ DIAGNOSTICS = (("teacher_ce", "teacher CE on own noise", "{:.2f}"),
                ("test_accuracy_no_distill", "acc without distillation", "{:.2%}"))
 
 
-def diagnostics_markdown(workdir, algorithms, alphas, cells) -> str:
+def diagnostics_markdown(algorithms, alphas, metrics: dict) -> str:
   """Server-distillation diagnostics of the last round that distilled, mean over seeds ("" when none did).
 
   "acc without distillation" is the same round's aggregate of the undistilled uploads, so its gap to
-  "acc" is what that round's distillation did.
+  "acc" is what that round's distillation did. `metrics` maps each finished cell to its metrics records.
   """
   lines = ["\nServer diagnostics in the last round that distilled (mean over seeds):\n",
            "| algorithm | α | round | " + " | ".join(label for _, label, _ in DIAGNOSTICS) + " |",
            "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
   for alg in algorithms:
     for alpha in alphas:
-      last = [[r for r in _read_metrics(cell_dir(workdir, *c)) if "kl_before" in r][-1:]
-              for c in cells if c[:2] == (alg, alpha)]
-      last = [records[0] for records in last if records]
+      last = [next((r for r in reversed(records) if "kl_before" in r), None)
+              for c, records in metrics.items() if c[:2] == (alg, alpha)]
+      last = [r for r in last if r is not None]
       if not last:
         continue
       values = [fmt.format(np.mean([r[k] for r in last])) for k, _, fmt in DIAGNOSTICS]
@@ -186,8 +186,11 @@ def diagnostics_markdown(workdir, algorithms, alphas, cells) -> str:
   return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 
-def plot(workdir, algorithms, alphas, cells, table) -> list[str]:
-  """accuracy-vs-round per α (mean over seeds, ±std band) and final accuracy vs α; returns the paths."""
+def plot(workdir, algorithms, alphas, metrics: dict, table) -> list[str]:
+  """accuracy-vs-round per α (mean over seeds, ±std band) and final accuracy vs α; returns the paths.
+
+  `metrics` maps each finished cell to its metrics records.
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -197,7 +200,7 @@ def plot(workdir, algorithms, alphas, cells, table) -> list[str]:
   for alpha in alphas:
     fig, ax = plt.subplots(figsize=(6, 4))
     for alg in algorithms:
-      runs = [_read_metrics(cell_dir(workdir, *c)) for c in cells if c[:2] == (alg, alpha)]
+      runs = [records for c, records in metrics.items() if c[:2] == (alg, alpha)]
       if not runs:
         continue
       rounds = [r["round"] for r in runs[0]]
@@ -255,10 +258,11 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
     print(f"[sweep {done}/{len(todo)}] {cell[0]} α={cell[1]:g} seed={cell[2]}: final "
           f"{summary['final_accuracy']:.4f} | ETA {runner.format_eta(per_cell * (len(todo) - done))}",
           flush=True)
+  metrics = {cell: _read_metrics(cell_dir(workdir, *cell)) for cell in cells}
   rows = []
   for cell in cells:
     s = _read_summary(cell_dir(workdir, *cell))
-    s["rounds_to_target"] = runner.rounds_to_target(_read_metrics(cell_dir(workdir, *cell)), base.target_accuracy)
+    s["rounds_to_target"] = runner.rounds_to_target(metrics[cell], base.target_accuracy)
     rows.append({"algorithm": cell[0], "alpha": cell[1], "seed": cell[2], **{k: s[k] for k in COLUMNS[3:]}})
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -269,10 +273,10 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
           f"({base.clients_per_round} per round), {base.rounds} rounds; accuracies in %, mean ± std over "
           f"seeds {', '.join(map(str, seeds))}.\n\n" + markdown(table, base.target_accuracy) + "\n"
           + rounds_ratio_markdown(table, base.target_accuracy)
-          + diagnostics_markdown(workdir, algorithms, alphas, cells))
+          + diagnostics_markdown(algorithms, alphas, metrics))
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
-  plot(workdir, algorithms, alphas, cells, table)
+  plot(workdir, algorithms, alphas, metrics, table)
   print(text, flush=True)
   return rows
 
