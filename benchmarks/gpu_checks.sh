@@ -1,27 +1,39 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for the lent GPU machine (run from the repository root; outputs in $OUT).
 # That machine has jax/flax/optax/orbax but no ml_collections (carried in .gpu_vendor/) and no network
-# (Fashion-MNIST carried in .gpu_data/). Sections are time-boxed so that each returns what it finished.
+# (Fashion-MNIST carried in .gpu_data/). Sections are time-boxed so that each returns what it finished;
+# a section whose budget is 0 is skipped. Throughput rows are written as each clients-per-round value finishes.
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD:$PWD/.gpu_vendor"
+export PYTHONPATH="$PWD:$PWD/.gpu_vendor" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
 python -c "import jax; print(jax.__version__, jax.devices())" >> "$OUT/device.txt" 2>&1
 
-# Issue 6: client-phase throughput of every strategy and FedSND's round time.
-timeout "${THROUGHPUT_S:-210}" python -m benchmarks.throughput --models=cnn2,mlp --clients=10,100,1000 \
-  --strategies=vmap,chunked,loop > "$OUT/throughput.md" 2> "$OUT/throughput.err"
+throughput() {  # budget_s output_name flags...
+  local budget=$1 name=$2
+  shift 2
+  [ "$budget" -gt 0 ] && timeout "$budget" python -m benchmarks.throughput "$@" > "$OUT/$name.md" 2> "$OUT/$name.err"
+}
+# Issue 6: client-phase throughput of every strategy (the CNN with the GPU default convolution first, then
+# FedSND's round time), the CNN with the im2col convolution, then the MLP.
+throughput "${CNN_S:-240}" throughput_cnn2 --models=cnn2 --clients=10,100,1000 --strategies=vmap,chunked,loop
+throughput "${IM2COL_S:-90}" throughput_cnn2_im2col --models=cnn2 --conv_impl=im2col --clients=100,1000 \
+  --strategies=vmap,chunked,loop --round_table=false
+throughput "${MLP_S:-90}" throughput_mlp --models=mlp --clients=10,100,1000 --strategies=vmap,chunked,loop \
+  --round_table=false
 
 # Issues 4/5: full Fashion-MNIST, 10 clients all participating, α = 0.1 then 0.5; validation split kept.
-for alpha in ${ALPHAS:-0.1 0.5}; do
-  timeout "${SWEEP_S:-170}" python -m experiments.sweep --config=benchmarks/configs/fmnist_gpu.py \
-    --config.dataset=idx:.gpu_data/fashion-mnist --alphas=$alpha --seeds=0 \
-    --algorithms=${ALGORITHMS:-fedavg,fedsd,fednd,fedsnd,fedsnd_cw_first3} \
-    --variant=fedsnd_cw_first3:algorithm=fedsnd:teacher_weighting=class_count:distill_rounds=3 \
-    --workdir="$OUT/fmnist_full" > "$OUT/sweep_alpha_$alpha.log" 2>&1
-done
-find "$OUT/fmnist_full" -name checkpoints -type d -prune -exec rm -rf {} +
-find "$OUT/fmnist_full" -name tensorboard -type d -prune -exec rm -rf {} +
-# The device tool returns no file whose name holds "=" (the sweep's cell folders): pack them.
-tar czf "$OUT/fmnist_full.tgz" -C "$OUT" fmnist_full && rm -rf "$OUT/fmnist_full"
+if [ "${SWEEP_S:-170}" -gt 0 ]; then
+  for alpha in ${ALPHAS:-0.1 0.5}; do
+    timeout "${SWEEP_S:-170}" python -m experiments.sweep --config=benchmarks/configs/fmnist_gpu.py \
+      --config.dataset=idx:.gpu_data/fashion-mnist --alphas=$alpha --seeds=0 \
+      --algorithms=${ALGORITHMS:-fedavg,fedsd,fednd,fedsnd,fedsnd_cw_first3} \
+      --variant=fedsnd_cw_first3:algorithm=fedsnd:teacher_weighting=class_count:distill_rounds=3 \
+      --workdir="$OUT/fmnist_full" > "$OUT/sweep_alpha_$alpha.log" 2>&1
+  done
+  find "$OUT/fmnist_full" -name checkpoints -type d -prune -exec rm -rf {} +
+  find "$OUT/fmnist_full" -name tensorboard -type d -prune -exec rm -rf {} +
+  # The device tool returns no file whose name holds "=" (the sweep's cell folders): pack them.
+  tar czf "$OUT/fmnist_full.tgz" -C "$OUT" fmnist_full && rm -rf "$OUT/fmnist_full"
+fi
