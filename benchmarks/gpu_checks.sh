@@ -15,11 +15,12 @@ throughput() {  # budget_s output_name flags...
   shift 2
   [ "$budget" -gt 0 ] && timeout "$budget" python -m benchmarks.throughput "$@" > "$OUT/$name.md" 2> "$OUT/$name.err"
 }
-# Issue 6: client-phase throughput of every strategy (the CNN with the GPU default convolution first, then
-# FedSND's round time), the CNN with the im2col convolution, then the MLP.
-throughput "${CNN_S:-240}" throughput_cnn2 --models=cnn2 --clients=10,100,1000 --strategies=vmap,chunked,loop
-throughput "${IM2COL_S:-90}" throughput_cnn2_im2col --models=cnn2 --conv_impl=im2col --clients=100,1000 \
-  --strategies=vmap,chunked,loop --round_table=false
+# Issue 6: client-phase throughput of every strategy (the CNN with the default convolution, im2col, first, then
+# FedSND's round time), the CNN with XLA's convolution, then the MLP.
+throughput "${CNN_S:-240}" throughput_cnn2 --models=cnn2 --clients=10,100,1000 --strategies=vmap,chunked,loop \
+  --max_loop_clients=100 --max_bound_batch=32000
+throughput "${XLA_CONV_S:-90}" throughput_cnn2_xla --models=cnn2 --conv_impl=xla --clients=100,1000 \
+  --strategies=vmap,chunked,loop --max_loop_clients=100 --round_table=false
 throughput "${MLP_S:-90}" throughput_mlp --models=mlp --clients=10,100,1000 --strategies=vmap,chunked,loop \
   --round_table=false
 

@@ -6,7 +6,9 @@ Synthetic 28×28×1 uint8 data, batch 32 per client, 10 local steps (SGD with mo
 clients-per-round C it times one warm client phase per strategy and checks that the strategies gave the same
 params ("gap": max over leaves of ‖p − p_ref‖ / ‖p_ref‖ against the first strategy run; above 5e-2 stops the
 script). "ceiling" is one centralised jitted train step at the same batch of 32, called repeatedly: what one
-model can do. Prints Markdown tables with the device named, each row as soon as its C is done.
+model can do. "bound" (up to --max_bound_batch) is one model's step at batch C×32: what the device does with
+the whole round's batch when every client shares one set of weights, an upper mark for the vectorised strategies.
+Prints Markdown tables with the device named, each row as soon as its C is done.
 """
 
 import resource
@@ -31,6 +33,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Local steps per client.")
 _MAX_VMAP = flags.DEFINE_integer("max_vmap_clients", 1000, "Skip `vmap` above this many clients.")
 _MAX_LOOP = flags.DEFINE_integer("max_loop_clients", 1000, "Skip `loop` above this many clients.")
 _ROUND_CLIENTS = flags.DEFINE_integer("round_clients", 10, "Clients per round for the FedSND/FedAvg table.")
+_BOUND = flags.DEFINE_integer("max_bound_batch", 4096, "Time one model at batch C×32 up to this batch.")
 _CONV = flags.DEFINE_string("conv_impl", "auto", "auto | xla | im2col.")
 _ROUND_TABLE = flags.DEFINE_bool("round_table", True, "Also time FedSND's round beside FedAvg's.")
 
@@ -64,10 +67,10 @@ def _timed(fn, *args, repeats=1):
   return out, first, (time.perf_counter() - start) / repeats
 
 
-def _ceiling(model, opt):
-  """Examples/s of one jitted train step of one model at batch 32."""
-  x = jax.random.normal(jax.random.key(1), (BATCH, *SHAPE))
-  y = jnp.arange(BATCH) % 10
+def _one_model_rate(model, opt, batch: int) -> float:
+  """Examples/s of one jitted train step of one model at `batch`, called repeatedly (≥ 3 calls and ≥ 1 s)."""
+  x = jax.random.normal(jax.random.key(1), (batch, *SHAPE))
+  y = jnp.arange(batch) % 10
   params = model.init(jax.random.key(0))
 
   @jax.jit
@@ -78,12 +81,15 @@ def _ceiling(model, opt):
 
   state = (params, opt.init(params))
   state = jax.block_until_ready(step(*state, jax.random.key(2)))
-  n = 50
-  start = time.perf_counter()
-  for _ in range(n):
-    state = step(*state, jax.random.key(2))
-  jax.block_until_ready(state)
-  return n * BATCH / (time.perf_counter() - start)
+  calls, start = 0, time.perf_counter()
+  while calls < 3 or time.perf_counter() - start < 1.0:
+    state = jax.block_until_ready(step(*state, jax.random.key(2)))
+    calls += 1
+  return calls * batch / (time.perf_counter() - start)
+
+
+def _ratio(rate: float, reference: float | None) -> str:
+  return f"{rate / reference:.2f}×" if reference else "–"
 
 
 def _relative_gap(a, b) -> float:
@@ -103,7 +109,7 @@ def throughput_rows(model_name: str, conv_impl: str):
   """Yields the table's rows for one model, one clients-per-round value at a time (printed as they come)."""
   model = models.build_model(model_name, SHAPE, 10, conv_impl=conv_impl)
   opt = client.client_optimizer(0.01, 0.9)
-  ceiling = _ceiling(model, opt)
+  ceiling = _one_model_rate(model, opt, BATCH)
   yield f"| {model_name} | – | ceiling (1 model, batch {BATCH}) | {ceiling:,.0f} | – | – | – | – | – |"
   steps = _STEPS.value
   schedule = algorithm.LocalSchedule(BATCH, steps, 1, steps)
@@ -128,10 +134,13 @@ def throughput_rows(model_name: str, conv_impl: str):
     loop_rate = num * steps * BATCH / timings["loop"][1] if "loop" in timings else None
     for strategy, (first, steady, mem) in timings.items():
       rate = num * steps * BATCH / steady
-      vs_loop = f"{rate / loop_rate:.2f}×" if loop_rate else "–"
       yield (f"| {model_name} | {num} | {strategy}{f' ({_CHUNK.value})' if strategy == 'chunked' else ''} | "
-             f"{rate:,.0f} | {vs_loop} | {rate / ceiling:.2f}× | {max(first - steady, 0):.1f} | {mem:,.0f} | "
-             f"{gaps[strategy]:.1e} |")
+             f"{rate:,.0f} | {_ratio(rate, loop_rate)} | {rate / ceiling:.2f}× | {max(first - steady, 0):.1f} | "
+             f"{mem:,.0f} | {gaps[strategy]:.1e} |")
+    if num * BATCH <= _BOUND.value:
+      bound = _one_model_rate(model, opt, num * BATCH)
+      yield (f"| {model_name} | {num} | bound (1 model, batch {num * BATCH}) | {bound:,.0f} | "
+             f"{_ratio(bound, loop_rate)} | {bound / ceiling:.2f}× | – | – | – |")
 
 
 def round_table(conv_impl: str) -> list[str]:

@@ -112,5 +112,5 @@ def test_model_conv_impls_share_params_and_outputs(name, shape):
 
 
 def test_conv_impl_default_per_backend():
-  assert M.default_conv_impl("cpu") == "im2col"
-  assert M.default_conv_impl("gpu") == M.default_conv_impl("tpu") == "xla"
+  assert M.default_conv_impl("cpu") == M.default_conv_impl("gpu") == "im2col"
+  assert M.default_conv_impl("tpu") == "xla"
