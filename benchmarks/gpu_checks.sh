@@ -29,8 +29,7 @@ if [ "${SWEEP_S:-170}" -gt 0 ]; then
   for alpha in ${ALPHAS:-0.1 0.5}; do
     timeout "${SWEEP_S:-170}" python -m experiments.sweep --config=benchmarks/configs/fmnist_gpu.py \
       --config.dataset=idx:.gpu_data/fashion-mnist --alphas=$alpha --seeds=0 \
-      --algorithms=${ALGORITHMS:-fedavg,fedsd,fednd,fedsnd,fedsnd_cw_first3} \
-      --variant=fedsnd_cw_first3:algorithm=fedsnd:teacher_weighting=class_count:distill_rounds=3 \
+      --flagfile=benchmarks/fmnist_algorithms.flags ${ALGORITHMS:+--algorithms=$ALGORITHMS} \
       --workdir="$OUT/fmnist_full" > "$OUT/sweep_alpha_$alpha.log" 2>&1
   done
   find "$OUT/fmnist_full" -name checkpoints -type d -prune -exec rm -rf {} +

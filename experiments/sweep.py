@@ -95,6 +95,11 @@ def _read_metrics(path):
     return [json.loads(line) for line in f]
 
 
+def _seed_runs(metrics: dict, algorithm, alpha) -> list[list[dict]]:
+  """The metrics records of every finished seed of (algorithm, α); `metrics` maps cells to records."""
+  return [records for (alg, al, _), records in metrics.items() if (alg, al) == (algorithm, alpha)]
+
+
 def aggregate(rows: list[dict], algorithms, alphas) -> list[dict]:
   """Per (algorithm, α): mean and population std over seeds of every TABLE_FIELDS value.
 
@@ -176,7 +181,7 @@ def diagnostics_markdown(algorithms, alphas, metrics: dict) -> str:
   for alg in algorithms:
     for alpha in alphas:
       last = [next((r for r in reversed(records) if "kl_before" in r), None)
-              for c, records in metrics.items() if c[:2] == (alg, alpha)]
+              for records in _seed_runs(metrics, alg, alpha)]
       last = [r for r in last if r is not None]
       if not last:
         continue
@@ -200,7 +205,7 @@ def plot(workdir, algorithms, alphas, metrics: dict, table) -> list[str]:
   for alpha in alphas:
     fig, ax = plt.subplots(figsize=(6, 4))
     for alg in algorithms:
-      runs = [records for c, records in metrics.items() if c[:2] == (alg, alpha)]
+      runs = _seed_runs(metrics, alg, alpha)
       if not runs:
         continue
       rounds = [r["round"] for r in runs[0]]
