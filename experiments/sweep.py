@@ -2,12 +2,14 @@ r"""Runs algorithms × α × seeds, one train run per cell, then tables and plot
 
   python -m experiments.sweep --config=experiments/configs/default.py --algorithms=fedavg,fedsnd \
       --alphas=0.1,0.5 --seeds=0,1,2 --workdir=runs/sweep \
-      [--variant=fedsnd_best:algorithm=fedsnd:noise_projection=True] [--config.<field>=<value> ...]
+      [--variant=fedsnd_best:algorithm=fedsnd:fedsnd.noise_projection=True] [--config.<field>=<value> ...]
 
 Cell `DIR/<algorithm>/alpha=<α>/seed=<s>/` is skipped when its summary.json exists, so an interrupted
-sweep resumes where it stopped. A `--variant=NAME:field=value:...` is an extra "algorithm" NAME: the
-config with those fields set. Writes DIR/results.csv (one row per cell), DIR/results.md (mean ± std over
-seeds, numpy's population std), DIR/accuracy_vs_round_alpha=<α>.png and DIR/final_accuracy_vs_alpha.png.
+sweep resumes where it stopped (a cell that diverged is reported and kept as it is). A
+`--variant=NAME:field=value:...` is an extra "algorithm" NAME: the config with those fields set (dotted
+names reach an algorithm's section: `fedsnd.distill_rounds=3`, `moon.mu=5`). Writes DIR/results.csv (one
+row per cell), DIR/results.md (mean ± std over seeds, numpy's population std; test and validation columns),
+DIR/accuracy_vs_round_alpha=<α>.png and DIR/final_accuracy_vs_alpha.png (`experiments/report.py`).
 `--table_only` runs nothing and tables the finished cells (listing the missing ones).
 Rounds to target are recomputed from each cell's metrics.jsonl at the sweep's `target_accuracy`, so a finished
 sweep can be tabled again at another target (`--config.target_accuracy=0.7`) without running anything; with
@@ -15,16 +17,15 @@ fedavg in the sweep, results.md also gives every algorithm's rounds to target as
 """
 
 import csv
-import json
 import os
 import sys
 import time
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import runner
+from experiments import report, runner
+from fedsnd_jax import experiment
 from fedsnd_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Base config.")
@@ -35,13 +36,6 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _PARTITION = flags.DEFINE_string("partition", None, "Partition convention (default: the config's).")
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME:field=value:field=value — a named config variant.")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Run nothing; table and plot the finished cells.")
-
-COLUMNS = ("algorithm", "alpha", "seed", "final_accuracy", "best_accuracy", "last5_mean_accuracy",
-           "rounds_to_target", "mean_client_time_s", "mean_server_time_s", "total_wall_s")
-TABLE_FIELDS = (("final_accuracy", "final acc"), ("last5_mean_accuracy", "last-5 mean"),
-                ("best_accuracy", "best acc"), ("rounds_to_target", "rounds to target"),
-                ("mean_client_time_s", "client s/round"), ("mean_server_time_s", "server s/round"))
-
 
 def _parse_value(template, text: str):
   if isinstance(template, bool):
@@ -54,17 +48,41 @@ def _parse_value(template, text: str):
     raise InputError("variant", f"cannot read {text!r} as {type(template).__name__}") from None
 
 
+def _lookup(c, dotted: str):
+  """The config value at a dotted field name ("alpha", "fedsnd.noise_steps"); KeyError if there is none."""
+  *sections, field = dotted.split(".")
+  for section in sections:
+    c = c[section]
+  if not hasattr(c, "items") or field not in c or hasattr(c[field], "items"):
+    raise KeyError(dotted)
+  return c[field]
+
+
+def _assign(c, dotted: str, value) -> None:
+  *sections, field = dotted.split(".")
+  for section in sections:
+    c = c[section]
+  c[field] = value
+
+
 def parse_variants(specs, base) -> dict[str, dict]:
-  """{"NAME": {field: value}} from "NAME:field=value:..." strings, typed like the base config's fields."""
+  """{"NAME": {field: value}} from "NAME:field=value:..." strings, typed like the base config's fields.
+
+  A field is a top-level name or a dotted one inside an algorithm's section (`fedsnd.distill_rounds`).
+  """
   variants = {}
   for spec in specs:
     name, *assignments = spec.split(":")
     overrides = {}
     for a in assignments:
       field, sep, text = a.partition("=")
-      if not sep or field not in base:
+      try:
+        template = _lookup(base, field) if sep else None
+      except KeyError:
+        template = None
+      if template is None:
         raise InputError("variant", f"{spec!r}: {a!r} is not field=value with a known config field")
-      overrides[field] = _parse_value(base[field], text)
+      overrides[field] = _parse_value(template, text)
     if not name or "algorithm" not in overrides:
       raise InputError("variant", f"{spec!r} needs a name and an algorithm=... field")
     variants[name] = overrides
@@ -74,7 +92,7 @@ def parse_variants(specs, base) -> dict[str, dict]:
 def cell_config(base, algorithm: str, alpha: float, seed: int, variants: dict, partition: str | None):
   c = base.copy_and_resolve_references()
   for field, value in variants.get(algorithm, {"algorithm": algorithm}).items():
-    c[field] = value
+    _assign(c, field, value)
   c.alpha, c.seed = alpha, seed
   if partition:
     c.partition = partition
@@ -83,159 +101,6 @@ def cell_config(base, algorithm: str, alpha: float, seed: int, variants: dict, p
 
 def cell_dir(workdir, algorithm, alpha, seed) -> str:
   return os.path.join(workdir, algorithm, f"alpha={alpha:g}", f"seed={seed}")
-
-
-def _read_summary(path):
-  with open(os.path.join(path, "summary.json")) as f:
-    return json.load(f)
-
-
-def _read_metrics(path):
-  with open(os.path.join(path, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _seed_runs(metrics: dict, algorithm, alpha) -> list[list[dict]]:
-  """The metrics records of every finished seed of (algorithm, α); `metrics` maps cells to records."""
-  return [records for (alg, al, _), records in metrics.items() if (alg, al) == (algorithm, alpha)]
-
-
-def aggregate(rows: list[dict], algorithms, alphas) -> list[dict]:
-  """Per (algorithm, α): mean and population std over seeds of every TABLE_FIELDS value.
-
-  rounds_to_target counts only seeds that reached the target; `reached` says how many did.
-  """
-  out = []
-  for alg in algorithms:
-    for alpha in alphas:
-      cells = [r for r in rows if r["algorithm"] == alg and r["alpha"] == alpha]
-      if not cells:
-        continue
-      entry = {"algorithm": alg, "alpha": alpha, "seeds": len(cells)}
-      for field, _ in TABLE_FIELDS:
-        values = np.array([r[field] for r in cells if r[field] is not None], dtype=np.float64)
-        entry[field] = (float(values.mean()), float(values.std())) if values.size else None
-      entry["reached"] = sum(r["rounds_to_target"] is not None for r in cells)
-      out.append(entry)
-  return out
-
-
-def markdown(table: list[dict], target: float) -> str:
-  header = ["algorithm", "α", "seeds"] + [label for _, label in TABLE_FIELDS]
-  lines = ["| " + " | ".join(header).replace("rounds to target", f"rounds to {target:g}") + " |",
-           "|" + "---|" * len(header)]
-  for e in table:
-    cells = [e["algorithm"], f"{e['alpha']:g}", str(e["seeds"])]
-    for field, _ in TABLE_FIELDS:
-      v = e[field]
-      if v is None:
-        cells.append("never")
-      elif field == "rounds_to_target":
-        cells.append(f"{v[0]:.1f} ± {v[1]:.1f} ({e['reached']}/{e['seeds']})")
-      elif field.endswith("time_s"):
-        cells.append(f"{v[0]:.3f} ± {v[1]:.3f}")
-      else:
-        cells.append(f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def rounds_ratio_markdown(table: list[dict], target: float) -> str:
-  """Mean rounds to target of each algorithm divided by FedAvg's at the same α ("" without fedavg cells).
-
-  A ratio below 1 means fewer rounds (less communication) than FedAvg; only seeds that reached the target
-  count, so the `reached` columns say how many did.
-  """
-  base = {e["alpha"]: e for e in table if e["algorithm"] == "fedavg"}
-  lines = [f"\nRounds to {target:g} test accuracy relative to FedAvg (mean over the seeds that reached it):\n",
-           "| algorithm | α | rounds / FedAvg's | reached | FedAvg reached |", "|---|---|---|---|---|"]
-  for e in table:
-    ref = base.get(e["alpha"])
-    if ref is None or e["algorithm"] == "fedavg":
-      continue
-    ratio = (f"{e['rounds_to_target'][0] / ref['rounds_to_target'][0]:.2f}"
-             if e["rounds_to_target"] and ref["rounds_to_target"] else "–")
-    lines.append(f"| {e['algorithm']} | {e['alpha']:g} | {ratio} | {e['reached']}/{e['seeds']} | "
-                 f"{ref['reached']}/{ref['seeds']} |")
-  return "\n".join(lines) + "\n" if len(lines) > 3 else ""
-
-
-DIAGNOSTICS = (("teacher_ce", "teacher CE on own noise", "{:.2f}"),
-               ("teacher_agreement", "teacher agreement", "{:.1%}"),
-               ("soft_target_accuracy", "soft target = label", "{:.1%}"),
-               ("kl_before", "KL before", "{:.2f}"), ("kl_after", "KL after", "{:.2f}"),
-               ("noise_norm", "noise norm", "{:.1f}"), ("data_norm", "data norm", "{:.1f}"),
-               ("test_accuracy", "acc", "{:.2%}"),
-               ("test_accuracy_no_distill", "acc without distillation", "{:.2%}"))
-
-
-def diagnostics_markdown(algorithms, alphas, metrics: dict) -> str:
-  """Server-distillation diagnostics of the last round that distilled, mean over seeds ("" when none did).
-
-  "acc without distillation" is the same round's aggregate of the undistilled uploads, so its gap to
-  "acc" is what that round's distillation did. `metrics` maps each finished cell to its metrics records.
-  """
-  lines = ["\nServer diagnostics in the last round that distilled (mean over seeds):\n",
-           "| algorithm | α | round | " + " | ".join(label for _, label, _ in DIAGNOSTICS) + " |",
-           "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
-  for alg in algorithms:
-    for alpha in alphas:
-      last = [next((r for r in reversed(records) if "kl_before" in r), None)
-              for records in _seed_runs(metrics, alg, alpha)]
-      last = [r for r in last if r is not None]
-      if not last:
-        continue
-      values = [fmt.format(np.mean([r[k] for r in last])) for k, _, fmt in DIAGNOSTICS]
-      rounds = "/".join(sorted({str(r["round"]) for r in last}))
-      lines.append(f"| {alg} | {alpha:g} | {rounds} | " + " | ".join(values).replace("%", " %") + " |")
-  return "\n".join(lines) + "\n" if len(lines) > 3 else ""
-
-
-def plot(workdir, algorithms, alphas, metrics: dict, table) -> list[str]:
-  """accuracy-vs-round per α (mean over seeds, ±std band) and final accuracy vs α; returns the paths.
-
-  `metrics` maps each finished cell to its metrics records.
-  """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  paths = []
-  for alpha in alphas:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for alg in algorithms:
-      runs = _seed_runs(metrics, alg, alpha)
-      if not runs:
-        continue
-      rounds = [r["round"] for r in runs[0]]
-      acc = np.array([[r["test_accuracy"] for r in run] for run in runs])
-      mean, std = acc.mean(0), acc.std(0)
-      ax.plot(rounds, mean, label=alg)
-      ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"α = {alpha:g} (mean ± std over seeds)")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(os.path.join(workdir, f"accuracy_vs_round_alpha={alpha:g}.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for alg in algorithms:
-    entries = [e for e in table if e["algorithm"] == alg]
-    xs = [e["alpha"] for e in entries]
-    ax.errorbar(xs, [e["final_accuracy"][0] for e in entries], yerr=[e["final_accuracy"][1] for e in entries],
-                marker="o", capsize=3, label=alg)
-  ax.set_xscale("log")
-  ax.set_xlabel("Dirichlet α")
-  ax.set_ylabel("final test accuracy")
-  ax.legend()
-  fig.tight_layout()
-  paths.append(os.path.join(workdir, "final_accuracy_vs_alpha.png"))
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
-  return paths
 
 
 def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partition=None,
@@ -258,30 +123,36 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
     cells, todo = [c for c in cells if c not in todo], []
   start = time.perf_counter()
   for done, cell in enumerate(todo, 1):
-    summary = runner.run(configs[cell], cell_dir(workdir, *cell))
+    try:
+      result = f"final {runner.run(configs[cell], cell_dir(workdir, *cell))['final_accuracy']:.4f}"
+    except experiment.Diverged as e:
+      result = f"diverged ({e})"
     per_cell = (time.perf_counter() - start) / done
-    print(f"[sweep {done}/{len(todo)}] {cell[0]} α={cell[1]:g} seed={cell[2]}: final "
-          f"{summary['final_accuracy']:.4f} | ETA {runner.format_eta(per_cell * (len(todo) - done))}",
-          flush=True)
-  metrics = {cell: _read_metrics(cell_dir(workdir, *cell)) for cell in cells}
+    print(f"[sweep {done}/{len(todo)}] {cell[0]} α={cell[1]:g} seed={cell[2]}: {result} | "
+          f"ETA {experiment.format_eta(per_cell * (len(todo) - done))}", flush=True)
+  metrics = {cell: report.read_metrics(cell_dir(workdir, *cell)) for cell in cells}
   rows = []
   for cell in cells:
-    s = _read_summary(cell_dir(workdir, *cell))
-    s["rounds_to_target"] = runner.rounds_to_target(metrics[cell], base.target_accuracy)
-    rows.append({"algorithm": cell[0], "alpha": cell[1], "seed": cell[2], **{k: s[k] for k in COLUMNS[3:]}})
+    s = report.read_summary(cell_dir(workdir, *cell))
+    s["rounds_to_target"] = experiment.rounds_to_target(metrics[cell], base.target_accuracy)
+    s.setdefault("diverged", False)
+    rows.append({"algorithm": cell[0], "alpha": cell[1], "seed": cell[2],
+                 **{k: s.get(k) for k in report.COLUMNS[3:]}})
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=report.COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-  table = aggregate(rows, algorithms, alphas)
+  table = report.aggregate(rows, algorithms, alphas)
+  diverged = [f"{r['algorithm']} α={r['alpha']:g} seed={r['seed']}" for r in rows if r["diverged"]]
   text = (f"Sweep of {base.dataset}, {partition or base.partition} partition, {base.num_clients} clients "
           f"({base.clients_per_round} per round), {base.rounds} rounds; accuracies in %, mean ± std over "
-          f"seeds {', '.join(map(str, seeds))}.\n\n" + markdown(table, base.target_accuracy) + "\n"
-          + rounds_ratio_markdown(table, base.target_accuracy)
-          + diagnostics_markdown(algorithms, alphas, metrics))
+          f"seeds {', '.join(map(str, seeds))}.\n\n" + report.markdown(table, base.target_accuracy) + "\n"
+          + (f"\nDiverged (rounds before divergence tabled): {', '.join(diverged)}\n" if diverged else "")
+          + report.rounds_ratio_markdown(table, base.target_accuracy)
+          + report.diagnostics_markdown(algorithms, alphas, metrics))
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(text)
-  plot(workdir, algorithms, alphas, metrics, table)
+  report.plot(workdir, algorithms, alphas, metrics, table)
   print(text, flush=True)
   return rows
 

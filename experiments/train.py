@@ -4,7 +4,8 @@ r"""Runs one federated experiment and writes DESIGN §5's output contract into -
       --config.alpha=0.5 --config.client_map=chunked
 
 Running the same command again resumes from the newest checkpoint in the workdir. Bad input exits with
-code 2 and one line on stderr naming the field; nothing is written before the input has been checked.
+code 2 and one line on stderr naming the field; nothing is written before the input has been checked. A run
+whose loss or parameters stop being finite exits with code 3 and one line (summary.json: "diverged": true).
 """
 
 import sys
@@ -14,6 +15,7 @@ from ml_collections import config_flags
 
 from experiments.runner import run
 from fedsnd_jax.errors import InputError
+from fedsnd_jax.experiment import Diverged
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it holds a checkpoint).")
@@ -51,6 +53,9 @@ def main(argv):
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Diverged as e:
+    print(f"diverged: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

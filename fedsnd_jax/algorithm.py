@@ -1,45 +1,247 @@
-"""The interface every algorithm shares, and the round pieces they share: sampling and aggregation.
+"""The plug-in interface every algorithm implements, and the one round driver that runs them all (DESIGN §3).
 
-An algorithm is `FederatedAlgorithm(init, apply)` returned by a builder that closes over everything
-static; `apply(state, data) -> (state, diagnostics)` runs one round (DESIGN §3).
+A plug-in (`Algorithm`) supplies only what differs between methods: the clients' local loss, its typed
+state, what the sampled clients receive besides the global model, its named server steps and its state
+update after aggregation. `build_rounds` turns it into `FederatedAlgorithm(init, apply)`; one round is
+
+  sample C of K clients → client phase (any client_map) → the algorithm's server steps, the aggregator's
+  step among them → the server optimiser's step towards the aggregate → round counter + 1.
+
+Every step is one jitted call, timed after blocking on its outputs (`<name>_time_s` in metrics.jsonl).
 """
 
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import client, mapping
+from fedsnd_jax import aggregation, client, mapping, models
+from fedsnd_jax.federated_data import FederatedData
+from fedsnd_jax.shapes import Diagnostics, Params, PRNGKey
 
-Params = Any
+# The aggregator's randomness this round is fold_in(server_key, AGGREGATOR_STREAM); algorithms fold in
+# small integers of their own.
+AGGREGATOR_STREAM = 1 << 16
+
+
+class LocalSchedule(NamedTuple):
+  """Static local schedule: B, S, and whether S comes from epochs or a fixed step count."""
+
+  batch_size: int
+  num_steps: int
+  local_epochs: int
+  local_steps: int
+
+  def steps_taken(self, counts):
+    """[C] int32 non-masked local steps of clients with `counts` [C] examples."""
+    if self.local_steps > 0:
+      return jnp.full_like(counts, self.num_steps)
+    return self.local_epochs * -(-counts // self.batch_size)
+
+
+class Federation(NamedTuple):
+  """What a plug-in's builder may read about the run besides its own hyperparameters.
+
+  Attributes:
+    num_clients: K; clients_per_round: C.
+    schedule: the local schedule.
+    client_lr, client_momentum, weight_decay: the clients' SGD (`client.client_optimizer`).
+    input_shape: one example's shape; num_classes: NC.
+  """
+
+  num_clients: int
+  clients_per_round: int
+  schedule: LocalSchedule
+  client_lr: float
+  client_momentum: float
+  weight_decay: float
+  input_shape: tuple[int, ...]
+  num_classes: int
+
+  def client_optimizer(self) -> optax.GradientTransformation:
+    return client.client_optimizer(self.client_lr, self.client_momentum, self.weight_decay)
 
 
 class ServerState(NamedTuple):
   """Everything a run needs to continue; an immutable pytree of arrays.
 
   Attributes:
-    params: global model params.
+    params: [P] global model params.
     opt_state: the server optimiser's state.
-    round: int32 scalar, rounds completed.
+    round: int32 [], rounds completed.
     rng: typed PRNG key; round r uses fold_in(rng, r).
-    clients: per-client state stacked [K, ...] for algorithms that need it, else None.
+    algorithm: the algorithm's own typed state (e.g. `ScaffoldState`), or None.
+    aggregator: the aggregator's state.
   """
 
   params: Params
   opt_state: Any
   round: jax.Array
-  rng: jax.Array
-  clients: Any = None
+  rng: PRNGKey
+  algorithm: Any
+  aggregator: Any
+
+
+class RoundContext(NamedTuple):
+  """What every server step may read; fixed for the round.
+
+  Attributes:
+    round: int32 [], this round's index (0-based).
+    params: [P] the global model the clients received.
+    state: the algorithm's state at the start of the round.
+    ids: [C] int32 sorted ids of the sampled clients.
+    own: the sampled clients' per-client state [C, ...] (`Algorithm.client_inputs`), or None.
+    uploads: the clients' uploads, stacked [C].
+    steps: [C] int32 local steps each client took (padding steps excluded).
+    key: the round's server key.
+    data: the federated training data (server steps may only read what clients upload from it).
+  """
+
+  round: jax.Array
+  params: Params
+  state: Any
+  ids: jax.Array
+  own: Any
+  uploads: client.ClientOutput
+  steps: jax.Array
+  key: PRNGKey
+  data: FederatedData
+
+
+class ServerCarry(NamedTuple):
+  """What server steps hand on; each returns an updated copy.
+
+  Attributes:
+    models: [C, P] what the aggregator combines: the uploads, unless a step replaced them (FedSND's
+      distilled students).
+    average: [P] the aggregate once the aggregation step has run, else None; steps after it may change it.
+    state: the algorithm's new state.
+    aggregator: the aggregator's new state.
+    work: whatever one step hands the next (FedSND's noise pool), else None.
+    eval_models: extra [P] models to evaluate beside the new global one, by name.
+  """
+
+  models: Params
+  average: Params | None
+  state: Any
+  aggregator: Any
+  work: Any
+  eval_models: dict[str, Params]
+
+
+# step(context, carry) -> (carry, diagnostics); jitted by the driver.
+ServerStepFn = Callable[[RoundContext, ServerCarry], tuple[ServerCarry, Diagnostics]]
+
+
+class ServerStep(NamedTuple):
+  """A named server step (`<name>_time_s` in the metrics). `AGGREGATE` marks where aggregation runs."""
+
+  name: str
+  fn: ServerStepFn | None
+
+
+AGGREGATE = ServerStep("aggregate", None)
+
+
+def _no_state(params):
+  del params
+
+
+def _nothing_sent(state, ids):
+  del state, ids
+  return None, None
+
+
+def _unchanged(context, carry):
+  del context
+  return carry
+
+
+def _aggregate_only(round_index):
+  del round_index
+  return (AGGREGATE,)
+
+
+def _no_extra_bytes(round_index):
+  del round_index
+  return 0, 0
+
+
+class Algorithm(NamedTuple):
+  """A federated algorithm as the round driver sees it: only what differs between methods.
+
+  Attributes:
+    client_loss: the clients' per-example local loss (see `client.LossFn`); it sees
+      ClientContext(received params, shared, own).
+    init_state: params -> the algorithm's typed state (per-client parts stacked [K, ...]), or None.
+    client_inputs: (state, ids [C]) -> (shared, own): what every sampled client receives besides the
+      global model (SCAFFOLD's c) and each one's own state gathered [C, ...] (its control variate).
+    server_steps: round index (host int) -> the round's steps in order, `AGGREGATE` among them; steps
+      before it may replace `carry.models`, steps after it `carry.average`.
+    after_aggregation: (context, carry) -> carry, run in the aggregation step right after the aggregator:
+      per-client state updates (scattered by `context.ids`) and corrections of `carry.average`.
+    extra_bytes: round index -> (up, down) bytes per sampled client beyond the model and its example count.
+  """
+
+  client_loss: client.LossFn
+  init_state: Callable[[Params], Any] = _no_state
+  client_inputs: Callable[[Any, jax.Array], tuple[Any, Any]] = _nothing_sent
+  server_steps: Callable[[int], tuple[ServerStep, ...]] = _aggregate_only
+  after_aggregation: Callable[[RoundContext, ServerCarry], ServerCarry] = _unchanged
+  extra_bytes: Callable[[int], tuple[int, int]] = _no_extra_bytes
+
+
+def _no_model_options(hyperparameters) -> dict:
+  del hyperparameters
+  return {}
+
+
+class Plugin(NamedTuple):
+  """A registered algorithm (`fedsnd_jax.algorithms.REGISTRY`).
+
+  Attributes:
+    build: (model, hyperparameters, federation) -> Algorithm.
+    hyperparameters: the NamedTuple class of its hyperparameters; its defaults are the paper's (cited).
+    validate: (hyperparameters, federation) -> None; raises InputError naming `section.field`.
+    section: the config section holding its hyperparameters (`--config.<section>.<field>`).
+    model_options: hyperparameters -> extra `models.build_model` arguments (MOON's projection head).
+  """
+
+  build: Callable[..., Algorithm]
+  hyperparameters: type
+  validate: Callable[..., None]
+  section: str
+  model_options: Callable[[Any], dict] = _no_model_options
+
+
+class RoundOutput(NamedTuple):
+  """What a round reports besides the new state.
+
+  Attributes:
+    times: seconds of each phase (`client_time_s`, `<step>_time_s`, and their server sum `server_time_s`).
+    diagnostics: the server steps' and the aggregator's scalars, as host floats.
+    train_loss: the uploads' example-weighted mean training loss.
+    eval_models: extra [P] models to evaluate, by name (e.g. `no_distill`).
+    bytes_up, bytes_down: this round's traffic over all sampled clients.
+  """
+
+  times: dict[str, float]
+  diagnostics: dict[str, float]
+  train_loss: float
+  eval_models: dict[str, Params]
+  bytes_up: int
+  bytes_down: int
 
 
 class FederatedAlgorithm(NamedTuple):
-  """init(key) -> ServerState; apply(state, data) -> (state, diagnostics dict of host floats)."""
+  """init(key) -> ServerState; apply(state, data) -> (ServerState, RoundOutput)."""
 
-  init: Callable[[jax.Array], ServerState]
-  apply: Callable[..., tuple[ServerState, dict[str, float]]]
+  init: Callable[[PRNGKey], ServerState]
+  apply: Callable[[ServerState, FederatedData], tuple[ServerState, RoundOutput]]
 
 
 def round_keys(rng, round_index, num_clients: int, clients_per_round: int):
@@ -63,17 +265,12 @@ def round_keys(rng, round_index, num_clients: int, clients_per_round: int):
   return ids, jax.vmap(lambda i: jax.random.fold_in(clients_key, i))(ids), server_key
 
 
-class LocalSchedule(NamedTuple):
-  """Static local schedule: B, S, and whether S comes from epochs or a fixed step count."""
-
-  batch_size: int
-  num_steps: int
-  local_epochs: int
-  local_steps: int
+def _traced_at_most(fn, max_traces: int | None):
+  return fn if max_traces is None else chex.assert_max_traces(fn, n=max_traces)
 
 
 def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
-                      chunk_size: int):
+                      chunk_size: int, max_traces: int | None = None):
   """Returns client_phase((params, shared, data), (ids [C], keys [C], own)) -> stacked ClientOutput.
 
   Every client starts from the received params; its loss sees ClientContext(params, shared, own[c]),
@@ -84,50 +281,19 @@ def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: Local
   def one(params, shared, data, cid, key, own):
     return update(params, client.ClientContext(params, shared, own), cid, key, data)
 
-  return mapping.map_clients(one, client_map, chunk_size)
+  return mapping.map_clients(_traced_at_most(one, max_traces), client_map, chunk_size)
 
 
-def make_sampler(num_clients: int, clients_per_round: int):
-  """Jitted (rng, round) -> (ids, client keys, server key); see `round_keys`."""
-  return jax.jit(lambda rng, r: round_keys(rng, r, num_clients, clients_per_round))
-
-
-def init_state(model, server_opt, key, clients=None) -> ServerState:
-  """Fresh model params from split(key)[0]; the run's PRNG stream is split(key)[1]."""
-  init_key, run_key = jax.random.split(key)
-  params = model.init(init_key)
-  return ServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32), run_key, clients)
-
-
-def weighted_average(stacked, weights):
-  """Σ_k (w_k / Σ_i w_i) · x_k over the leading axis of every leaf.
-
-  Args:
-    stacked: pytree of [C, ...] leaves.
-    weights: [C] non-negative (e.g. example counts).
-  """
-  w = weights.astype(jnp.float32)
-  w = w / jnp.maximum(jnp.sum(w), 1e-12)
-  return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
-
-
-def server_update(server_opt, params, opt_state, new_average):
+def server_update(server_opt, params, opt_state, average):
   """FedOpt step: the server optimiser follows the pseudo-gradient params − average.
 
-  With SGD at learning rate 1 and no momentum this is plain FedAvg: params ← average.
+  With SGD at learning rate 1 and no momentum this is plain FedAvg: params ← average. BatchNorm statistics
+  are never stepped: they take the average's values (`server_opt` must be wrapped in
+  `models.freeze_statistics`, as `build_rounds` does).
   """
-  pseudo_grad = jax.tree.map(lambda p, a: p - a, params, new_average)
+  pseudo_grad = jax.tree.map(lambda p, a: p - a, params, average)
   updates, opt_state = server_opt.update(pseudo_grad, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
-
-
-def finish_round(server_opt, state: ServerState, new_average, uploads: client.ClientOutput, clients=None):
-  """The server optimiser's step towards `new_average`, the round counter + 1, and new per-client state
-  (`clients`; None keeps the old). Returns (state, the uploads' example-weighted training loss)."""
-  params, opt_state = server_update(server_opt, state.params, state.opt_state, new_average)
-  state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,
-                         clients=state.clients if clients is None else clients)
-  return state, weighted_average(uploads.loss, uploads.num_examples)
+  return models.with_statistics_of(optax.apply_updates(params, updates), average), opt_state
 
 
 def param_bytes(params) -> int:
@@ -147,3 +313,93 @@ class PhaseTimer:
     self.times[name] = now - self._start
     self._start = now
     return outputs
+
+
+def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, clients_per_round: int,
+                 schedule: LocalSchedule, client_opt: optax.GradientTransformation,
+                 server_opt: optax.GradientTransformation | None = None,
+                 aggregator: aggregation.Aggregator | None = None, client_map: str = "vmap",
+                 chunk_size: int = 8, max_traces: int | None = None) -> FederatedAlgorithm:
+  """The round driver: turns a plug-in into `FederatedAlgorithm(init, apply)`.
+
+  Args:
+    plugin: the algorithm's parts.
+    model: the model pair.
+    num_clients: K; clients_per_round: C ≤ K (sampled without replacement each round).
+    schedule: the local schedule (see `client_batches`).
+    client_opt: the clients' optax optimiser (fresh state every round).
+    server_opt: optimiser on the pseudo-gradient w − aggregate; None is SGD at lr 1 (plain FedAvg).
+    aggregator: how uploads are combined; None is the example-weighted mean.
+    client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
+    max_traces: a debugging check: fail (chex.assert_max_traces) when any phase is traced more often.
+  """
+  server_opt = models.freeze_statistics(server_opt or optax.sgd(1.0))
+  aggregator = aggregator or aggregation.weighted_mean()
+  client_phase = make_client_phase(model, plugin.client_loss, client_opt, schedule, client_map, chunk_size,
+                                   max_traces)
+  model_bytes = param_bytes(jax.eval_shape(model.init, jax.random.key(0)))
+
+  def prepare(state: ServerState, data: FederatedData):
+    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, clients_per_round)
+    shared, own = plugin.client_inputs(state.algorithm, ids)
+    return ids, keys, server_key, shared, own, schedule.steps_taken(data.counts[ids])
+
+  def aggregate(context: RoundContext, carry: ServerCarry):
+    key = jax.random.fold_in(context.key, AGGREGATOR_STREAM)
+    out = aggregator.apply(carry.models, context.uploads.num_examples, carry.aggregator, context.params, key)
+    carry = carry._replace(average=out.params, aggregator=out.state)
+    return plugin.after_aggregation(context, carry), out.diagnostics
+
+  def finish(state: ServerState, context: RoundContext, carry: ServerCarry):
+    params, opt_state = server_update(server_opt, state.params, state.opt_state, carry.average)
+    state = ServerState(params, opt_state, state.round + 1, state.rng, carry.state, carry.aggregator)
+    train_loss = aggregation.weighted_average(context.uploads.loss, context.uploads.num_examples)
+    return state, train_loss, carry.eval_models
+
+  jitted = {}
+
+  def compiled(step: ServerStep, last: bool):
+    """One jitted call per (step, is-last): the last step also runs the server optimiser (`finish`)."""
+    if (step, last) not in jitted:
+      fn = aggregate if step is AGGREGATE else step.fn
+
+      def run(state, context, carry):
+        carry, diagnostics = fn(context, carry)
+        return (finish(state, context, carry) if last else carry), diagnostics
+
+      jitted[step, last] = jax.jit(_traced_at_most(run, max_traces))
+    return jitted[step, last]
+
+  prepare_jit = jax.jit(_traced_at_most(prepare, max_traces))
+
+  def init(key) -> ServerState:
+    """Fresh model params from split(key)[0]; the run's PRNG stream is split(key)[1]."""
+    init_key, run_key = jax.random.split(key)
+    params = model.init(init_key)
+    return ServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32), run_key,
+                       plugin.init_state(params), aggregator.init(params))
+
+  def apply(state: ServerState, data: FederatedData) -> tuple[ServerState, RoundOutput]:
+    round_index = int(state.round)
+    timer = PhaseTimer()
+    ids, keys, server_key, shared, own, steps = prepare_jit(state, data)
+    uploads = timer.lap("client_time_s", client_phase((state.params, shared, data), (ids, keys, own)))
+    context = RoundContext(state.round, state.params, state.algorithm, ids, own, uploads, steps, server_key,
+                           data)
+    carry = ServerCarry(uploads.params, None, state.algorithm, state.aggregator, None, {})
+    server_steps = plugin.server_steps(round_index)
+    if server_steps.count(AGGREGATE) != 1:
+      raise ValueError(f"a round needs exactly one AGGREGATE step, got {[s.name for s in server_steps]}")
+    diagnostics = {}
+    for i, step in enumerate(server_steps):
+      carry, diag = timer.lap(f"{step.name}_time_s",
+                              compiled(step, i == len(server_steps) - 1)(state, context, carry))
+      diagnostics.update(diag)
+    new_state, train_loss, eval_models = carry
+    times = {**timer.times, "server_time_s": sum(timer.times[f"{s.name}_time_s"] for s in server_steps)}
+    extra_up, extra_down = plugin.extra_bytes(round_index)
+    return new_state, RoundOutput(times, {k: float(v) for k, v in diagnostics.items()}, float(train_loss),
+                                  eval_models, clients_per_round * (model_bytes + 4 + extra_up),
+                                  clients_per_round * (model_bytes + extra_down))
+
+  return FederatedAlgorithm(init, apply)

@@ -103,6 +103,10 @@ def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Da
     if not np.issubdtype(x_train.dtype, np.number):
       raise InputError("dataset", f"{name}: inputs must be numeric, got {x_train.dtype}")
     x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
+    for split, x in (("x_train", x_train), ("x_test", x_test)):
+      if not np.isfinite(x).all():
+        raise InputError("dataset", f"{name}: {split} holds {int(np.size(x) - np.isfinite(x).sum())} non-finite "
+                         "values (NaN or inf)")
   if num_classes is None:
     num_classes = int(max(y_train.max(), y_test.max())) + 1
   for split, y in (("y_train", y_train), ("y_test", y_test)):

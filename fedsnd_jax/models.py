@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from fedsnd_jax.errors import InputError
 
@@ -89,13 +90,23 @@ def _conv(impl: str, features: int, kernel_size, padding: str, name: str):
   return nn.Conv(features, kernel_size, padding=padding, name=name)
 
 
-def _sow_representation(module: nn.Module, features, projection_dim: int):
-  """Records the penultimate features (through a 2-layer projection head when projection_dim > 0) for
-  `Model.represent`; the classifier reads the features, never the head (MOON's head, SimCLR style)."""
+def _head(module: nn.Module, features, projection_dim: int, classifier_on_projection: bool, num_classes: int):
+  """Penultimate features → (projection head →) classifier; records what `Model.represent` returns.
+
+  With projection_dim > 0 a 2-layer projection head (Dense·d → ReLU → Dense·projection_dim) maps the features
+  to the representation. `classifier_on_projection` puts the classifier on the head's output, as in MOON's
+  own network (Li, He, Song, CVPR 2021: every method in its tables uses it); otherwise the classifier reads
+  the features and the head only feeds the representation (SimCLR style). Without a head the representation
+  is the features.
+  """
   if projection_dim > 0:
+    features_in = features
     features = nn.Dense(projection_dim, name="proj_out")(nn.relu(nn.Dense(features.shape[-1], name="proj_in")(
         features)))
+    module.sow("intermediates", "representation", features)
+    return nn.Dense(num_classes)(features if classifier_on_projection else features_in)
   module.sow("intermediates", "representation", features)
+  return nn.Dense(num_classes)(features)
 
 
 def _maybe_bn(on: bool, x, train: bool):
@@ -110,14 +121,14 @@ class MLP(nn.Module):
   hidden: Sequence[int] = (200, 200)
   dropout: float = 0.2
   projection_dim: int = 0
+  classifier_on_projection: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
-    _sow_representation(self, x, self.projection_dim)
-    return nn.Dense(self.num_classes)(x)
+    return _head(self, x, self.projection_dim, self.classifier_on_projection, self.num_classes)
 
 
 class CNN2(nn.Module):
@@ -131,6 +142,7 @@ class CNN2(nn.Module):
   batch_norm: bool = False  # BatchNorm after each conv (statistics: see `Model.calibrate`)
   conv_impl: str = "xla"  # xla | im2col (see `default_conv_impl`)
   projection_dim: int = 0
+  classifier_on_projection: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -139,8 +151,7 @@ class CNN2(nn.Module):
       x = nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(256)(x)))
-    _sow_representation(self, x, self.projection_dim)
-    return nn.Dense(self.num_classes)(x)
+    return _head(self, x, self.projection_dim, self.classifier_on_projection, self.num_classes)
 
 
 class SimpleCNN(nn.Module):
@@ -155,6 +166,7 @@ class SimpleCNN(nn.Module):
   batch_norm: bool = False
   conv_impl: str = "xla"
   projection_dim: int = 0
+  classifier_on_projection: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -164,8 +176,7 @@ class SimpleCNN(nn.Module):
     x = x.reshape((x.shape[0], -1))
     for width in (120, 84):
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(width)(x)))
-    _sow_representation(self, x, self.projection_dim)
-    return nn.Dense(self.num_classes)(x)
+    return _head(self, x, self.projection_dim, self.classifier_on_projection, self.num_classes)
 
 
 class _BasicBlock(nn.Module):
@@ -292,7 +303,7 @@ BATCH_NORM_MODELS = ("cnn2", "simple_cnn")
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, dropout: float = 0.2,
                 vocab_size: int = 0, batch_norm: bool = False, conv_impl: str = "xla",
-                projection_dim: int = 0) -> Model:
+                projection_dim: int = 0, classifier_on_projection: bool = True) -> Model:
   """Builds a registered model.
 
   Args:
@@ -303,7 +314,9 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
     vocab_size: text models only.
     batch_norm: BatchNorm after each conv (BATCH_NORM_MODELS only).
     conv_impl: one of CONV_IMPLS, for cnn2 and simple_cnn.
-    projection_dim: > 0 adds MOON's 2-layer projection head of this width to `represent`.
+    projection_dim: > 0 adds MOON's 2-layer projection head of this width (see `_head`).
+    classifier_on_projection: the classifier reads the projection head's output (MOON's network) rather
+      than the features (mlp, cnn2, simple_cnn with projection_dim > 0).
   """
   if conv_impl not in CONV_IMPLS:
     raise InputError("conv_impl", f"unknown {conv_impl!r}; allowed: auto, {', '.join(CONV_IMPLS)}")
@@ -313,12 +326,14 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
     raise InputError("projection_dim", f"only mlp, {', '.join(BATCH_NORM_MODELS)} have a projection head")
   if name in BATCH_NORM_MODELS:
     module = (CNN2 if name == "cnn2" else SimpleCNN)(num_classes, dropout=dropout, batch_norm=batch_norm,
-                                                     conv_impl=conv_impl, projection_dim=projection_dim)
+                                                     conv_impl=conv_impl, projection_dim=projection_dim,
+                                                     classifier_on_projection=classifier_on_projection)
     if batch_norm:
       return _with_represent(_bn_model(module, input_shape), module, lambda p: p)
     return _with_represent(Model(*_pair(module, input_shape)), module, lambda p: {"params": p})
   if name == "mlp":
-    module = MLP(num_classes, dropout=dropout, projection_dim=projection_dim)
+    module = MLP(num_classes, dropout=dropout, projection_dim=projection_dim,
+                 classifier_on_projection=classifier_on_projection)
     return _with_represent(Model(*_pair(module, input_shape)), module, lambda p: {"params": p})
   if name in ("resnet8", "resnet18"):
     blocks, width = ((1, 1, 1), 16) if name == "resnet8" else ((2, 2, 2, 2), 64)
@@ -334,6 +349,39 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
 
     return Model(init, apply, apply_embedded, lambda params: params["embed"]["embedding"])
   raise InputError("model", f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+
+
+STATISTICS = "batch_stats"  # the collection BatchNorm models keep their running statistics in
+
+
+def has_statistics(params) -> bool:
+  return isinstance(params, dict) and STATISTICS in params
+
+
+def with_statistics_of(params, source):
+  """`params` with its BatchNorm statistics taken from `source` (models without BatchNorm: unchanged)."""
+  return {**params, STATISTICS: source[STATISTICS]} if has_statistics(params) else params
+
+
+def freeze_statistics(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`optimizer` on everything but BatchNorm statistics, which get zero updates.
+
+  Statistics are calibrated by clients and averaged by the server, never stepped by a gradient-based update
+  (an eval-mode student reads them, so distillation would otherwise move a variance, possibly below 0).
+  Models without BatchNorm get `optimizer` itself.
+  """
+  def labels(params):
+    return {k: jax.tree.map(lambda _, k=k: "frozen" if k == STATISTICS else "train", v) for k, v in params.items()}
+
+  frozen = optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+  def init(params):
+    return (frozen if has_statistics(params) else optimizer).init(params)
+
+  def update(updates, state, params=None):
+    return (frozen if has_statistics(updates) else optimizer).update(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
 
 
 def num_params(params) -> int:

@@ -5,13 +5,13 @@ Every field is documented here; the binaries turn them into builder arguments.
 
 import ml_collections
 
-from fedsnd_jax.fedsnd import NoiseDistillation
+from fedsnd_jax import algorithms
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # fedavg | fedsd (client self-distillation) | fednd (server noise-distillation) | fedsnd (both)
-  # | fedprox | scaffold | moon | feddyn | fedntd (baselines; fedsnd_jax/baselines.py)
+  # | fedprox | scaffold | moon | feddyn | fedntd (baselines): fedsnd_jax/algorithms/, one module each
   c.algorithm = "fedavg"
   # Data (DESIGN §4).
   c.dataset = "digits"  # digits | idx:<dir> | npz:<file> | a TFDS name (mnist, fashion_mnist, cifar10, ...)
@@ -41,24 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.server_opt = "sgd"  # sgd | adam
   c.server_lr = 1.0
   c.server_momentum = 0.0
-  # FedSND client side (fedsd, fedsnd; DESIGN §2.2).
-  c.self_distill = "both"  # none | dropout | previous | both: which self-distillation terms are on
-  c.lambda_mutual = 1.0  # λ_mutual: the two dropout views distil each other
-  c.lambda_prev = 0.1  # λ_prev: the received global model as teacher (≈ 0.1 was neutral, §2.6)
-  # FedSND server side (fednd, fedsnd; §2.3–2.6): one field per NoiseDistillation attribute, same defaults
-  # (see its docstring): temperature, noise_samples, noise_steps, noise_lr, noise_l2, noise_projection,
-  # noise_warm_start, noise_targets, adversarial, bn_prior, distill_steps, distill_batch, distill_lr,
-  # distill_lr_decay, distill_rounds, teacher_weighting, distill_target, student_train_mode.
-  for field, value in NoiseDistillation._field_defaults.items():
-    c[field] = value
-  # Baselines (hyperparameter defaults from each paper).
-  c.prox_mu = 0.01  # FedProx μ; Li et al. (MLSys 2020) tune μ ∈ {0.001, 0.01, 0.1, 1}
-  c.moon_mu = 1.0  # MOON μ; Li, He, Song (CVPR 2021): 5 on CIFAR-10, 1 on CIFAR-100 and Tiny-ImageNet
-  c.moon_tau = 0.5  # MOON temperature τ (the paper's default)
-  c.projection_dim = 256  # MOON's projection head width (the paper's 256-d head)
-  c.feddyn_alpha = 0.01  # FedDyn α; Acar et al. (ICLR 2021) search α ∈ {0.1, 0.01, 0.001}
-  c.ntd_beta = 1.0  # FedNTD β; Lee et al. (NeurIPS 2022) use β = 1
-  c.ntd_tau = 1.0  # FedNTD temperature τ = 1 (the paper's default)
+  # Each algorithm's own hyperparameters, one section per algorithm (`--config.<section>.<field>=`), with
+  # the defaults its module cites from the paper: fedprox.mu; moon.mu, moon.tau, moon.projection_dim,
+  # moon.classifier_on_projection; feddyn.alpha; fedntd.beta, fedntd.tau; fedsnd.* (FedSND's client and
+  # server settings, shared by fedsd and fednd: fedsnd_jax/algorithms/fedsnd/round.py, `Hyperparameters`).
+  # FedAvg and SCAFFOLD have none of their own.
+  for section, hyperparameters in algorithms.sections().items():
+    c[section] = ml_collections.ConfigDict(hyperparameters()._asdict())
   # Run.
   c.rounds = 30
   c.seed = 0

@@ -1,4 +1,4 @@
-"""FedSND's server side, part 1: adaptive noise synthesis, one pseudo-sample set per uploaded model (§2.3).
+"""FedSND's server side, part 1: adaptive noise synthesis, one pseudo-sample set per uploaded model (DESIGN §2.3).
 
 Only the inputs are optimised; the model is fixed and in eval mode. vmap `synthesize` over the stacked
 uploaded models.
@@ -22,7 +22,7 @@ class NoiseSpace(NamedTuple):
 
   Attributes:
     shape: one sample's shape: the normalised input shape, or (L, d) embeddings for text models.
-    apply: (params, x [N, *shape], train=False, rng=None) -> logits [N, NC].
+    apply: (params, x [Q, *shape], train=False, rng=None) -> logits [Q, NC].
     init_scale: params -> std of the Gaussian start (1 for standardised inputs).
     norm: params -> the norm a real sample has in this space (√d for d standardised features).
     calibrate: BatchNorm models only: `Model.calibrate`, for the BatchNorm-statistics prior.
@@ -49,18 +49,18 @@ def noise_space(model: Model, input_shape) -> NoiseSpace:
 
 
 def balanced_targets(num_samples: int, num_classes: int):
-  """[N] labels 0, 1, …, C−1, 0, 1, … (every class equally often, up to one)."""
+  """[Q] labels 0, 1, …, NC−1, 0, 1, … (every class equally often, up to one)."""
   return jnp.arange(num_samples, dtype=jnp.int32) % num_classes
 
 
 def histogram_targets(key, histogram, num_samples: int):
-  """[N] labels drawn from a client's label histogram [NC] (needs the client to upload it)."""
+  """[Q] labels drawn from a client's label histogram [NC] (needs the client to upload it)."""
   logits = jnp.log(jnp.maximum(histogram.astype(jnp.float32), 0.0))
   return jax.random.categorical(key, logits, shape=(num_samples,)).astype(jnp.int32)
 
 
 def project(x, norm):
-  """Scales every sample x_i ([N, ...]) to ‖x_i‖ = norm."""
+  """Scales every sample x_i ([Q, ...]) to ‖x_i‖ = norm."""
   axes = tuple(range(1, x.ndim))
   return x * (norm / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axes, keepdims=True)), 1e-12))
 
@@ -99,14 +99,14 @@ def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer
     space: the noise space.
     params: the teacher's params w_k.
     key: PRNG key of the Gaussian start.
-    targets: [N] int labels ỹ.
+    targets: [Q] int labels ỹ.
     steps: G. optimizer: optax transformation over x.
-    l2: β. projection: keep ‖x_i‖ at `space.norm`. init: [N, *shape] start instead of Gaussian.
+    l2: β. projection: keep ‖x_i‖ at `space.norm`. init: [Q, *shape] start instead of Gaussian.
     adversarial, student_params, temperature: the hard-sample term.
     bn_prior: weight of the BatchNorm-statistics prior.
 
   Returns:
-    (x [N, *shape], SynthesisStats).
+    (x [Q, *shape], SynthesisStats).
   """
   norm = space.norm(params)
   x = init if init is not None else space.init_scale(params) * jax.random.normal(

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import losses
-from fedsnd_jax.noise import NoiseSpace
+from fedsnd_jax import losses, models
+from fedsnd_jax.algorithms.fedsnd.noise import NoiseSpace
 
 TEACHER_WEIGHTINGS = ("none", "class_count", "confidence")
 
@@ -20,10 +20,10 @@ def teacher_probs(space: NoiseSpace, teachers, pool, temperature: float):
   """σ(f(x̃_i; w_t)/T) of every teacher t on every pool sample i.
 
   Args:
-    teachers: stacked params [C, ...]. pool: [P, *shape].
+    teachers: stacked params [C, P]. pool: [CQ, *shape].
 
   Returns:
-    [C, P, NC].
+    [C, CQ, NC].
   """
   return jax.vmap(lambda p: losses.tempered_softmax(space.apply(p, pool), temperature))(teachers)
 
@@ -37,24 +37,24 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
   confidence:  Σ_t m_t·p_t / Σ_t m_t over t ≠ student, m_t = max_c p_t(c) on that sample.
 
   Args:
-    probs: [C, P, NC] from `teacher_probs`. owners: [P] int positions. student: int position (or −1 for
+    probs: [C, CQ, NC] from `teacher_probs`. owners: [CQ] int positions. student: int position (or −1 for
       "no student": every teacher counts, as for distilling into the global model).
-    weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts and labels: [P] target labels
+    weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts and labels: [CQ] target labels
       (class_count only).
 
   Returns:
-    [P, NC] rows summing to 1.
+    [CQ, NC] rows summing to 1.
   """
   num_teachers = probs.shape[0]
   others = (jnp.arange(num_teachers) != student).astype(jnp.float32)  # [C]
   if weighting == "none":
     return probs[owners, jnp.arange(owners.shape[0])]
   if weighting == "class_count":
-    counts = histograms.astype(jnp.float32)[:, labels] * others[:, None]  # [C, P]
+    counts = histograms.astype(jnp.float32)[:, labels] * others[:, None]  # [C, CQ]
     total = jnp.sum(counts, axis=0, keepdims=True)
     weights = jnp.where(total > 0, counts / jnp.maximum(total, 1.0), others[:, None] / jnp.sum(others))
   elif weighting == "confidence":
-    conf = jnp.max(probs, axis=-1) * others[:, None]  # [C, P]
+    conf = jnp.max(probs, axis=-1) * others[:, None]  # [C, CQ]
     weights = conf / jnp.sum(conf, axis=0, keepdims=True)
   else:
     raise ValueError(f"unknown teacher weighting {weighting!r}; allowed: {', '.join(TEACHER_WEIGHTINGS)}")
@@ -62,13 +62,13 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
 
 
 def sample_batches(key, owners, student, steps: int, batch_size: int):
-  """[D, B_d] pool indices drawn uniformly (with replacement) among samples not owned by `student`."""
+  """[D, Bd] pool indices drawn uniformly (with replacement) among samples not owned by `student`."""
   logits = jnp.where(owners != student, 0.0, -jnp.inf)
   return jax.random.categorical(key, logits, shape=(steps, batch_size)).astype(jnp.int32)
 
 
 def mean_kl(space: NoiseSpace, params, pool, targets, weights, temperature: float):
-  """T²·Σ_i weights_i·KL(targets_i ‖ σ(f(x̃_i; w)/T)) / Σ weights (eval mode). weights: [P]."""
+  """T²·Σ_i weights_i·KL(targets_i ‖ σ(f(x̃_i; w)/T)) / Σ weights (eval mode). weights: [CQ]."""
   kl = losses.kl_divergence(targets, space.apply(params, pool), temperature)
   return temperature**2 * jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -79,10 +79,10 @@ def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, te
 
   Args:
     params: the student's starting params.
-    pool: [P, *shape] pseudo-samples. targets: [P, NC] soft labels.
-    idx: [D, B_d] pool indices of each step's batch.
+    pool: [CQ, *shape] pseudo-samples. targets: [CQ, NC] soft labels.
+    idx: [D, Bd] pool indices of each step's batch.
     key: dropout key (train_mode only).
-    optimizer: optax transformation (fresh state).
+    optimizer: optax transformation (fresh state); BatchNorm statistics stay frozen (`models.freeze_statistics`).
     train_mode: run the student with dropout.
     step_scale: scalar multiplying every update (a decaying distillation step size).
 
@@ -104,5 +104,6 @@ def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, te
     return (optax.apply_updates(params, updates), opt_state), None
 
   keys = jax.random.split(key, idx.shape[0])
+  optimizer = models.freeze_statistics(optimizer)
   (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), (idx, keys))
   return params

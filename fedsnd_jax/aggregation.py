@@ -1,0 +1,61 @@
+"""How the server combines the round's uploads: an `Aggregator(init, apply)`, in the optax style.
+
+  init(params [P]) -> state
+  apply(models [C, P], weights [C], state, reference [P], key) -> Aggregate(params [P], state, diagnostics)
+
+Pure and jittable over the stacked uploads. `weights` are the clients' example counts; `reference` is the
+round's global model, the point every update is measured from (clipping for differential privacy and robust
+rules act on updates models − reference); `key` is the round's aggregation key (privacy noise, randomised
+pre-aggregation); `state` carries what must persist across rounds (an adaptive clipping norm, a privacy
+ledger, a robust rule's centre); `diagnostics` are scalars for metrics.jsonl (e.g. the share of clipped
+updates). Every algorithm runs its uploads through one aggregator, chosen independently of the algorithm.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedsnd_jax.shapes import Diagnostics, Params
+
+
+class Aggregate(NamedTuple):
+  """An aggregator's output: the combined params [P], its new state, and its diagnostics."""
+
+  params: Params
+  state: Any
+  diagnostics: Diagnostics
+
+
+class Aggregator(NamedTuple):
+  """init(params) -> state; apply(models [C, P], weights [C], state, reference [P], key) -> Aggregate."""
+
+  init: Callable[[Params], Any]
+  apply: Callable[..., Aggregate]
+
+
+class EmptyState(NamedTuple):
+  """The state of a stateless aggregator."""
+
+
+def weighted_average(stacked, weights):
+  """Σ_k (w_k / Σ_i w_i) · x_k over the leading axis of every leaf.
+
+  Args:
+    stacked: pytree of [C, ...] leaves.
+    weights: [C] non-negative (e.g. example counts).
+  """
+  w = weights.astype(jnp.float32)
+  w = w / jnp.maximum(jnp.sum(w), 1e-12)
+  return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
+
+
+def weighted_mean() -> Aggregator:
+  """FedAvg's rule: w ← Σ_k (n_k / Σ_i n_i) · w_k (McMahan et al., AISTATS 2017). Stateless."""
+
+  def apply(models, weights, state, reference, key):
+    del reference, key
+    return Aggregate(weighted_average(models, weights), state, {})
+
+  return Aggregator(lambda params: EmptyState(), apply)

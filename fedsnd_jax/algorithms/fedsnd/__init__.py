@@ -1,0 +1,28 @@
+"""FedSND: F. Zheng et al., "Federated Learning on Non-iid Data via Local and Global Distillation",
+arXiv 2306.14443, 2023 (the abstract calls it FedND), as this project specifies it (DESIGN §2).
+
+  client k (self-distillation, `self_distillation.py`):
+    L = ½[CE(z₁, y) + CE(z₂, y)] + λ_m·T²·½[KL(σ(z₁/T) ‖ σ(z₂/T)) + KL(σ(z₂/T) ‖ σ(z₁/T))]
+        + λ_p·T²·KL(σ(f(x; w⁰)/T) ‖ σ(z₁/T)),   z_i = f(x; w, ξ_i) two dropout views, w⁰ the received model
+  server, per uploaded w_k (noise synthesis, `noise.py`):
+    x̃_k = argmin_x mean CE(f(x; w_k), ỹ) + β·mean‖x‖²   (G Adam steps from Gaussian noise),
+    p_k = σ(f(x̃_k; w_k)/T)
+  server, per uploaded w_j (cross-client distillation, `distillation.py`):
+    w_j' = D Adam steps on T²·KL(p_k ‖ σ(f(x̃; w_j)/T)) over the noise of clients k ≠ j
+  aggregation: w ← Σ_j (n_j / Σ_i n_i)·w_j'   (`round.py` puts the steps together)
+
+FedSD (client side only) and FedND (server side only) are its ablations; all three share the config section
+`fedsnd`.
+"""
+
+import functools
+
+from fedsnd_jax.algorithm import Plugin
+from fedsnd_jax.algorithms.fedsnd.round import Hyperparameters, NoiseMemory, build, validate
+
+__all__ = ["FEDND", "FEDSD", "FEDSND", "Hyperparameters", "NoiseMemory"]
+
+FEDSND = Plugin(build, Hyperparameters, validate, "fedsnd")
+FEDSD = Plugin(functools.partial(build, server_side=False), Hyperparameters,
+               functools.partial(validate, server_side=False), "fedsnd")
+FEDND = Plugin(functools.partial(build, client_side=False), Hyperparameters, validate, "fedsnd")

@@ -1,0 +1,280 @@
+"""FedSND's round: client self-distillation, then the server's noise synthesis and cross-client distillation.
+
+Round (DESIGN §2.1): sampled clients train locally (self-distillation for FedSD and FedSND, else plain CE);
+the server synthesises noise per uploaded model (§2.3, step `synthesis`), distils every uploaded model on
+the other clients' noise (§2.4, step `distill`) and aggregates the distilled models (§2.5). With
+`distill_target=global` it aggregates the uploads first and distils the aggregate instead. Variants of §2.6
+are fields of `Hyperparameters`.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedsnd_jax import aggregation, client
+from fedsnd_jax.algorithm import AGGREGATE, Algorithm, Federation, RoundContext, ServerCarry, ServerStep
+from fedsnd_jax.algorithms.fedsnd import distillation, noise
+from fedsnd_jax.algorithms.fedsnd.self_distillation import SELF_DISTILL_MODES, self_distillation_loss
+from fedsnd_jax.errors import InputError, check_range, require
+from fedsnd_jax.federated_data import FederatedData
+from fedsnd_jax.models import Model
+
+NOISE_TARGETS = ("balanced", "histogram")
+DISTILL_TARGETS = ("clients", "global")
+
+
+class Hyperparameters(NamedTuple):
+  """FedSND's settings, client side (fedsd, fedsnd) and server side (fednd, fedsnd).
+
+  Attributes:
+    self_distill: which self-distillation terms are on: none | dropout | previous | both (§2.2).
+    lambda_mutual: λ_mutual, the two dropout views distil each other.
+    lambda_prev: λ_prev, the received global model as teacher (≈ 0.1 was neutral, §2.6).
+    temperature: T, of the client's and the server's distillation.
+    noise_samples: Q pseudo-samples per uploaded model.
+    noise_steps: G Adam steps on the inputs; noise_lr: its learning rate.
+    noise_l2: β of the L2 prior on the inputs.
+    noise_projection: rescale every sample to a real sample's norm after every step (§2.6).
+    noise_warm_start: start each client's noise from what it had at its last participation.
+    noise_targets: balanced (default) | histogram (drawn from the client's label histogram, uploaded).
+    adversarial: weight of the hard-sample term (maximise teacher–global-model disagreement).
+    bn_prior: weight of the BatchNorm-statistics prior (DeepInversion; BatchNorm models only).
+    distill_steps: D optimiser steps per student; distill_batch: Bd; distill_lr: Adam learning rate.
+    distill_lr_decay: the step size of round r is multiplied by decay**r.
+    distill_rounds: distil only in the first R_d rounds (0 = every round).
+    teacher_weighting: none | class_count (teachers weighted by how much of the sample's target class they
+      have seen; uploads label histograms) | confidence.
+    distill_target: clients (each uploaded model, the paper) | global (the aggregate, FedDF style).
+    student_train_mode: students with dropout (default eval mode).
+  """
+
+  self_distill: str = "both"
+  lambda_mutual: float = 1.0
+  lambda_prev: float = 0.1
+  temperature: float = 2.0
+  noise_samples: int = 64
+  noise_steps: int = 100
+  noise_lr: float = 0.05
+  noise_l2: float = 0.0
+  noise_projection: bool = False
+  noise_warm_start: bool = False
+  noise_targets: str = "balanced"
+  adversarial: float = 0.0
+  bn_prior: float = 0.0
+  distill_steps: int = 20
+  distill_batch: int = 64
+  distill_lr: float = 1e-3
+  distill_lr_decay: float = 1.0
+  distill_rounds: int = 0
+  teacher_weighting: str = "none"
+  distill_target: str = "clients"
+  student_train_mode: bool = False
+
+  @property
+  def uploads_histograms(self) -> bool:
+    return self.noise_targets == "histogram" or self.teacher_weighting == "class_count"
+
+
+class NoiseMemory(NamedTuple):
+  """Per-client warm-start noise: noise [K, Q, *shape], seen [K] bool (participated before)."""
+
+  noise: jax.Array
+  seen: jax.Array
+
+
+def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool = True) -> None:
+  for field, allowed in (("self_distill", SELF_DISTILL_MODES), ("noise_targets", NOISE_TARGETS),
+                         ("teacher_weighting", distillation.TEACHER_WEIGHTINGS),
+                         ("distill_target", DISTILL_TARGETS)):
+    value = getattr(hp, field)
+    require(value in allowed, f"fedsnd.{field}", f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+  check_range(hp, "fedsnd", positive=("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr",
+                                      "distill_lr_decay"),
+              non_negative=("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "bn_prior",
+                            "distill_steps", "distill_rounds"))
+  if server_side:
+    require(federation.clients_per_round >= 2, "clients_per_round",
+            f"the server distils on the other clients' noise, so it needs ≥ 2, got {federation.clients_per_round}")
+
+
+def client_histograms(data: FederatedData, ids, num_classes: int):
+  """[C, NC] label counts of the given clients, from their rows of the index table."""
+
+  def one(cid):
+    valid = jnp.arange(data.max_count) < data.counts[cid]
+    labels = data.y[data.index[cid]]
+    return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * valid[:, None], axis=0)
+
+  return jax.vmap(one)(ids)
+
+
+class NoisePool(NamedTuple):
+  """The round's noise in client-id order, flattened: what cross-client distillation reads.
+
+  Attributes:
+    teachers: [C, P] uploaded models. x: [CQ, *shape] pseudo-samples. labels: [CQ] their target labels.
+    owners: [CQ] the position (in `teachers`) of the model each sample was made for.
+    probs: [C, CQ, NC] every teacher's tempered softmax on every sample.
+    histograms: [C, NC] label counts (class_count weighting only), else None.
+  """
+
+  teachers: object
+  x: jax.Array
+  labels: jax.Array
+  owners: jax.Array
+  probs: jax.Array
+  histograms: jax.Array | None
+
+
+def noise_pool(space: noise.NoiseSpace, teachers, pool, labels, ids, hp: Hyperparameters, histograms=None):
+  """Puts the round's noise in client-id order (so permuting the clients permutes results alike).
+
+  Args:
+    teachers: [C, P]. pool: [C, Q, *shape]. labels: [C, Q]. ids: [C]. histograms: [C, NC] or None.
+
+  Returns:
+    (NoisePool, order [C]: the sorting permutation of `ids`).
+  """
+  order = jnp.argsort(ids)
+  take = lambda tree: jax.tree.map(lambda a: a[order], tree)
+  teachers, pool, labels = take(teachers), pool[order], labels[order]
+  histograms = None if histograms is None else histograms[order]
+  num, per = labels.shape
+  flat = pool.reshape((num * per, *pool.shape[2:]))
+  probs = distillation.teacher_probs(space, teachers, flat, hp.temperature)
+  return NoisePool(teachers, flat, labels.reshape(-1), jnp.repeat(jnp.arange(num), per), probs, histograms), order
+
+
+def agreement(pool: NoisePool):
+  """How often a teacher's argmax on another client's noise is that noise's target label."""
+  votes = jnp.argmax(pool.probs, -1) == pool.labels[None, :]  # [C, CQ]
+  not_owner = jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]
+  return jnp.sum(votes * not_owner) / jnp.maximum(jnp.sum(not_owner), 1)
+
+
+def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperparameters, step_scale):
+  """Distils `params` on the pool without the noise of position `student` (−1: on all of it).
+
+  Returns:
+    (params, KL before, KL after, how often the soft target's argmax is the sample's label).
+  """
+  targets = distillation.soft_targets(pool.probs, pool.owners, student, hp.teacher_weighting, pool.histograms,
+                                      pool.labels)
+  batch_key, train_key = jax.random.split(key)
+  idx = distillation.sample_batches(batch_key, pool.owners, student, hp.distill_steps, hp.distill_batch)
+  new = distillation.distill(space, params, pool.x, targets, idx, train_key, optimizer=optax.adam(hp.distill_lr),
+                             temperature=hp.temperature, train_mode=hp.student_train_mode, step_scale=step_scale)
+  valid = (pool.owners != student).astype(jnp.float32)
+  before = distillation.mean_kl(space, params, pool.x, targets, valid, hp.temperature)
+  after = distillation.mean_kl(space, new, pool.x, targets, valid, hp.temperature)
+  right = jnp.sum((jnp.argmax(targets, -1) == pool.labels) * valid) / jnp.sum(valid)
+  return new, before, after, right
+
+
+def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters, step_scale=1.0):
+  """Every uploaded model, a student on the other clients' noise (vmapped); teachers stay the uploads.
+
+  Every random draw is keyed by client id. Returns ([C, P] students in the given order, diagnostics).
+  """
+  sorted_ids = ids[order]
+
+  def student(j, params, cid):
+    return _distill_one(space, pool, j, params, jax.random.fold_in(key, cid), hp, step_scale)
+
+  new, before, after, right = jax.vmap(student)(jnp.arange(sorted_ids.shape[0]), pool.teachers, sorted_ids)
+  inverse = jnp.argsort(order)
+  return jax.tree.map(lambda a: a[inverse], new), {
+      "teacher_agreement": agreement(pool), "kl_before": jnp.mean(before), "kl_after": jnp.mean(after),
+      "soft_target_accuracy": jnp.mean(right)}
+
+
+def distill_global(space, pool: NoisePool, start, key, hp: Hyperparameters, step_scale=1.0):
+  """The aggregate `start` [P], a student on all the noise with every teacher (FedDF style)."""
+  new, before, after, right = _distill_one(space, pool, -1, start, key, hp, step_scale)
+  return new, {"teacher_agreement": agreement(pool), "kl_before": before, "kl_after": after,
+               "soft_target_accuracy": right}
+
+
+def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_side: bool = True,
+          server_side: bool = True) -> Algorithm:
+  """FedSND, or its ablations FedSD (`server_side=False`) and FedND (`client_side=False`: plain CE).
+
+  Raises:
+    InputError: bn_prior without a BatchNorm model.
+  """
+  if server_side and hp.bn_prior > 0 and model.calibrate is None:
+    raise InputError("fedsnd.bn_prior", "needs a BatchNorm model (--config.batch_norm=True)")
+  loss = (self_distillation_loss(model, lambda_mutual=hp.lambda_mutual, lambda_prev=hp.lambda_prev,
+                                 temperature=hp.temperature, mode=hp.self_distill)
+          if client_side else client.supervised_loss(model))
+  if not server_side:
+    return Algorithm(loss)
+  space = noise.noise_space(model, federation.input_shape)
+  num_classes, q = federation.num_classes, hp.noise_samples
+
+  def init_state(params):
+    del params
+    if not hp.noise_warm_start:
+      return None
+    return NoiseMemory(jnp.zeros((federation.num_clients, q, *space.shape), jnp.float32),
+                       jnp.zeros((federation.num_clients,), bool))
+
+  def synthesis(ctx: RoundContext, carry: ServerCarry):
+    ids, uploads = ctx.ids, ctx.uploads
+    synth_key = jax.random.fold_in(ctx.key, 0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(synth_key, i))(ids)
+    histograms = client_histograms(ctx.data, ids, num_classes) if hp.uploads_histograms else None
+    if hp.noise_targets == "histogram":
+      labels = jax.vmap(lambda k, h: noise.histogram_targets(jax.random.fold_in(k, 1), h, q))(keys, histograms)
+    else:
+      labels = jnp.tile(noise.balanced_targets(q, num_classes), (ids.shape[0], 1))
+    init = jax.vmap(lambda p, k: space.init_scale(p) * jax.random.normal(k, (q, *space.shape)))(uploads.params,
+                                                                                                  keys)
+    if hp.noise_warm_start:
+      memory = ctx.state
+      init = jnp.where(memory.seen[ids].reshape((-1,) + (1,) * (init.ndim - 1)), memory.noise[ids], init)
+    optimizer = optax.adam(hp.noise_lr)
+    pool, stats = jax.vmap(lambda p, k, y, x0: noise.synthesize(
+        space, p, k, y, steps=hp.noise_steps, optimizer=optimizer, l2=hp.noise_l2,
+        projection=hp.noise_projection, init=x0, adversarial=hp.adversarial, student_params=ctx.params,
+        temperature=hp.temperature, bn_prior=hp.bn_prior))(uploads.params, keys, labels, init)
+    state = carry.state
+    if hp.noise_warm_start:
+      state = NoiseMemory(ctx.state.noise.at[ids].set(pool), ctx.state.seen.at[ids].set(True))
+    diagnostics = {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
+                   "teacher_noise_accuracy": jnp.mean(stats.accuracy), "noise_norm": jnp.mean(stats.norm),
+                   "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params))}
+    return carry._replace(state=state, work=(pool, labels, histograms)), diagnostics
+
+  def step_scale(ctx: RoundContext):
+    return jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32)
+
+  def distill(ctx: RoundContext, carry: ServerCarry):
+    pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
+    students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp,
+                                            step_scale(ctx))
+    undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
+    return carry._replace(models=students, work=None, eval_models={"no_distill": undistilled}), diagnostics
+
+  def distill_aggregate(ctx: RoundContext, carry: ServerCarry):
+    pool, _ = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
+    new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp,
+                                      step_scale(ctx))
+    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), diagnostics
+
+  distilling = ((ServerStep("synthesis", synthesis), ServerStep("distill", distill), AGGREGATE)
+                if hp.distill_target == "clients" else
+                (ServerStep("synthesis", synthesis), AGGREGATE, ServerStep("distill", distill_aggregate)))
+
+  def distills_in(round_index: int) -> bool:
+    return hp.distill_rounds == 0 or round_index < hp.distill_rounds
+
+  def server_steps(round_index: int):
+    return distilling if distills_in(round_index) else (AGGREGATE,)
+
+  def extra_bytes(round_index: int):  # label histograms, when the server needs them
+    return (num_classes * 4 if hp.uploads_histograms and distills_in(round_index) else 0), 0
+
+  return Algorithm(loss, init_state, server_steps=server_steps, extra_bytes=extra_bytes)

@@ -1,0 +1,33 @@
+"""Arithmetic on params pytrees, and per-client state stacked [K, P] gathered and scattered by client id."""
+
+import jax
+import jax.numpy as jnp
+
+
+def dot(a, b):
+  """⟨a, b⟩ summed over every leaf."""
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def sq_dist(a, b):
+  """‖a − b‖² summed over every leaf."""
+  return sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def zeros_like(params):
+  return jax.tree.map(jnp.zeros_like, params)
+
+
+def stacked(params, num: int):
+  """[num, P]: `num` copies of params [P]."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num, *a.shape)).copy(), params)
+
+
+def gather(stacked_tree, ids):
+  """[C, P]: the rows `ids` [C] of a [K, P] pytree."""
+  return jax.tree.map(lambda a: a[ids], stacked_tree)
+
+
+def scatter(stacked_tree, ids, values):
+  """The [K, P] pytree with rows `ids` [C] replaced by `values` [C, P]."""
+  return jax.tree.map(lambda a, v: a.at[ids].set(v.astype(a.dtype)), stacked_tree, values)
