@@ -19,11 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fedsnd_jax import algorithm, client, federated_data, losses, models
-from fedsnd_jax.fedavg import build_fedavg
-from fedsnd_jax.fedsnd import NoiseDistillation, build_fedsnd
+from fedsnd_jax import algorithm, algorithms, client, federated_data, losses, models
 from fedsnd_jax.partition import partition
-from fedsnd_jax.self_distillation import self_distillation_loss
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn2"], "Models.")
 _CLIENTS = flags.DEFINE_list("clients", ["10", "100", "1000"], "Clients per round.")
@@ -149,12 +146,10 @@ def round_table(conv_impl: str) -> list[str]:
   num = _ROUND_CLIENTS.value
   model = models.build_model("cnn2", SHAPE, 10, conv_impl=conv_impl)
   data = _data(num, BATCH * _STEPS.value)
-  common = dict(num_clients=num, clients_per_round=num, client_opt=client.client_optimizer(0.01, 0.9),
-                schedule=algorithm.LocalSchedule(BATCH, _STEPS.value, 1, _STEPS.value),
-                client_map=_STRATEGIES.value[0], chunk_size=_CHUNK.value)
-  algs = {"fedavg": build_fedavg(model, **common),
-          "fedsnd": build_fedsnd(model, SHAPE, 10, server=NoiseDistillation(), client_loss=self_distillation_loss(
-              model, lambda_mutual=1.0, lambda_prev=0.1, temperature=2.0), **common)}
+  fed = algorithm.Federation(num, num, algorithm.LocalSchedule(BATCH, _STEPS.value, 1, _STEPS.value), 0.01, 0.9,
+                             0.0, SHAPE, 10)
+  algs = {name: algorithms.build(name, model, fed, client_map=_STRATEGIES.value[0], chunk_size=_CHUNK.value)
+          for name in ("fedavg", "fedsnd")}
   rows, times = [], {}
   for name, alg in algs.items():
     state = alg.init(jax.random.key(0))
@@ -163,7 +158,7 @@ def round_table(conv_impl: str) -> list[str]:
     for _ in range(3):
       state, diag = alg.apply(state, data)
       diags.append(diag)
-    times[name] = {k: float(np.mean([d.get(k, 0.0) for d in diags]))
+    times[name] = {k: float(np.mean([d.times.get(k, 0.0) for d in diags]))
                    for k in ("client_time_s", "server_time_s", "synthesis_time_s", "distill_time_s")}
   base = times["fedavg"]["client_time_s"] + times["fedavg"]["server_time_s"]
   for name, t in times.items():

@@ -14,6 +14,7 @@ updates). Every algorithm runs its uploads through one aggregator, chosen indepe
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -46,6 +47,7 @@ def weighted_average(stacked, weights):
     stacked: pytree of [C, ...] leaves.
     weights: [C] non-negative (e.g. example counts).
   """
+  chex.assert_tree_shape_prefix(stacked, weights.shape)
   w = weights.astype(jnp.float32)
   w = w / jnp.maximum(jnp.sum(w), 1e-12)
   return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)

@@ -345,6 +345,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     return ids, keys, server_key, shared, own, schedule.steps_taken(data.counts[ids])
 
   def aggregate(context: RoundContext, carry: ServerCarry):
+    chex.assert_tree_shape_prefix(carry.models, (clients_per_round,))  # [C, P] whatever steps came before
     key = jax.random.fold_in(context.key, AGGREGATOR_STREAM)
     out = aggregator.apply(carry.models, context.uploads.num_examples, carry.aggregator, context.params, key)
     carry = carry._replace(average=out.params, aggregator=out.state)
@@ -367,6 +368,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
         carry, diagnostics = fn(context, carry)
         return (finish(state, context, carry) if last else carry), diagnostics
 
+      run.__name__ = f"{step.name}{'_and_server_update' if last else ''}"  # chex counts traces per name
       jitted[step, last] = jax.jit(_traced_at_most(run, max_traces))
     return jitted[step, last]
 
@@ -384,6 +386,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     timer = PhaseTimer()
     ids, keys, server_key, shared, own, steps = prepare_jit(state, data)
     uploads = timer.lap("client_time_s", client_phase((state.params, shared, data), (ids, keys, own)))
+    chex.assert_tree_shape_prefix(uploads, (clients_per_round,))
     context = RoundContext(state.round, state.params, state.algorithm, ids, own, uploads, steps, server_key,
                            data)
     carry = ServerCarry(uploads.params, None, state.algorithm, state.aggregator, None, {})

@@ -10,8 +10,7 @@ import optax
 from fedsnd_jax import losses
 from fedsnd_jax.data import normalize
 from fedsnd_jax.federated_data import FederatedData, client_batches
-
-Params = Any
+from fedsnd_jax.shapes import Params
 
 
 class ClientContext(NamedTuple):

@@ -6,7 +6,8 @@ writes into `workdir` metrics.jsonl (one record per evaluated round), TensorBoar
 `checkpoints/` and summary.json, with no config system involved. A second run in the same workdir is refused
 while the first is alive (a lock file naming its holder; a dead holder's lock is taken over). A round whose
 training loss or parameters are not finite stops the run: its state is not checkpointed (the last finite
-checkpoint stays), summary.json says `"diverged": true`, and `Diverged` is raised.
+checkpoint stays), summary.json says `"diverged": true`, and `Diverged` is raised; so does a round whose
+evaluated loss is not finite (parameters so large that the logits overflow).
 """
 
 import contextlib
@@ -162,20 +163,24 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
     for _ in range(start_round, rounds):
       state, out = algorithm.apply(state, train_data)
       r = int(state.round)
-      if not (np.isfinite(out.train_loss) and bool(_all_finite(state.params))):
+      evaluated = r % eval_every == 0 or r == rounds
+      scores = _evaluate(evaluate, state.params, eval_sets) if evaluated else {}
+      losses = [out.train_loss] + [v for k, v in scores.items() if k.endswith("_loss")]
+      if not (np.all(np.isfinite(losses)) and bool(_all_finite(state.params))):
         last = ckpt.latest_round()
+        last = f"round {last}" if last is not None else "none"
         finish({"diverged": True, "diverged_round": r})
-        raise Diverged(f"round {r}: the training loss or the global parameters are not finite (training loss "
-                       f"{out.train_loss}); likely a learning rate too large for this model and data. The last "
-                       f"finite checkpoint is {f'round {last}' if last is not None else 'none'}.")
+        evaluated_losses = "".join(f", {k} {v:.4g}" for k, v in scores.items() if k.endswith("_loss"))
+        raise Diverged(f"round {r}: a loss or the global parameters are not finite (training loss "
+                       f"{out.train_loss:.4g}{evaluated_losses}); likely a learning rate too large for this model "
+                       f"and data. The last finite checkpoint is {last}.")
       log["bytes_up"] += out.bytes_up
       log["bytes_down"] += out.bytes_down
       elapsed = time.perf_counter() - session_start
       wall_s = log["wall_s"] + elapsed
-      if r % eval_every == 0 or r == rounds:
-        record = {"round": r, **_evaluate(evaluate, state.params, eval_sets), **out.times, **out.diagnostics,
-                  "train_loss": out.train_loss, "bytes_up": log["bytes_up"], "bytes_down": log["bytes_down"],
-                  "wall_s": wall_s}
+      if evaluated:
+        record = {"round": r, **scores, **out.times, **out.diagnostics, "train_loss": out.train_loss,
+                  "bytes_up": log["bytes_up"], "bytes_down": log["bytes_down"], "wall_s": wall_s}
         for name, params in out.eval_models.items():  # e.g. the aggregate without distillation
           record.update(_evaluate(evaluate, params, eval_sets, suffix=f"_{name}"))
         log["records"].append(record)

@@ -7,7 +7,7 @@ in embedding space.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fedsnd_jax.errors import InputError
-
-Params = Any
+from fedsnd_jax.shapes import Params
 
 
 class Model(NamedTuple):

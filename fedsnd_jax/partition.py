@@ -3,9 +3,12 @@
 Conventions (DESIGN §4) — α in one is not comparable to α in another:
   iid              uniform random split into near-equal parts.
   dirichlet_label  for each class, its examples are split over clients by proportions ~ Dir(α·1_K)
-                   (NIID-Bench / MOON; a client already holding ≥ N/K examples gets no more), resampled
-                   until every client has ≥ min_size examples.
-  dirichlet_client each client's class mix ~ Dir(α·1_C) with near-equal client sizes (Hsu et al., 2019).
+                   (NIID-Bench / MOON; a client already holding ≥ N/K examples gets no more; when that
+                   leaves no proportion, the class goes to the emptiest client), resampled until every
+                   client has ≥ min_size examples.
+  dirichlet_client each client's class mix ~ Dir(α·p) with p = 1_NC/NC the uniform prior, i.e. Dir((α/NC)·1),
+                   near-equal client sizes (Hsu, Qi, Brown, arXiv 1909.06335, 2019: α is the total
+                   concentration, so α = NC draws mixes uniformly from the simplex).
   shards           sort by label, cut into K·s equal shards, give each client s shards (McMahan et al.,
                    2017); s = `shards_per_client` ≈ classes per client.
   quantity         client sizes ~ Dir(α·1_K) (resampled until ≥ min_size), labels iid.
@@ -102,6 +105,8 @@ def _dirichlet_label(labels, k, num_classes, alpha, min_size, rng):
       idx = rng.permutation(idx)
       p = rng.dirichlet(np.full(k, alpha))
       p = np.where(sizes < n / k, p, 0.0)  # NIID-Bench: full clients take no more.
+      if not p.sum() > 0:  # Every client the draw chose is full (α → 0): the emptiest client takes the class.
+        p = np.eye(k)[np.argmin(sizes)]
       p = p / p.sum()
       cuts = (np.cumsum(p) * len(idx)).astype(np.int64)[:-1]
       for j, chunk in enumerate(np.split(idx, cuts)):
@@ -113,14 +118,14 @@ def _dirichlet_label(labels, k, num_classes, alpha, min_size, rng):
 
 
 def _dirichlet_client(labels, k, num_classes, alpha, rng):
-  """Each client draws its near-equal share of examples class by class from its own mix ~ Dir(α)."""
+  """Each client draws its near-equal share of examples class by class from its own mix ~ Dir((α/NC)·1)."""
   pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(num_classes)]
   remaining = np.array([len(p) for p in pools])
   sizes = np.full(k, len(labels) // k)
   sizes[: len(labels) % k] += 1
   parts = []
   for size in sizes:
-    mix = rng.dirichlet(np.full(num_classes, alpha))
+    mix = rng.dirichlet(np.full(num_classes, alpha / num_classes))
     take = np.zeros(num_classes, np.int64)
     while take.sum() < size:  # Redraw the shortfall over the classes that still have examples.
       open_mix = np.where(remaining - take > 0, mix, 0.0)

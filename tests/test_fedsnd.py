@@ -6,62 +6,32 @@ import numpy as np
 import optax
 import pytest
 
-from fedsnd_jax import algorithm, client, distillation, federated_data, losses, models, noise
-from fedsnd_jax.fedavg import build_fedavg
-from fedsnd_jax.fedsnd import NoiseDistillation, build_fedsnd, cross_distill
-from fedsnd_jax.partition import partition
-from fedsnd_jax.self_distillation import self_distillation_loss
+from fedsnd_jax import algorithms, client, losses, models
+from fedsnd_jax.algorithms.fedsnd import Hyperparameters, distillation, noise
+from fedsnd_jax.algorithms.fedsnd.round import distill_clients, distill_global, noise_pool
+from fedsnd_jax.algorithms.fedsnd.self_distillation import self_distillation_loss
 
-RNG = np.random.default_rng(0)
-X = RNG.integers(0, 17, (36, 4, 4, 1)).astype(np.uint8)
-Y = (X.reshape(36, -1).sum(1) % 3).astype(np.int32)
-MEAN, STD = np.array([8.0], np.float32), np.array([5.0], np.float32)
 SHAPE = (4, 4, 1)
+SMALL = dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4)
 
 
-def _common(model, clients_per_round=3):
-  part = partition(Y, 3, "dirichlet_label", alpha=0.5, seed=0, min_size=4)
-  data = federated_data.to_device(X, Y, part, MEAN, STD)
-  steps = federated_data.steps_per_round(data.max_count, 4, 1, 0)
-  return data, dict(num_clients=3, clients_per_round=clients_per_round,
-                    schedule=algorithm.LocalSchedule(4, steps, 1, 0),
-                    client_opt=client.client_optimizer(0.05, 0.9, 1e-4))
-
-
-def _rounds(alg, data, n):
-  state = alg.init(jax.random.key(0))
-  diags = []
-  for _ in range(n):
-    state, diag = alg.apply(state, data)
-    diags.append(diag)
-  return state, diags
-
-
-def _assert_trees_close(a, b, **tol):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
-
-
-def test_all_distillation_off_is_fedavg():
+def test_all_distillation_off_is_fedavg(federation, run_rounds, assert_close):
   model = models.build_model("mlp", SHAPE, 3)
-  data, common = _common(model)
-  off = self_distillation_loss(model, lambda_mutual=0.0, lambda_prev=0.0, temperature=2.0)
-  fedsnd = build_fedsnd(model, SHAPE, 3, client_loss=off, server=NoiseDistillation(noise_steps=2, distill_steps=0),
-                        **common)
-  fedavg = build_fedavg(model, **common)
-  a, diags = _rounds(fedsnd, data, 2)
-  b, _ = _rounds(fedavg, data, 2)
-  assert "synthesis_time_s" in diags[0]  # the server part did run, with D = 0
-  _assert_trees_close(a.params, b.params, rtol=1e-5, atol=1e-6)
+  data, fed = federation()
+  off = dict(lambda_mutual=0.0, lambda_prev=0.0, noise_steps=2, distill_steps=0)
+  a, outs = run_rounds(algorithms.build("fedsnd", model, fed, off), data, 2)
+  b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 2)
+  assert "synthesis_time_s" in outs[0].times  # the server part did run, with D = 0
+  assert_close(a.params, b.params)
 
 
 @pytest.mark.parametrize("mode", ["none", "dropout", "previous", "both"])
-def test_self_distillation_terms_switch(mode):
+def test_self_distillation_terms_switch(mode, federation, run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
-  data, common = _common(model)
-  fedsd = build_fedsnd(model, SHAPE, 3, client_loss=self_distillation_loss(
-      model, lambda_mutual=1.0, lambda_prev=0.5, temperature=2.0, mode=mode), **common)
-  a, _ = _rounds(fedsd, data, 1)
-  b, _ = _rounds(build_fedavg(model, **common), data, 1)
+  data, fed = federation()
+  fedsd = algorithms.build("fedsd", model, fed, dict(lambda_mutual=1.0, lambda_prev=0.5, self_distill=mode))
+  a, _ = run_rounds(fedsd, data, 1)
+  b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 1)
   diff = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a.params, b.params)))
   assert (diff < 1e-6) if mode == "none" else (diff > 1e-5)
 
@@ -154,64 +124,83 @@ def _pool_setup():
   return space, teachers, pool, labels
 
 
+def _distill(space, teachers, pool, labels, ids, hp, histograms=None):
+  pooled, order = noise_pool(space, teachers, pool, labels, ids, hp, histograms)
+  return distill_clients(space, pooled, order, ids, jax.random.key(2), hp)
+
+
 @pytest.mark.parametrize("weighting", ["none", "class_count", "confidence"])
 def test_distillation_lowers_student_teacher_kl(weighting):
   space, teachers, pool, labels = _pool_setup()
-  settings = NoiseDistillation(distill_steps=15, distill_batch=8, distill_lr=0.01, teacher_weighting=weighting)
+  hp = Hyperparameters(distill_steps=15, distill_batch=8, distill_lr=0.01, teacher_weighting=weighting)
   hist = jnp.array([[5, 1, 0], [0, 4, 4], [2, 2, 2]])
-  _, diag = cross_distill(space, teachers, jnp.array([3, 4, 5]), pool, labels, jnp.array([0, 1, 2]),
-                          jax.random.key(2), settings, hist)
+  _, diag = _distill(space, teachers, pool, labels, jnp.array([0, 1, 2]), hp, hist)
   assert float(diag["kl_after"]) < 0.7 * float(diag["kl_before"])
 
 
 def test_global_target_lowers_kl():
   space, teachers, pool, labels = _pool_setup()
-  settings = NoiseDistillation(distill_steps=15, distill_batch=8, distill_lr=0.01, distill_target="global")
-  new, diag = cross_distill(space, teachers, jnp.array([3, 4, 5]), pool, labels, jnp.array([0, 1, 2]),
-                            jax.random.key(2), settings)
+  hp = Hyperparameters(distill_steps=15, distill_batch=8, distill_lr=0.01, distill_target="global")
+  pooled, _ = noise_pool(space, teachers, pool, labels, jnp.array([0, 1, 2]), hp)
+  start = jax.tree.map(lambda a: a.mean(0), teachers)
+  new, diag = distill_global(space, pooled, start, jax.random.key(2), hp)
   assert jax.tree.leaves(new)[0].shape == jax.tree.leaves(teachers)[0].shape[1:]
   assert float(diag["kl_after"]) < 0.7 * float(diag["kl_before"])
 
 
-def test_distillation_is_order_independent():
+def test_distillation_is_order_independent(assert_close):
   space, teachers, pool, labels = _pool_setup()
-  settings = NoiseDistillation(distill_steps=5, distill_batch=4, distill_lr=0.01)
-  ids, counts = jnp.array([4, 9, 17]), jnp.array([3, 4, 5])
-  out, _ = cross_distill(space, teachers, counts, pool, labels, ids, jax.random.key(2), settings)
+  hp = Hyperparameters(distill_steps=5, distill_batch=4, distill_lr=0.01)
+  ids = jnp.array([4, 9, 17])
+  out, _ = _distill(space, teachers, pool, labels, ids, hp)
   perm = jnp.array([2, 0, 1])
   take = lambda tree: jax.tree.map(lambda a: a[perm], tree)
-  out_p, _ = cross_distill(space, take(teachers), counts[perm], pool[perm], labels[perm], ids[perm],
-                           jax.random.key(2), settings)
-  _assert_trees_close(out_p, take(out), rtol=1e-6, atol=1e-7)
+  out_p, _ = _distill(space, take(teachers), pool[perm], labels[perm], ids[perm], hp)
+  assert_close(out_p, take(out), rtol=1e-6, atol=1e-7)
 
 
-def test_fedsnd_round_does_not_retrace_and_warm_start_keeps_noise():
+def test_distillation_never_steps_batch_norm_statistics():
+  # Eval-mode students read their BatchNorm statistics; Adam must not move them (a variance could go < 0).
+  model = models.build_model("cnn2", SHAPE, 3, batch_norm=True, conv_impl="im2col")
+  space = noise.noise_space(model, SHAPE)
+  x_real = 2.0 * jax.random.normal(jax.random.key(5), (16, *SHAPE)) + 1.0
+  params = model.calibrate(model.init(jax.random.key(0)), x_real)
+  pool = jax.random.normal(jax.random.key(1), (12, *SHAPE))
+  targets = jax.nn.softmax(jax.random.normal(jax.random.key(3), (12, 3)))
+  idx = jax.random.randint(jax.random.key(4), (5, 6), 0, 12)
+  new = distillation.distill(space, params, pool, targets, idx, jax.random.key(6), optimizer=optax.adam(0.1),
+                             temperature=2.0)
+  jax.tree.map(np.testing.assert_array_equal, new["batch_stats"], params["batch_stats"])
+  assert float(jnp.abs(new["params"]["Dense_0"]["bias"] - params["params"]["Dense_0"]["bias"]).max()) > 1e-3
+
+
+def test_fedsnd_round_does_not_retrace_and_warm_start_keeps_noise(federation, run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
-  data, common = _common(model, clients_per_round=2)
-  traces = []
-
-  def counting_apply(*args, **kwargs):
-    traces.append(1)
-    return model.apply(*args, **kwargs)
-
-  counted = model._replace(apply=counting_apply)
-  server = NoiseDistillation(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4,
-                             noise_warm_start=True, noise_projection=True)
-  alg = build_fedsnd(counted, SHAPE, 3, client_loss=self_distillation_loss(
-      counted, lambda_mutual=1.0, lambda_prev=0.1, temperature=2.0), server=server, **common)
-  state, _ = _rounds(alg, data, 1)
-  first = len(traces)
-  seen_after_one = np.asarray(state.clients.seen)
-  assert seen_after_one.sum() == 2 and state.clients.noise.shape == (3, 6, *SHAPE)
-  for _ in range(3):
-    state, diag = alg.apply(state, data)
-  assert len(traces) == first
-  kept = np.asarray(state.clients.noise)[np.asarray(state.clients.seen)]
+  data, fed = federation(3, 2)
+  hp = dict(SMALL, noise_warm_start=True, noise_projection=True)
+  alg = algorithms.build("fedsnd", model, fed, hp, max_traces=1)
+  state, _ = run_rounds(alg, data, 1)
+  seen_after_one = np.asarray(state.algorithm.seen)
+  assert seen_after_one.sum() == 2 and state.algorithm.noise.shape == (3, 6, *SHAPE)
+  state, outs = run_rounds(alg, data, 3, state=state)  # chex: no phase is traced twice
+  kept = np.asarray(state.algorithm.noise)[np.asarray(state.algorithm.seen)]
   np.testing.assert_allclose(np.linalg.norm(kept.reshape(len(kept), 6, -1), axis=-1), 4.0, rtol=1e-4)
+  out = outs[-1]
   for field in ("teacher_ce", "teacher_noise_accuracy", "noise_norm", "teacher_agreement", "kl_before",
-                "kl_after", "synthesis_time_s", "distill_time_s", "server_time_s"):
-    assert field in diag, field
-  assert "no_distill" in diag["eval_params"]
+                "kl_after"):
+    assert field in out.diagnostics, field
+  for field in ("synthesis_time_s", "distill_time_s", "aggregate_time_s", "server_time_s"):
+    assert field in out.times, field
+  assert "no_distill" in out.eval_models
+
+
+def test_distill_rounds_and_histogram_bytes(federation, run_rounds):
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  hp = dict(SMALL, distill_rounds=1, teacher_weighting="class_count")
+  _, outs = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 2)
+  assert "synthesis_time_s" in outs[0].times and "synthesis_time_s" not in outs[1].times
+  assert outs[0].bytes_up - outs[1].bytes_up == 3 * 3 * 4  # C clients × NC int32 counts, distilling rounds only
 
 
 def test_bn_prior_pulls_noise_statistics_to_the_model():
@@ -228,14 +217,12 @@ def test_bn_prior_pulls_noise_statistics_to_the_model():
   assert float(stats.ce_final) < float(stats.ce_initial)
 
 
-def test_fedsnd_with_batch_norm_and_prior_runs():
+def test_fedsnd_with_batch_norm_and_prior_runs(federation, run_rounds):
   model = models.build_model("cnn2", SHAPE, 3, batch_norm=True)
-  data, common = _common(model)
-  alg = build_fedsnd(model, SHAPE, 3, server=NoiseDistillation(noise_samples=6, noise_steps=3, distill_steps=2,
-                                                                distill_batch=4, bn_prior=0.1), **common)
-  state, diags = _rounds(alg, data, 2)
-  init = alg.init(jax.random.key(0))
+  data, fed = federation()
+  alg = algorithms.build("fednd", model, fed, dict(SMALL, bn_prior=0.1))
+  state, outs = run_rounds(alg, data, 2)
   # Clients calibrated their statistics; the aggregate holds their average, not the initial 0/1.
   assert not np.allclose(state.params["batch_stats"]["BatchNorm_0"]["var"], 1.0)
-  assert np.all(np.isfinite(jax.tree.leaves(state.params)[0])) and init.round == 0
-  assert np.isfinite(diags[-1]["kl_after"])
+  assert np.all(np.isfinite(jax.tree.leaves(state.params)[0]))
+  assert np.isfinite(outs[-1].diagnostics["kl_after"])

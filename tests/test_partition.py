@@ -65,3 +65,45 @@ def test_min_size_honoured(method, alpha):
 def test_impossible_requests_give_clear_errors(kwargs, field):
   with pytest.raises(InputError, match=f"^{field}: "):
     P.partition(LABELS, **kwargs)
+
+
+def test_dirichlet_client_alpha_is_the_total_concentration():
+  # Hsu et al. draw each mix from Dir(α·p), p uniform over NC classes: Dir((α/NC)·1). For a symmetric Dir(a·1)
+  # the expected entropy is ψ(NC·a + 1) − ψ(a + 1): 0.85 nats at α = 1 (a = 0.1), where Dir(1·1) gives 1.93.
+  labels = np.repeat(np.arange(10), 1000)
+  entropy = P.label_entropy(P.partition(labels, 50, "dirichlet_client", alpha=1.0, seed=0).histograms).mean()
+  assert 0.6 < entropy < 1.2
+
+
+@pytest.mark.filterwarnings("error")  # numpy's divide-by-zero and NaN-cast warnings fail the test
+@pytest.mark.parametrize("method", ["dirichlet_label", "dirichlet_client"])
+def test_vanishing_alpha_gives_a_valid_deterministic_partition(method):
+  # α → 0: each class (or each client's size) lands on one client; full clients must not leave a class with
+  # no proportion at all (a division by zero before).
+  parts = [P.partition(LABELS, 3, method, alpha=1e-8, seed=s) for s in (1, 1)]  # seed 1 fills a client early
+  joined = np.concatenate(parts[0].client_indices)
+  assert np.array_equal(np.sort(joined), np.arange(len(LABELS)))
+  assert all(np.array_equal(x, y) for x, y in zip(parts[0].client_indices, parts[1].client_indices, strict=True))
+  if method == "dirichlet_label":
+    assert ((parts[0].histograms > 0).sum(0) == 1).all()  # every class on a single client
+
+
+@pytest.mark.filterwarnings("error")
+def test_vanishing_alpha_quantity_is_refused_clearly():
+  with pytest.raises(InputError, match="^alpha: "):  # one client would hold everything
+    P.partition(LABELS, 3, "quantity", alpha=1e-8, seed=0)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("method", P.PARTITIONS)
+def test_one_client_holds_everything(method):
+  part = P.partition(LABELS, 1, method, alpha=0.1, seed=0, shards_per_client=1)
+  assert np.array_equal(part.client_indices[0], np.arange(len(LABELS)))
+
+
+@pytest.mark.filterwarnings("error")
+def test_as_many_clients_as_examples():
+  assert (P.partition(LABELS, 600, "dirichlet_client", alpha=0.1, seed=0).sizes == 1).all()
+  assert (P.partition(LABELS, 600, "iid", seed=0).sizes == 1).all()
+  with pytest.raises(InputError, match="^alpha: "):  # no Dirichlet draw gives 599 clients an example each
+    P.partition(LABELS, 599, "dirichlet_label", alpha=0.1, seed=0)

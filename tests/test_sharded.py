@@ -10,9 +10,8 @@ SCRIPT = r"""
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 import numpy as np
-from fedsnd_jax import algorithm, client, federated_data, models
-from fedsnd_jax.fedavg import build_fedavg
-from fedsnd_jax.fedsnd import NoiseDistillation, build_fedsnd
+from fedsnd_jax import algorithms, federated_data, models
+from fedsnd_jax.algorithm import Federation, LocalSchedule
 from fedsnd_jax.partition import partition
 
 assert jax.device_count() == 4, jax.devices()
@@ -21,11 +20,10 @@ x = rng.integers(0, 17, (40, 4, 4, 1)).astype(np.uint8)
 y = (x.reshape(40, -1).sum(1) % 3).astype(np.int32)
 data = federated_data.to_device(x, y, partition(y, 5, "iid", seed=0), np.array([8.0]), np.array([5.0]))
 model = models.build_model("mlp", (4, 4, 1), 3)
-common = dict(num_clients=5, clients_per_round=5, schedule=algorithm.LocalSchedule(4, 2, 1, 2),
-              client_opt=client.client_optimizer(0.05, 0.9))
-server = NoiseDistillation(noise_samples=4, noise_steps=3, distill_steps=2, distill_batch=4)
-for build in (lambda cm: build_fedavg(model, client_map=cm, **common),
-              lambda cm: build_fedsnd(model, (4, 4, 1), 3, server=server, client_map=cm, **common)):
+fed = Federation(5, 5, LocalSchedule(4, 2, 1, 2), 0.05, 0.9, 0.0, (4, 4, 1), 3)
+server = dict(noise_samples=4, noise_steps=3, distill_steps=2, distill_batch=4)
+for build in (lambda cm: algorithms.build("fedavg", model, fed, client_map=cm),
+              lambda cm: algorithms.build("fednd", model, fed, server, client_map=cm)):
   finals = {}
   for cm in ("vmap", "sharded"):  # 5 clients on 4 devices: padding is exercised too
     alg = build(cm)

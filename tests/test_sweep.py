@@ -13,7 +13,7 @@ from fedsnd_jax.errors import InputError
 def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
   base = tiny.get_config()
   base.rounds = 2
-  variants = sweep.parse_variants(["sd_prev:algorithm=fedsd:self_distill=previous"], base)
+  variants = sweep.parse_variants(["sd_prev:algorithm=fedsd:fedsnd.self_distill=previous"], base)
   rows = sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0], [0], variants)
   assert len(rows) == 4
   for name in ("results.csv", "results.md", "accuracy_vs_round_alpha=0.3.png", "accuracy_vs_round_alpha=1.png",
@@ -21,7 +21,7 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / name).stat().st_size > 0, name
   with open(tmp_path / "sd_prev" / "alpha=0.3" / "seed=0" / "config.json") as f:
     cfg = json.load(f)
-  assert cfg["algorithm"] == "fedsd" and cfg["self_distill"] == "previous" and cfg["alpha"] == 0.3
+  assert cfg["algorithm"] == "fedsd" and cfg["fedsnd"]["self_distill"] == "previous" and cfg["alpha"] == 0.3
   calls = []
   monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a))
   sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0], [0], variants)
@@ -33,16 +33,20 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
 
 def test_table_matches_numpy_over_summaries(tmp_path):
   base = tiny.get_config()
-  base.rounds = 2
+  base.rounds, base.validation_fraction = 2, 0.2
   sweep.sweep(base, str(tmp_path), ["fedavg"], [0.5], [0, 1])
-  finals = []
+  finals, vals = [], []
   for seed in (0, 1):
     with open(tmp_path / "fedavg" / "alpha=0.5" / f"seed={seed}" / "summary.json") as f:
-      finals.append(json.load(f)["final_accuracy"])
-  expected = f"{100 * np.mean(finals):.2f} ± {100 * np.std(finals):.2f}"
+      summary = json.load(f)
+    finals.append(summary["final_accuracy"])
+    vals.append(summary["last5_mean_val_accuracy"])
+  cell = lambda values: f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
   text = (tmp_path / "results.md").read_text()
-  row = [line for line in text.splitlines() if line.startswith("| fedavg")][0]
-  assert row.split(" | ")[3] == expected
+  header = [line for line in text.splitlines() if line.startswith("| algorithm")][0].split(" | ")
+  row = [line for line in text.splitlines() if line.startswith("| fedavg")][0].split(" | ")
+  assert row[header.index("final acc")] == cell(finals)
+  assert row[header.index("val last-5 mean")] == cell(vals)
   with open(tmp_path / "results.csv") as f:
     assert [float(r["final_accuracy"]) for r in csv.DictReader(f)] == finals
 
@@ -56,6 +60,7 @@ def _first_round_at(path, target):
 def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
   base = tiny.get_config()
   base.rounds = 3
+  base.fedsnd.noise_samples, base.fedsnd.noise_steps, base.fedsnd.distill_steps = 16, 20, 5
   sweep.sweep(base, str(tmp_path), ["fedavg", "fednd"], [0.5], [0])
   cells = {alg: tmp_path / alg / "alpha=0.5" / "seed=0" for alg in ("fedavg", "fednd")}
   finals = {}
@@ -81,8 +86,9 @@ def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
   assert row[6] == f"{last['kl_before']:.2f}"
 
 
-@pytest.mark.parametrize("spec", ["noalg", "x:algorithm=fedsnd:nosuchfield=1",
-                                  "x:algorithm=fedsnd:noise_projection=maybe"])
+@pytest.mark.parametrize("spec", ["noalg", "x:algorithm=fedsnd:nosuchfield=1", "x:algorithm=fedsnd:fedsnd=1",
+                                  "x:algorithm=fedsnd:noise_projection=True",  # the section is part of the name
+                                  "x:algorithm=fedsnd:fedsnd.noise_projection=maybe"])
 def test_bad_variants(spec):
   with pytest.raises(InputError, match="^variant: "):
     sweep.parse_variants([spec], tiny.get_config())

@@ -11,6 +11,8 @@ import pytest
 
 from experiments import runner
 from experiments.configs import tiny
+from fedsnd_jax import experiment
+from fedsnd_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,8 +54,9 @@ def test_workdir_contract(tmp_path):
 
 def _fedsnd_tiny():
   config = tiny.get_config()
-  config.algorithm, config.noise_warm_start, config.validation_fraction = "fedsnd", True, 0.2
-  config.noise_samples, config.noise_steps, config.distill_steps, config.distill_batch = 8, 5, 3, 8
+  config.algorithm, config.fedsnd.noise_warm_start, config.validation_fraction = "fedsnd", True, 0.2
+  f = config.fedsnd
+  f.noise_samples, f.noise_steps, f.distill_steps, f.distill_batch = 8, 5, 3, 8
   return config
 
 
@@ -66,7 +69,7 @@ def test_fedsnd_end_to_end(tmp_path):
   assert summary["algorithm"] == "fedsnd" and 0 <= summary["final_accuracy"] <= 1
   assert summary["final_val_accuracy"] == records[-1]["val_accuracy"]
   with open(tmp_path / "config.json") as f:
-    assert json.load(f)["noise_warm_start"] is True
+    assert json.load(f)["fedsnd"]["noise_warm_start"] is True
 
 
 def _scaffold_tiny():
@@ -97,7 +100,7 @@ def test_rerun_with_other_config_is_refused(tmp_path):
   runner.run(tiny.get_config(), str(tmp_path))
   config = tiny.get_config()
   config.alpha = 0.7
-  with pytest.raises(runner.InputError, match="^workdir: .*alpha"):
+  with pytest.raises(InputError, match="^workdir: .*alpha"):
     runner.run(config, str(tmp_path))
 
 
@@ -117,22 +120,68 @@ BAD_INPUTS = [
     ("--config.client_lr=0", "client_lr"),
     ("--config.alpha=abc", "alpha"),
     ("--config.nofield=3", "nofield"),
-    ("--config.teacher_weighting=loudest", "teacher_weighting"),
+    ("--config.algorithm=fedsnd --config.fedsnd.teacher_weighting=loudest", "fedsnd.teacher_weighting"),
     ("--config.algorithm=fednd --config.clients_per_round=1", "clients_per_round"),
+    ("--config.client_lr=inf", "client_lr"),
+    ("--config.algorithm=fedsnd --config.fedsnd.distill_lr=nan", "fedsnd.distill_lr"),
+    ("--config.algorithm=moon --config.moon.tau=0", "moon.tau"),
+    ("--config.dataset=npz:{nan_npz}", "dataset"),
 ]
 
 
+def _train(workdir, *flags):
+  cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py", f"--workdir={workdir}",
+         *flags]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
-  procs = []
-  for i, (flag, field) in enumerate(BAD_INPUTS):
-    workdir = tmp_path / f"w{i}"
-    cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
-           f"--workdir={workdir}", *flag.split()]
-    procs.append((flag, field, workdir, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                                         stderr=subprocess.PIPE, text=True)))
+  nan_npz = tmp_path / "nan.npz"
+  x = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32)
+  x[3, 2] = np.nan
+  np.savez(nan_npz, x_train=x, y_train=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a folder")
+  cases = [(flag.format(nan_npz=nan_npz), field, tmp_path / f"w{i}") for i, (flag, field) in enumerate(BAD_INPUTS)]
+  procs = [(flag, field, workdir, _train(workdir, *flag.split())) for flag, field, workdir in cases]
+  procs.append(("--workdir=<a file>", "workdir", None, _train(a_file)))
+  # A run that diverges: exit 3, one line, summary.json marked, no checkpoint of the non-finite state.
+  diverging = _train(tmp_path / "diverged", "--config.client_lr=1e12")
   for flag, field, workdir, proc in procs:
     _, err = proc.communicate(timeout=300)
     lines = err.strip().splitlines()
     assert proc.returncode == 2, (flag, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], (flag, err[-2000:])
-    assert not workdir.exists(), flag  # nothing written that looks like a result
+    assert workdir is None or not workdir.exists(), flag  # nothing written that looks like a result
+  assert a_file.read_text() == "not a folder"
+  _, err = diverging.communicate(timeout=300)
+  lines = err.strip().splitlines()
+  assert diverging.returncode == 3, err[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("diverged: round ") and "not finite" in lines[0], err[-2000:]
+  with open(tmp_path / "diverged" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["diverged"] is True
+  saved = [int(name) for name in os.listdir(tmp_path / "diverged" / "checkpoints") if name.isdigit()]
+  assert all(r < summary["diverged_round"] for r in saved)
+
+
+def test_diverged_run_raises_and_keeps_finite_records(tmp_path):
+  config = tiny.get_config()
+  config.client_lr = 1e12
+  with pytest.raises(experiment.Diverged, match="^round 1: "):
+    runner.run(config, str(tmp_path))
+  with open(tmp_path / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["diverged"] is True and summary["diverged_round"] == 1 and summary["rounds"] == 0
+  assert _read_jsonl(tmp_path / "metrics.jsonl") == []  # the non-finite round is not logged
+
+
+def test_a_live_run_holds_its_workdir(tmp_path):
+  holder = tmp_path / "held"
+  with experiment.locked_workdir(str(holder)):
+    with pytest.raises(InputError, match=f"^workdir: .*in use by another run \\(pid {os.getpid()} "):
+      runner.run(tiny.get_config(), str(holder))
+  assert not (holder / "metrics.jsonl").exists()
+  # A lock file left by a dead process is no lock: flock is released with its holder.
+  (holder / experiment.LOCK_FILE).write_text("pid 999999 on nowhere since 2000-01-01\n")
+  assert runner.run(tiny.get_config(), str(holder))["rounds"] == 3

@@ -6,15 +6,14 @@ uploaded models.
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import losses
 from fedsnd_jax.models import Model
-
-Params = Any
+from fedsnd_jax.shapes import Params
 
 
 class NoiseSpace(NamedTuple):

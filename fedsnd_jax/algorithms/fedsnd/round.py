@@ -9,6 +9,7 @@ are fields of `Hyperparameters`.
 
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,6 +21,7 @@ from fedsnd_jax.algorithms.fedsnd.self_distillation import SELF_DISTILL_MODES, s
 from fedsnd_jax.errors import InputError, check_range, require
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.models import Model
+from fedsnd_jax.shapes import Params
 
 NOISE_TARGETS = ("balanced", "histogram")
 DISTILL_TARGETS = ("clients", "global")
@@ -120,7 +122,7 @@ class NoisePool(NamedTuple):
     histograms: [C, NC] label counts (class_count weighting only), else None.
   """
 
-  teachers: object
+  teachers: Params
   x: jax.Array
   labels: jax.Array
   owners: jax.Array
@@ -137,6 +139,8 @@ def noise_pool(space: noise.NoiseSpace, teachers, pool, labels, ids, hp: Hyperpa
   Returns:
     (NoisePool, order [C]: the sorting permutation of `ids`).
   """
+  chex.assert_shape(pool, (*labels.shape, *space.shape))
+  chex.assert_tree_shape_prefix(teachers, ids.shape)
   order = jnp.argsort(ids)
   take = lambda tree: jax.tree.map(lambda a: a[order], tree)
   teachers, pool, labels = take(teachers), pool[order], labels[order]
