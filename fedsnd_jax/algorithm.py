@@ -206,7 +206,9 @@ class Plugin(NamedTuple):
   Attributes:
     build: (model, hyperparameters, federation) -> Algorithm.
     hyperparameters: the NamedTuple class of its hyperparameters; its defaults are the paper's (cited).
-    validate: (hyperparameters, federation) -> None; raises InputError naming `section.field`.
+    validate: (hyperparameters, federation) -> None; raises InputError naming `section.field`. It may run
+      before the data is loaded (the binaries check every sweep cell first): then the federation's schedule,
+      input_shape and num_classes are None.
     section: the config section holding its hyperparameters (`--config.<section>.<field>`).
     model_options: hyperparameters -> extra `models.build_model` arguments (MOON's projection head).
   """
