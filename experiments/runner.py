@@ -14,7 +14,17 @@ import jax
 import numpy as np
 import optax
 
-from fedsnd_jax import algorithms, evaluation, experiment, federated_data, mapping, metrics, models
+from fedsnd_jax import (
+  aggregation,
+  algorithms,
+  evaluation,
+  experiment,
+  federated_data,
+  mapping,
+  metrics,
+  models,
+  privacy,
+)
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, LocalSchedule
 from fedsnd_jax.data import Dataset, load_dataset
@@ -82,6 +92,46 @@ def validate_config(c) -> None:
   require(0 <= c.validation_fraction < 1, "validation_fraction",
           f"must be in [0, 1), got {c.validation_fraction}")
   plugin.validate(hyperparameters(c), federation(c))
+  _validate_privacy(c, plugin)
+
+
+def _validate_privacy(c, plugin) -> None:
+  for field in ("dp_clip_norm", "dp_noise_multiplier", "dp_clip_count_stddev", "dp_target_epsilon"):
+    require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
+  if c.dp_clip_norm == 0:
+    return
+  require(0 < c.dp_delta < 1, "dp_delta", f"must be in (0, 1), got {c.dp_delta}")
+  require(0 < c.dp_target_quantile < 1, "dp_target_quantile", f"must be in (0, 1), got {c.dp_target_quantile}")
+  require(c.dp_clip_learning_rate > 0, "dp_clip_learning_rate", f"must be > 0, got {c.dp_clip_learning_rate}")
+  require(not (c.dp_local and c.dp_adaptive_clip), "dp_adaptive_clip",
+          "adaptive clipping is central DP's (the server sets S from a noised count); not with dp_local")
+  require(c.dp_target_epsilon == 0 or c.dp_noise_multiplier > 0, "dp_target_epsilon",
+          "needs dp_noise_multiplier > 0 (without noise ε is infinite)")
+  modes = plugin.privacy(hyperparameters(c))
+  require(bool(modes), "algorithm", f"{c.algorithm} releases more than its model update in the clear, which no "
+          "DP mode here covers (see its module); run it with dp_clip_norm=0")
+  mode = "local" if c.dp_local else "central"
+  require(mode in modes, "dp_local", f"{c.algorithm} can be covered by {' or '.join(modes)} DP only, not {mode} "
+          f"(see its module); set --config.dp_local={not c.dp_local}")
+
+
+def privacy_mechanism(c):
+  """(aggregator, upload transform, accountant) of the config's DP settings; (None, None, None) without DP."""
+  if c.dp_clip_norm == 0:
+    return None, None, None
+  count_stddev = 0.0
+  if c.dp_local:
+    aggregator, transform = aggregation.unweighted_mean(), privacy.local_noise(c.dp_clip_norm,
+                                                                               c.dp_noise_multiplier)
+  else:
+    adaptive = None
+    if c.dp_adaptive_clip:
+      count_stddev = c.dp_clip_count_stddev or c.clients_per_round / 20
+      adaptive = privacy.AdaptiveClipping(c.dp_target_quantile, count_stddev, c.dp_clip_learning_rate)
+    aggregator, transform = privacy.central_dp(c.dp_clip_norm, c.dp_noise_multiplier, adaptive), None
+  accountant = privacy.Accountant(c.num_clients, c.clients_per_round, c.dp_noise_multiplier, c.dp_delta,
+                                  count_stddev, c.dp_local)
+  return aggregator, transform, accountant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +151,10 @@ def build_algorithm(c, model: models.Model, fed: Federation) -> FederatedAlgorit
   """Turns the config's algorithm, its section and the server fields into builder arguments."""
   server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
                 else optax.adam(c.server_lr))
+  aggregator, transform, _ = privacy_mechanism(c)
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
-                          client_map=resolve_client_map(c), chunk_size=c.chunk_size)
+                          aggregator=aggregator, upload_transform=transform, client_map=resolve_client_map(c),
+                          chunk_size=c.chunk_size)
 
 
 def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple | None]:
@@ -203,4 +255,6 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
           "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed}
   return experiment.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
                         rounds=c.rounds, seed=c.seed, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-                        target_accuracy=c.target_accuracy, info=info, on_start=on_start, stop_after=stop_after)
+                        target_accuracy=c.target_accuracy, info=info, on_start=on_start,
+                        accountant=privacy_mechanism(c)[2], target_epsilon=c.dp_target_epsilon,
+                        stop_after=stop_after)

@@ -61,3 +61,13 @@ def weighted_mean() -> Aggregator:
     return Aggregate(weighted_average(models, weights), state, {})
 
   return Aggregator(lambda params: EmptyState(), apply)
+
+
+def unweighted_mean() -> Aggregator:
+  """w ← (1/C)·Σ_k w_k: every upload counts alike (under DP, where example counts are not released). Stateless."""
+
+  def apply(models, weights, state, reference, key):
+    del reference, key
+    return Aggregate(weighted_average(models, jnp.ones_like(weights)), state, {})
+
+  return Aggregator(lambda params: EmptyState(), apply)

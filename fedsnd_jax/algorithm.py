@@ -23,9 +23,10 @@ from fedsnd_jax import aggregation, client, mapping, models
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.shapes import Diagnostics, Params, PRNGKey
 
-# The aggregator's randomness this round is fold_in(server_key, AGGREGATOR_STREAM); algorithms fold in
-# small integers of their own.
+# The aggregator's randomness this round is fold_in(server_key, AGGREGATOR_STREAM), an upload transform's
+# fold_in(client_key, UPLOAD_STREAM); algorithms and clients fold in small integers of their own.
 AGGREGATOR_STREAM = 1 << 16
+UPLOAD_STREAM = 1 << 16
 
 
 class LocalSchedule(NamedTuple):
@@ -200,6 +201,11 @@ def _no_model_options(hyperparameters) -> dict:
   return {}
 
 
+def _any_privacy(hyperparameters) -> tuple[str, ...]:
+  del hyperparameters
+  return ("central", "local")
+
+
 class Plugin(NamedTuple):
   """A registered algorithm (`fedsnd_jax.algorithms.REGISTRY`).
 
@@ -211,6 +217,9 @@ class Plugin(NamedTuple):
       input_shape and num_classes are None.
     section: the config section holding its hyperparameters (`--config.<section>.<field>`).
     model_options: hyperparameters -> extra `models.build_model` arguments (MOON's projection head).
+    privacy: hyperparameters -> the differential-privacy modes its releases can be covered by: "central"
+      (everything the server learns is the clipped, noised aggregate of model updates) and/or "local" (every
+      upload noised by its client; the server may use individual models). Default: both.
   """
 
   build: Callable[..., Algorithm]
@@ -218,6 +227,7 @@ class Plugin(NamedTuple):
   validate: Callable[..., None]
   section: str
   model_options: Callable[[Any], dict] = _no_model_options
+  privacy: Callable[[Any], tuple[str, ...]] = _any_privacy
 
 
 class RoundOutput(NamedTuple):
@@ -272,16 +282,20 @@ def _traced_at_most(fn, max_traces: int | None):
 
 
 def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
-                      chunk_size: int, max_traces: int | None = None):
+                      chunk_size: int, max_traces: int | None = None, upload_transform=None):
   """Returns client_phase((params, shared, data), (ids [C], keys [C], own)) -> stacked ClientOutput.
 
   Every client starts from the received params; its loss sees ClientContext(params, shared, own[c]),
-  `own` being per-client state stacked [C, ...] (or None).
+  `own` being per-client state stacked [C, ...] (or None). `upload_transform(received, trained, key)`, if
+  given, is what each client does to its trained params before uploading them (local DP noise).
   """
   update = client.make_client_update(loss_fn, client_opt, **schedule._asdict(), calibrate=model.calibrate)
 
   def one(params, shared, data, cid, key, own):
-    return update(params, client.ClientContext(params, shared, own), cid, key, data)
+    out = update(params, client.ClientContext(params, shared, own), cid, key, data)
+    if upload_transform is None:
+      return out
+    return out._replace(params=upload_transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
 
   return mapping.map_clients(_traced_at_most(one, max_traces), client_map, chunk_size)
 
@@ -320,8 +334,9 @@ class PhaseTimer:
 def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, clients_per_round: int,
                  schedule: LocalSchedule, client_opt: optax.GradientTransformation,
                  server_opt: optax.GradientTransformation | None = None,
-                 aggregator: aggregation.Aggregator | None = None, client_map: str = "vmap",
-                 chunk_size: int = 8, max_traces: int | None = None) -> FederatedAlgorithm:
+                 aggregator: aggregation.Aggregator | None = None, upload_transform=None,
+                 client_map: str = "vmap", chunk_size: int = 8,
+                 max_traces: int | None = None) -> FederatedAlgorithm:
   """The round driver: turns a plug-in into `FederatedAlgorithm(init, apply)`.
 
   Args:
@@ -332,13 +347,15 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     client_opt: the clients' optax optimiser (fresh state every round).
     server_opt: optimiser on the pseudo-gradient w − aggregate; None is SGD at lr 1 (plain FedAvg).
     aggregator: how uploads are combined; None is the example-weighted mean.
+    upload_transform: (received [P], trained [P], key) -> uploaded [P], run by every client under the client
+      map (e.g. `privacy.local_noise`); None uploads the trained params.
     client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
     max_traces: a debugging check: fail (chex.assert_max_traces) when any phase is traced more often.
   """
   server_opt = models.freeze_statistics(server_opt or optax.sgd(1.0))
   aggregator = aggregator or aggregation.weighted_mean()
   client_phase = make_client_phase(model, plugin.client_loss, client_opt, schedule, client_map, chunk_size,
-                                   max_traces)
+                                   max_traces, upload_transform)
   model_bytes = param_bytes(jax.eval_shape(model.init, jax.random.key(0)))
 
   def prepare(state: ServerState, data: FederatedData):

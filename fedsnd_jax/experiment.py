@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedsnd_jax import checkpoint, evaluation, metrics
+from fedsnd_jax import checkpoint, evaluation, metrics, privacy
 from fedsnd_jax.algorithm import FederatedAlgorithm
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
@@ -113,6 +113,7 @@ def run(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedData,
         eval_sets: dict[str, evaluation.EvalData], *, workdir: str, rounds: int, seed: int = 0,
         eval_every: int = 1, checkpoint_every: int = 10, target_accuracy: float = 0.9,
         info: dict | None = None, on_start: Callable[[str], None] | None = None,
+        accountant: privacy.Accountant | None = None, target_epsilon: float = 0.0,
         stop_after: int | None = None) -> dict | None:
   """Runs (or resumes) `rounds` rounds and writes the output contract into `workdir`; returns the summary.
 
@@ -128,6 +129,8 @@ def run(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedData,
     info: fields copied into summary.json (algorithm, dataset, ...).
     on_start: called with `workdir` once its lock is held, before anything else is written (the binaries
       check and write config.json there).
+    accountant: differential privacy's ε after r rounds: `epsilon` in every record and in the summary.
+    target_epsilon: > 0 stops the run before a round would take ε above it (summary.json: `stopped`).
     stop_after: return None after this round's checkpoint, as if killed (for tests).
 
   Raises:
@@ -138,11 +141,11 @@ def run(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedData,
     if on_start is not None:
       on_start(workdir)
     return _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, eval_every,
-                       checkpoint_every, target_accuracy, dict(info or {}), stop_after)
+                       checkpoint_every, target_accuracy, dict(info or {}), accountant, target_epsilon, stop_after)
 
 
 def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, eval_every, checkpoint_every,
-                target_accuracy, info, stop_after):
+                target_accuracy, info, accountant, target_epsilon, stop_after):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   state = algorithm.init(jax.random.key(seed))
   log = {"records": [], "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
@@ -156,11 +159,19 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
   def finish(extra):
     summary = {**info, **summarize(log["records"], target_accuracy,
                                    log["wall_s"] + time.perf_counter() - session_start), **extra}
+    if accountant is not None:
+      summary.update(epsilon=accountant.epsilon(int(state.round)), dp_delta=accountant.delta)
     metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
 
+  stopped = {}
   try:
     for _ in range(start_round, rounds):
+      if target_epsilon > 0 and accountant.epsilon(int(state.round) + 1) > target_epsilon:
+        stopped = {"stopped": f"dp_target_epsilon: round {int(state.round) + 1} would spend ε = "
+                              f"{accountant.epsilon(int(state.round) + 1):.3f} > {target_epsilon}"}
+        print(f"stopping before round {int(state.round) + 1}: {stopped['stopped']}", flush=True)
+        break
       state, out = algorithm.apply(state, train_data)
       r = int(state.round)
       evaluated = r % eval_every == 0 or r == rounds
@@ -181,6 +192,8 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
       if evaluated:
         record = {"round": r, **scores, **out.times, **out.diagnostics, "train_loss": out.train_loss,
                   "bytes_up": log["bytes_up"], "bytes_down": log["bytes_down"], "wall_s": wall_s}
+        if accountant is not None:
+          record["epsilon"] = accountant.epsilon(r)
         for name, params in out.eval_models.items():  # e.g. the aggregate without distillation
           record.update(_evaluate(evaluate, params, eval_sets, suffix=f"_{name}"))
         log["records"].append(record)
@@ -192,10 +205,15 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
         ckpt.save(r, state, {**log, "wall_s": wall_s})
       if r == stop_after:
         return None
+    if stopped and int(state.round) > start_round and ckpt.latest_round() != int(state.round):
+      ckpt.save(int(state.round), state, {**log, "wall_s": log["wall_s"] + time.perf_counter() - session_start})
   finally:
     writer.close()
     ckpt.close()
-  summary = finish({})
+  summary = finish(stopped)
+  if not log["records"]:
+    print(f"no round was run ({stopped.get('stopped', 'nothing to do')})", flush=True)
+    return summary
   print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}, "
         f"last-5 mean {summary['last5_mean_accuracy']:.4f}); rounds to {target_accuracy:.2f}: "
         f"{summary['rounds_to_target']}; {summary['total_wall_s']:.1f} s", flush=True)

@@ -41,6 +41,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.server_opt = "sgd"  # sgd | adam
   c.server_lr = 1.0
   c.server_momentum = 0.0
+  # Client-level differential privacy (fedsnd_jax/privacy.py; accounted with dp-accounting, ε at dp_delta in
+  # every metrics record and in summary.json). Central DP by default: the server clips every model update to
+  # dp_clip_norm, sums, adds N(0, (dp_noise_multiplier·dp_clip_norm)²) and divides by clients_per_round.
+  c.dp_clip_norm = 0.0  # S, the L2 clip of a client's whole update; 0 = no differential privacy
+  c.dp_noise_multiplier = 1.0  # σ: the noise std in units of S
+  c.dp_adaptive_clip = False  # adapt S to the dp_target_quantile of update norms (Andrew et al., NeurIPS 2021)
+  c.dp_target_quantile = 0.5  # γ: the share of updates S should leave unclipped
+  c.dp_clip_count_stddev = 0.0  # σ_b, noise on the unclipped count; 0 = clients_per_round / 20 (the paper's)
+  c.dp_clip_learning_rate = 0.2  # η of the geometric update S ← S·exp(−η(b̄ − γ)) (the paper's)
+  c.dp_delta = 1e-5
+  c.dp_target_epsilon = 0.0  # > 0: stop before a round would spend more (exit 0, summary.json says so)
+  c.dp_local = False  # local DP: every client clips and noises its own update (no trusted server)
   # Each algorithm's own hyperparameters, one section per algorithm (`--config.<section>.<field>=`), with
   # the defaults its module cites from the paper: fedprox.mu; moon.mu, moon.tau, moon.projection_dim,
   # moon.classifier_on_projection; feddyn.alpha; fedntd.beta, fedntd.tau; fedsnd.* (FedSND's client and

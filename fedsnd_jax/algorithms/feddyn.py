@@ -69,4 +69,5 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
                    after_aggregation=after_aggregation)
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "feddyn")
+# The server's h and each client's gradient state follow the individual updates, not a privatised aggregate.
+PLUGIN = Plugin(build, Hyperparameters, validate, "feddyn", privacy=lambda hp: ())

@@ -22,7 +22,17 @@ from fedsnd_jax.algorithms.fedsnd.round import Hyperparameters, NoiseMemory, bui
 
 __all__ = ["FEDND", "FEDSD", "FEDSND", "Hyperparameters", "NoiseMemory"]
 
-FEDSND = Plugin(build, Hyperparameters, validate, "fedsnd")
+
+
+def server_privacy(hp: Hyperparameters) -> tuple[str, ...]:
+  """The server distils between individual models, so one client's update reaches every distilled model and
+  central DP's clipping no longer bounds its influence on the aggregate: only local DP (noised uploads, the
+  server's work post-processing) covers it, and not when clients also upload label histograms."""
+  return () if hp.uploads_histograms else ("local",)
+
+
+FEDSND = Plugin(build, Hyperparameters, validate, "fedsnd", privacy=server_privacy)
 FEDSD = Plugin(functools.partial(build, server_side=False), Hyperparameters,
                functools.partial(validate, server_side=False), "fedsnd")
-FEDND = Plugin(functools.partial(build, client_side=False), Hyperparameters, validate, "fedsnd")
+FEDND = Plugin(functools.partial(build, client_side=False), Hyperparameters, validate, "fedsnd",
+               privacy=server_privacy)

@@ -1,0 +1,146 @@
+"""Client-level differential privacy: clipping and noise checked by hand, accounting against dp-accounting."""
+
+import json
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import runner
+from experiments.configs import tiny as tiny_config
+from fedsnd_jax import aggregation, algorithms, models, privacy
+from fedsnd_jax.errors import InputError
+
+
+def _models(*updates):
+  """Stacked [C] pytrees reference + update_k, reference = {"w": [1, 1], "b": [0]}."""
+  reference = {"w": jnp.array([1.0, 1.0]), "b": jnp.array([0.0])}
+  stacked = {"w": jnp.stack([reference["w"] + jnp.array(u[:2]) for u in updates]),
+             "b": jnp.stack([reference["b"] + jnp.array(u[2:]) for u in updates])}
+  return reference, stacked
+
+
+def test_clipping_by_hand():
+  reference, stacked = _models([3.0, 0.0, 4.0], [0.3, 0.0, 0.4])  # norms 5 (clipped) and 0.5 (kept)
+  clipped, norms = privacy.clip(jax.tree.map(lambda m, r: m - r[None], stacked, reference), 1.0)
+  np.testing.assert_allclose(norms, [5.0, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(clipped["w"], [[0.6, 0.0], [0.3, 0.0]], rtol=1e-6)
+  np.testing.assert_allclose(clipped["b"], [[0.8], [0.4]], rtol=1e-6)
+
+
+def test_central_dp_without_noise_is_the_mean_of_clipped_updates():
+  reference, stacked = _models([3.0, 0.0, 4.0], [0.3, 0.0, 0.4])
+  agg = privacy.central_dp(clip_norm=1.0, noise_multiplier=0.0)
+  out = jax.jit(agg.apply)(stacked, jnp.array([100, 1]), agg.init(reference), reference, jax.random.key(0))
+  # Clipped updates (0.6, 0, 0.8) and (0.3, 0, 0.4), uniform mean (example counts ignored): (0.45, 0, 0.6).
+  np.testing.assert_allclose(out.params["w"], [1.45, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(out.params["b"], [0.6], rtol=1e-6)
+  assert float(out.diagnostics["dp_clipped_fraction"]) == 0.5
+  unclipped = privacy.central_dp(clip_norm=1e9, noise_multiplier=0.0)
+  mean = aggregation.unweighted_mean()
+  a = unclipped.apply(stacked, jnp.array([100, 1]), unclipped.init(reference), reference, jax.random.key(0))
+  b = mean.apply(stacked, jnp.array([100, 1]), mean.init(reference), reference, jax.random.key(0))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a.params, b.params)
+
+
+def test_central_noise_has_std_sigma_s_over_c():
+  reference = {"w": jnp.zeros(40_000)}
+  stacked = {"w": jnp.zeros((4, 40_000))}
+  agg = privacy.central_dp(clip_norm=2.0, noise_multiplier=1.5)
+  out = agg.apply(stacked, jnp.ones(4), agg.init(reference), reference, jax.random.key(1))
+  np.testing.assert_allclose(float(jnp.std(out.params["w"])), 1.5 * 2.0 / 4, rtol=0.03)
+
+
+def test_adaptive_clip_norm_follows_the_geometric_update():
+  reference, stacked = _models([3.0, 0.0, 4.0], [0.3, 0.0, 0.4], [0.0, 0.0, 0.1])  # norms 5, 0.5, 0.1
+  agg = privacy.central_dp(1.0, 0.0, privacy.AdaptiveClipping(target_quantile=0.5, count_stddev=0.0,
+                                                              learning_rate=0.2))
+  out = agg.apply(stacked, jnp.ones(3), agg.init(reference), reference, jax.random.key(0))
+  # 2 of 3 unclipped: S ← 1·exp(−0.2·(2/3 − 1/2)).
+  np.testing.assert_allclose(float(out.state.clip_norm), np.exp(-0.2 * (2 / 3 - 0.5)), rtol=1e-6)
+
+
+def test_local_noise_clips_then_noises_each_upload():
+  received = {"w": jnp.zeros(30_000)}
+  upload = {"w": jnp.full(30_000, 0.1)}  # norm 0.1·√30000 ≈ 17.3 → clipped to S = 2
+  clean = privacy.local_noise(2.0, 0.0)(received, upload, jax.random.key(0))
+  np.testing.assert_allclose(float(jnp.linalg.norm(clean["w"])), 2.0, rtol=1e-5)
+  noisy = privacy.local_noise(2.0, 0.5)(received, upload, jax.random.key(0))
+  np.testing.assert_allclose(float(jnp.std(noisy["w"] - clean["w"])), 0.5 * 2.0, rtol=0.03)
+
+
+def test_accountant_is_dp_accounting_on_the_mechanism_run():
+  acc = privacy.Accountant(100, 10, noise_multiplier=1.2, delta=1e-5)
+  reference = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  reference.compose(dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(0.6)), 7)
+  assert acc.epsilon(7) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+  assert 0 == acc.epsilon(0) < acc.epsilon(1) < acc.epsilon(7) < acc.epsilon(20)
+  # Local DP has no amplification by sampling, so it costs more at the same σ.
+  assert privacy.Accountant(100, 10, 1.2, 1e-5, local=True).epsilon(7) > acc.epsilon(7)
+  assert privacy.Accountant(100, 10, 0.0, 1e-5).epsilon(3) == float("inf")
+
+
+def test_one_local_release_is_near_the_exact_gaussian_mechanism():
+  # One Gaussian release at multiplier z: RDP's ε upper-bounds the exact (PLD) ε, and is not far above it.
+  z = 2.0
+  rdp = privacy.Accountant(10, 10, noise_multiplier=2 * z, delta=1e-5, local=True).epsilon(1)
+  pld = dp_accounting.pld.PLDAccountant()
+  pld.compose(dp_accounting.GaussianDpEvent(z))
+  exact = pld.get_epsilon(1e-5)
+  assert exact <= rdp <= 1.5 * exact
+
+
+def _dp_tiny(**fields):
+  c = tiny_config.get_config()
+  c.rounds, c.num_clients, c.clients_per_round = 4, 3, 3
+  c.dp_clip_norm, c.dp_noise_multiplier = 1.0, 2.0
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
+def test_target_epsilon_stops_the_run_before_it_is_exceeded(tmp_path):
+  acc = privacy.Accountant(3, 3, 2.0, 1e-5)
+  target = (acc.epsilon(2) + acc.epsilon(3)) / 2  # room for exactly 2 rounds
+  summary = runner.run(_dp_tiny(dp_target_epsilon=target), str(tmp_path))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["round"] for r in records] == [1, 2]
+  assert all(r["epsilon"] <= target for r in records) and records[-1]["epsilon"] == pytest.approx(acc.epsilon(2))
+  assert summary["epsilon"] == pytest.approx(acc.epsilon(2)) and summary["dp_delta"] == 1e-5
+  assert summary["stopped"].startswith("dp_target_epsilon: round 3")
+
+
+def test_huge_clip_and_no_noise_is_fedavg_with_uniform_weights(tiny, federation, run_rounds):
+  data, fed = federation()
+  model = models.build_model("mlp", tiny.shape, 3)
+  a, _ = run_rounds(algorithms.build("fedavg", model, fed, aggregator=privacy.central_dp(1e9, 0.0)), data, 2)
+  b, _ = run_rounds(algorithms.build("fedavg", model, fed, aggregator=aggregation.unweighted_mean()), data, 2)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params, b.params)
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(algorithm="fedsnd"), "dp_local"),  # central DP cannot cover cross-client distillation
+    (dict(algorithm="scaffold"), "algorithm"),  # control variates uploaded in the clear
+    (dict(algorithm="fedsnd", dp_local=True, fedsnd=dict(teacher_weighting="class_count")), "algorithm"),
+    (dict(dp_local=True, dp_adaptive_clip=True), "dp_adaptive_clip"),
+    (dict(dp_noise_multiplier=0.0, dp_target_epsilon=3.0), "dp_target_epsilon"),
+    (dict(dp_delta=0.0), "dp_delta"),
+])
+def test_uncovered_combinations_are_refused(fields, field):
+  c = _dp_tiny()
+  for k, v in fields.items():
+    if isinstance(v, dict):
+      c[k].update(v)
+    else:
+      c[k] = v
+  with pytest.raises(InputError, match=f"^{field}: "):
+    runner.validate_config(c)
+
+
+def test_fedsnd_runs_under_local_dp(tmp_path):
+  c = _dp_tiny(algorithm="fedsnd", dp_local=True)
+  c.fedsnd.update(dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4))
+  summary = runner.run(c, str(tmp_path))
+  assert summary["epsilon"] == pytest.approx(privacy.Accountant(3, 3, 2.0, 1e-5, local=True).epsilon(4))
