@@ -17,6 +17,7 @@ import optax
 from fedsnd_jax import (
   aggregation,
   algorithms,
+  attacks,
   evaluation,
   experiment,
   federated_data,
@@ -24,6 +25,7 @@ from fedsnd_jax import (
   metrics,
   models,
   privacy,
+  robust,
 )
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, LocalSchedule
@@ -93,6 +95,47 @@ def validate_config(c) -> None:
           f"must be in [0, 1), got {c.validation_fraction}")
   plugin.validate(hyperparameters(c), federation(c))
   _validate_privacy(c, plugin)
+  _validate_robustness(c)
+
+
+def _validate_robustness(c) -> None:
+  require(c.aggregator == "mean" or c.aggregator in robust.RULES, "aggregator",
+          f"unknown aggregator {c.aggregator!r}; allowed: mean, {', '.join(robust.RULES)}")
+  require(c.attack in attacks.ATTACKS, "attack",
+          f"unknown attack {c.attack!r}; allowed: {', '.join(attacks.ATTACKS)}")
+  for field in ("aggregator_f", "aggregator_tau", "attack_scale"):
+    require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
+  require(0 <= c.byzantine_fraction < 0.5, "byzantine_fraction",
+          f"must be in [0, 0.5), got {c.byzantine_fraction}")
+  require((c.attack == "none") == (c.byzantine_fraction == 0), "attack",
+          f"attack={c.attack!r} with byzantine_fraction={c.byzantine_fraction}: set both or neither")
+  if c.aggregator != "mean" or c.nearest_neighbor_mixing:
+    require(c.dp_clip_norm == 0, "aggregator", "differential privacy brings its own aggregator (clip and noise "
+            "the mean); use aggregator=mean with dp_clip_norm > 0")
+    rule = c.aggregator if c.aggregator != "mean" else "median"
+    need = robust.smallest_round(rule, c.aggregator_f, c.nearest_neighbor_mixing)
+    require(c.clients_per_round >= need, "aggregator_f", f"{c.aggregator}"
+            f"{' with nearest-neighbour mixing' if c.nearest_neighbor_mixing else ''} for f = {c.aggregator_f} "
+            f"needs at least {need} clients per round, got {c.clients_per_round}")
+  require(not c.nearest_neighbor_mixing or c.aggregator != "mean", "nearest_neighbor_mixing",
+          "is a pre-aggregation for a robust rule; choose an aggregator other than mean")
+
+
+def robustness(c, num_classes: int, data: federated_data.FederatedData):
+  """(aggregator or None, attack or None, training data) of the config's robustness fields.
+
+  The Byzantine clients are drawn once per seed; label_flip poisons their data, the model attacks replace their
+  uploads.
+  """
+  aggregator = (robust.build(c.aggregator, c.aggregator_f, c.aggregator_tau, c.nearest_neighbor_mixing)
+                if c.aggregator != "mean" else None)
+  if c.attack == "none":
+    return aggregator, None, data
+  byzantine = attacks.byzantine_clients(c.num_clients, c.byzantine_fraction, c.seed)
+  if c.attack == "label_flip":
+    return aggregator, None, attacks.flip_labels(data, byzantine, num_classes)
+  scale = c.attack_scale or attacks.DEFAULT_SCALE[c.attack]
+  return aggregator, attacks.model_attack(c.attack, byzantine, scale), data
 
 
 def _validate_privacy(c, plugin) -> None:
@@ -147,14 +190,16 @@ class Experiment:
   num_steps: int
 
 
-def build_algorithm(c, model: models.Model, fed: Federation) -> FederatedAlgorithm:
-  """Turns the config's algorithm, its section and the server fields into builder arguments."""
+def build_algorithm(c, model: models.Model, fed: Federation, robust_aggregator=None,
+                    attack=None) -> FederatedAlgorithm:
+  """Turns the config's algorithm, its section and the server, privacy and robustness fields into builder
+  arguments."""
   server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
                 else optax.adam(c.server_lr))
   aggregator, transform, _ = privacy_mechanism(c)
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
-                          aggregator=aggregator, upload_transform=transform, client_map=resolve_client_map(c),
-                          chunk_size=c.chunk_size)
+                          aggregator=aggregator or robust_aggregator, upload_transform=transform, attack=attack,
+                          client_map=resolve_client_map(c), chunk_size=c.chunk_size)
 
 
 def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple | None]:
@@ -205,7 +250,9 @@ def prepare(c) -> Experiment:
   if val is not None:
     eval_sets["val"] = evaluation.to_eval_data(*val, ds.mean, ds.std, c.eval_batch_size)
   fed = federation(c, ds.input_shape, ds.num_classes, schedule)
-  return Experiment(ds, part, model, build_algorithm(c, model, fed), train_data, eval_sets, num_steps)
+  aggregator, attack, train_data = robustness(c, ds.num_classes, train_data)
+  return Experiment(ds, part, model, build_algorithm(c, model, fed, aggregator, attack), train_data, eval_sets,
+                    num_steps)
 
 
 def _check_workdir(workdir: str, config: dict) -> None:

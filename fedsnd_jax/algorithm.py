@@ -27,6 +27,7 @@ from fedsnd_jax.shapes import Diagnostics, Params, PRNGKey
 # fold_in(client_key, UPLOAD_STREAM); algorithms and clients fold in small integers of their own.
 AGGREGATOR_STREAM = 1 << 16
 UPLOAD_STREAM = 1 << 16
+ATTACK_STREAM = 1 << 17
 
 
 class LocalSchedule(NamedTuple):
@@ -334,7 +335,7 @@ class PhaseTimer:
 def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, clients_per_round: int,
                  schedule: LocalSchedule, client_opt: optax.GradientTransformation,
                  server_opt: optax.GradientTransformation | None = None,
-                 aggregator: aggregation.Aggregator | None = None, upload_transform=None,
+                 aggregator: aggregation.Aggregator | None = None, upload_transform=None, attack=None,
                  client_map: str = "vmap", chunk_size: int = 8,
                  max_traces: int | None = None) -> FederatedAlgorithm:
   """The round driver: turns a plug-in into `FederatedAlgorithm(init, apply)`.
@@ -349,6 +350,8 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     aggregator: how uploads are combined; None is the example-weighted mean.
     upload_transform: (received [P], trained [P], key) -> uploaded [P], run by every client under the client
       map (e.g. `privacy.local_noise`); None uploads the trained params.
+    attack: (uploads [C, P], ids [C], received [P], key) -> uploads [C, P], the Byzantine clients' replacement of
+      their uploads after local training (`attacks.model_attack`); part of the client phase.
     client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
     max_traces: a debugging check: fail (chex.assert_max_traces) when any phase is traced more often.
   """
@@ -392,6 +395,10 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     return jitted[step, last]
 
   prepare_jit = jax.jit(_traced_at_most(prepare, max_traces))
+  corrupt = None
+  if attack is not None:
+    corrupt = jax.jit(_traced_at_most(lambda uploads, ids, received, key: uploads._replace(params=attack(
+        uploads.params, ids, received, jax.random.fold_in(key, ATTACK_STREAM))), max_traces))
 
   def init(key) -> ServerState:
     """Fresh model params from split(key)[0]; the run's PRNG stream is split(key)[1]."""
@@ -404,7 +411,10 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     round_index = int(state.round)
     timer = PhaseTimer()
     ids, keys, server_key, shared, own, steps = prepare_jit(state, data)
-    uploads = timer.lap("client_time_s", client_phase((state.params, shared, data), (ids, keys, own)))
+    uploads = client_phase((state.params, shared, data), (ids, keys, own))
+    if corrupt is not None:
+      uploads = corrupt(uploads, ids, state.params, server_key)
+    uploads = timer.lap("client_time_s", uploads)
     chex.assert_tree_shape_prefix(uploads, (clients_per_round,))
     context = RoundContext(state.round, state.params, state.algorithm, ids, own, uploads, steps, server_key,
                            data)

@@ -118,6 +118,21 @@ def local_noise(clip_norm: float, noise_multiplier: float):
   return transform
 
 
+def round_event(num_clients: int, clients_per_round: int, noise_multiplier: float, count_stddev: float = 0.0,
+                local: bool = False) -> dp_accounting.DpEvent:
+  """One round's DpEvent for one client (module docstring), under the replace-one relation."""
+  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)  # replace-one: sensitivity 2S
+  if count_stddev > 0:
+    gaussian = dp_accounting.ComposedDpEvent([gaussian, dp_accounting.GaussianDpEvent(count_stddev)])
+  if local:
+    return gaussian
+  return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
+
+
+def _rdp_accountant():
+  return dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+
+
 class Accountant:
   """ε(rounds) at δ for the mechanism above, from dp-accounting's RDP accountant.
 
@@ -132,13 +147,8 @@ class Accountant:
   def __init__(self, num_clients: int, clients_per_round: int, noise_multiplier: float, delta: float,
                count_stddev: float = 0.0, local: bool = False):
     self.delta = delta
-    self._event = None
-    if noise_multiplier > 0:
-      gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)  # replace-one: sensitivity 2S
-      if count_stddev > 0:
-        gaussian = dp_accounting.ComposedDpEvent([gaussian, dp_accounting.GaussianDpEvent(count_stddev)])
-      self._event = (gaussian if local else
-                     dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian))
+    self._event = (round_event(num_clients, clients_per_round, noise_multiplier, count_stddev, local)
+                   if noise_multiplier > 0 else None)
     self._cache: dict[int, float] = {}
 
   def epsilon(self, rounds: int) -> float:
@@ -148,8 +158,24 @@ class Accountant:
     if self._event is None:
       return math.inf
     if rounds not in self._cache:
-      accountant = dp_accounting.rdp.RdpAccountant(
-          neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+      accountant = _rdp_accountant()
       accountant.compose(self._event, rounds)
       self._cache[rounds] = float(accountant.get_epsilon(self.delta))
     return self._cache[rounds]
+
+
+def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clients_per_round: int, delta: float,
+                      count_stddev: float = 0.0, local: bool = False) -> float:
+  """The smallest σ whose ε after `rounds` rounds is at most `target_epsilon` (dp-accounting's calibration).
+
+  Raises:
+    ValueError: no σ in [0.01, 10⁴] reaches it (e.g. the clipped count's own noise already spends more).
+  """
+  try:
+    return float(dp_accounting.calibrate_dp_mechanism(
+        _rdp_accountant, lambda sigma: dp_accounting.SelfComposedDpEvent(
+            round_event(num_clients, clients_per_round, sigma, count_stddev, local), rounds),
+        target_epsilon, delta, dp_accounting.ExplicitBracketInterval(1e-2, 1e4)))
+  except ValueError:
+    raise ValueError(f"no noise multiplier in [0.01, 1e4] reaches ε = {target_epsilon} after {rounds} rounds "
+                     f"(count_stddev = {count_stddev})") from None

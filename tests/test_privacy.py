@@ -144,3 +144,10 @@ def test_fedsnd_runs_under_local_dp(tmp_path):
   c.fedsnd.update(dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4))
   summary = runner.run(c, str(tmp_path))
   assert summary["epsilon"] == pytest.approx(privacy.Accountant(3, 3, 2.0, 1e-5, local=True).epsilon(4))
+
+
+def test_noise_for_epsilon_calibrates_with_dp_accounting():
+  sigma = privacy.noise_for_epsilon(3.0, 20, 100, 10, 1e-5)
+  eps = privacy.Accountant(100, 10, sigma, 1e-5).epsilon(20)
+  assert 2.99 < eps <= 3.0
+  assert privacy.Accountant(100, 10, 0.95 * sigma, 1e-5).epsilon(20) > 3.0  # the smallest such σ, within 5 %

@@ -126,6 +126,7 @@ BAD_INPUTS = [
     ("--config.algorithm=fedsnd --config.fedsnd.distill_lr=nan", "fedsnd.distill_lr"),
     ("--config.algorithm=moon --config.moon.tau=0", "moon.tau"),
     ("--config.dataset=npz:{nan_npz}", "dataset"),
+    ("--config.algorithm=fedsnd --config.dp_clip_norm=1", "dp_local"),
 ]
 
 

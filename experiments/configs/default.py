@@ -53,6 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.dp_delta = 1e-5
   c.dp_target_epsilon = 0.0  # > 0: stop before a round would spend more (exit 0, summary.json says so)
   c.dp_local = False  # local DP: every client clips and noises its own update (no trusted server)
+  # Robust aggregation and Byzantine clients (fedsnd_jax/robust.py, fedsnd_jax/attacks.py).
+  c.aggregator = "mean"  # mean (example-weighted) | median | trimmed_mean | krum | multi_krum | geometric_median
+  #                        | centered_clipping
+  c.aggregator_f = 1  # f: Byzantine uploads per round the robust rule is built to tolerate
+  c.aggregator_tau = 1.0  # centered_clipping's τ (L2 norm of an update)
+  c.nearest_neighbor_mixing = False  # NNM pre-aggregation before the robust rule (Allouah et al., 2023)
+  c.byzantine_fraction = 0.0  # share of the K clients (fixed per seed) that attack; < 0.5
+  c.attack = "none"  # none | sign_flip | gaussian | alie | ipm | label_flip
+  c.attack_scale = 0.0  # s of sign_flip, gaussian, ipm; 0 = the attack's default (1, 1, 0.1)
   # Each algorithm's own hyperparameters, one section per algorithm (`--config.<section>.<field>=`), with
   # the defaults its module cites from the paper: fedprox.mu; moon.mu, moon.tau, moon.projection_dim,
   # moon.classifier_on_projection; feddyn.alpha; fedntd.beta, fedntd.tau; fedsnd.* (FedSND's client and
