@@ -26,6 +26,7 @@ from fedsnd_jax import (
   models,
   privacy,
   robust,
+  secure_aggregation,
 )
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, LocalSchedule
@@ -96,6 +97,24 @@ def validate_config(c) -> None:
   plugin.validate(hyperparameters(c), federation(c))
   _validate_privacy(c, plugin)
   _validate_robustness(c)
+  _validate_secure_aggregation(c, plugin)
+
+
+def _validate_secure_aggregation(c, plugin) -> None:
+  if not c.secure_aggregation:
+    return
+  require("secure_aggregation" in plugin.privacy(hyperparameters(c)), "secure_aggregation",
+          f"{c.algorithm}'s server needs individual client models (see its module), which secure aggregation "
+          "hides; run it without secure_aggregation")
+  require(c.dp_clip_norm == 0 and c.aggregator == "mean" and not c.nearest_neighbor_mixing, "secure_aggregation",
+          "the server only sees the sum: it cannot clip individual updates (DP) or run a robust rule")
+  require(1 <= c.secagg_bits <= 31 and c.clients_per_round * ((1 << c.secagg_bits) - 1) < 1 << 32, "secagg_bits",
+          f"{c.clients_per_round} clients × (2^{c.secagg_bits} − 1) must stay below 2^32")
+  require(c.secagg_range > 0, "secagg_range", f"must be > 0, got {c.secagg_range}")
+  dropped = int(round(c.secagg_dropout * c.clients_per_round))
+  require(0 <= c.secagg_dropout < 1 and c.clients_per_round - dropped >= secure_aggregation.threshold(
+      c.clients_per_round), "secagg_dropout", f"{dropped} of {c.clients_per_round} dropping leaves fewer than the "
+          f"{secure_aggregation.threshold(c.clients_per_round)} survivors needed to unmask")
 
 
 def _validate_robustness(c) -> None:
@@ -122,13 +141,17 @@ def _validate_robustness(c) -> None:
 
 
 def robustness(c, num_classes: int, data: federated_data.FederatedData):
-  """(aggregator or None, attack or None, training data) of the config's robustness fields.
+  """(aggregator or None, attack or None, training data) of the config's robustness and secure-aggregation
+  fields.
 
   The Byzantine clients are drawn once per seed; label_flip poisons their data, the model attacks replace their
   uploads.
   """
-  aggregator = (robust.build(c.aggregator, c.aggregator_f, c.aggregator_tau, c.nearest_neighbor_mixing)
-                if c.aggregator != "mean" else None)
+  aggregator = None
+  if c.aggregator != "mean":
+    aggregator = robust.build(c.aggregator, c.aggregator_f, c.aggregator_tau, c.nearest_neighbor_mixing)
+  elif c.secure_aggregation:
+    aggregator = secure_aggregation.secure_mean(c.secagg_bits, c.secagg_range, c.secagg_dropout)
   if c.attack == "none":
     return aggregator, None, data
   byzantine = attacks.byzantine_clients(c.num_clients, c.byzantine_fraction, c.seed)

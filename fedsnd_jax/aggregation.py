@@ -29,11 +29,20 @@ class Aggregate(NamedTuple):
   diagnostics: Diagnostics
 
 
+def _no_protocol_bytes(clients_per_round: int) -> int:
+  del clients_per_round
+  return 0
+
+
 class Aggregator(NamedTuple):
-  """init(params) -> state; apply(models [C, P], weights [C], state, reference [P], key) -> Aggregate."""
+  """init(params) -> state; apply(models [C, P], weights [C], state, reference [P], key) -> Aggregate.
+
+  protocol_bytes(C): what each client sends per round besides its model (secure aggregation's keys and shares).
+  """
 
   init: Callable[[Params], Any]
   apply: Callable[..., Aggregate]
+  protocol_bytes: Callable[[int], int] = _no_protocol_bytes
 
 
 class EmptyState(NamedTuple):

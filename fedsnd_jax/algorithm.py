@@ -204,7 +204,7 @@ def _no_model_options(hyperparameters) -> dict:
 
 def _any_privacy(hyperparameters) -> tuple[str, ...]:
   del hyperparameters
-  return ("central", "local")
+  return ("central", "local", "secure_aggregation")
 
 
 class Plugin(NamedTuple):
@@ -218,9 +218,10 @@ class Plugin(NamedTuple):
       input_shape and num_classes are None.
     section: the config section holding its hyperparameters (`--config.<section>.<field>`).
     model_options: hyperparameters -> extra `models.build_model` arguments (MOON's projection head).
-    privacy: hyperparameters -> the differential-privacy modes its releases can be covered by: "central"
-      (everything the server learns is the clipped, noised aggregate of model updates) and/or "local" (every
-      upload noised by its client; the server may use individual models). Default: both.
+    privacy: hyperparameters -> the privacy mechanisms its releases can be covered by: "central" DP (all the
+      server learns is the clipped, noised aggregate of model updates), "local" DP (every upload noised by its
+      client; the server may use individual models) and "secure_aggregation" (the server learns only the sum
+      of the updates). Default: all three.
   """
 
   build: Callable[..., Algorithm]
@@ -430,6 +431,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     new_state, train_loss, eval_models = carry
     times = {**timer.times, "server_time_s": sum(timer.times[f"{s.name}_time_s"] for s in server_steps)}
     extra_up, extra_down = plugin.extra_bytes(round_index)
+    extra_up += aggregator.protocol_bytes(clients_per_round)
     return new_state, RoundOutput(times, {k: float(v) for k, v in diagnostics.items()}, float(train_loss),
                                   eval_models, clients_per_round * (model_bytes + 4 + extra_up),
                                   clients_per_round * (model_bytes + extra_down))

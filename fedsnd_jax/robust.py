@@ -152,7 +152,7 @@ def nearest_neighbor_mixing(f: int, rule: Aggregator) -> Aggregator:
     mixed = jax.tree.map(lambda x: jnp.mean(x[neighbours], axis=1), models)
     return rule.apply(mixed, weights, state, reference, key)
 
-  return Aggregator(rule.init, apply)
+  return Aggregator(rule.init, apply, rule.protocol_bytes)
 
 
 def build(rule: str, f: int, tau: float = 1.0, mixing: bool = False) -> Aggregator:

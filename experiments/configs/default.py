@@ -53,6 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.dp_delta = 1e-5
   c.dp_target_epsilon = 0.0  # > 0: stop before a round would spend more (exit 0, summary.json says so)
   c.dp_local = False  # local DP: every client clips and noises its own update (no trusted server)
+  # Secure aggregation, simulated (fedsnd_jax/secure_aggregation.py, Bonawitz et al. 2017): the server learns
+  # only the sum of the surviving clients' quantised updates.
+  c.secure_aggregation = False
+  c.secagg_bits = 16  # b: bits per quantised coordinate (clients_per_round·(2^b − 1) < 2^32)
+  c.secagg_range = 0.1  # r: update coordinates are clipped to [−r, r] before quantisation
+  c.secagg_dropout = 0.0  # share of each round's clients that drop after masking (≤ C − (⌊C/2⌋ + 1) of C)
   # Robust aggregation and Byzantine clients (fedsnd_jax/robust.py, fedsnd_jax/attacks.py).
   c.aggregator = "mean"  # mean (example-weighted) | median | trimmed_mean | krum | multi_krum | geometric_median
   #                        | centered_clipping

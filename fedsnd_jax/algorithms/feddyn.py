@@ -69,5 +69,6 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
                    after_aggregation=after_aggregation)
 
 
-# The server's h and each client's gradient state follow the individual updates, not a privatised aggregate.
+# The server's h and each client's gradient state are computed from individual updates, not from a privatised
+# or securely summed aggregate.
 PLUGIN = Plugin(build, Hyperparameters, validate, "feddyn", privacy=lambda hp: ())

@@ -102,5 +102,6 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
                    extra_bytes=lambda round_index: (model_bytes, model_bytes))
 
 
-# Each client also uploads its control variate c_i⁺ in the clear: no DP mode covers that release.
+# Each client also uploads its control variate c_i⁺ in the clear, and this server reads individual uploads: no DP
+# mode or secure aggregation covers that as implemented.
 PLUGIN = Plugin(build, Hyperparameters, validate, "scaffold", privacy=lambda hp: ())

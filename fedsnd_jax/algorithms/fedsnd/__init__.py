@@ -26,8 +26,9 @@ __all__ = ["FEDND", "FEDSD", "FEDSND", "Hyperparameters", "NoiseMemory"]
 
 def server_privacy(hp: Hyperparameters) -> tuple[str, ...]:
   """The server distils between individual models, so one client's update reaches every distilled model and
-  central DP's clipping no longer bounds its influence on the aggregate: only local DP (noised uploads, the
-  server's work post-processing) covers it, and not when clients also upload label histograms."""
+  central DP's clipping no longer bounds its influence on the aggregate, and secure aggregation (the server
+  sees only a sum) cannot run it at all: only local DP (noised uploads, the server's work post-processing)
+  covers it, and not when clients also upload label histograms."""
   return () if hp.uploads_histograms else ("local",)
 
 

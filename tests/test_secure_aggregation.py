@@ -1,0 +1,86 @@
+"""Secure aggregation: Shamir sharing by hand, the unmasked sum equals the plain quantised sum exactly, a masked
+upload looks uniform, and FedAvg under it equals the unweighted mean up to quantisation."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import runner
+from experiments.configs import tiny as tiny_config
+from fedsnd_jax import aggregation, algorithms, models
+from fedsnd_jax import secure_aggregation as sa
+from fedsnd_jax.errors import InputError
+
+
+def test_shamir_any_threshold_of_shares_reconstruct():
+  shares = sa.share(123456789, threshold=3, num=5, rng=random.Random(0))
+  for picks in ([0, 1, 2], [4, 2, 0], [1, 3, 4]):
+    assert sa.reconstruct([shares.xs[i] for i in picks], [shares.ys[i] for i in picks]) == 123456789
+  assert sa.reconstruct(shares.xs[:2], shares.ys[:2]) != 123456789  # t − 1 shares say nothing (w.h.p. wrong)
+
+
+@pytest.mark.parametrize("dropped", [0, 2])
+def test_unmasked_sum_is_the_plain_quantised_sum_of_survivors(dropped):
+  num = 6
+  rng = np.random.default_rng(0)
+  updates = [jnp.asarray(rng.normal(0, 0.05, (num, 40)).astype(np.float32)),
+             jnp.asarray(rng.normal(0, 0.05, (num, 3, 2)).astype(np.float32))]
+  quantised = [sa.quantise(x, 0.1, 16) for x in updates]
+  pair, self_seed, alive, pair_hat, self_hat = (jnp.asarray(a) for a in sa.protocol_seeds(7, num, dropped))
+  assert int(alive.sum()) == num - dropped
+  uploads = sa.masked_uploads(quantised, pair, self_seed)
+  total = sa.unmasked_sum(uploads, alive, pair_hat, self_hat)
+  keep = np.asarray(alive).astype(bool)
+  for t, q in zip(total, quantised, strict=True):
+    np.testing.assert_array_equal(np.asarray(t), np.asarray(q)[keep].sum(0, dtype=np.uint32))
+
+
+def test_a_masked_upload_is_indistinguishable_from_uniform():
+  num, d = 4, 200_000
+  quantised = [jnp.zeros((num, d), jnp.uint32)]  # all-zero updates: whatever shows is the mask
+  pair, self_seed, *_ = (jnp.asarray(a) for a in sa.protocol_seeds(11, num, 0))
+  y = np.asarray(sa.masked_uploads(quantised, pair, self_seed)[0][0])
+  bits = np.unpackbits(y.view(np.uint8))
+  assert abs(bits.mean() - 0.5) < 0.002  # every bit fair to 4.5 standard errors
+  counts = np.bincount(y >> 28, minlength=16)  # top nibble: 16 equiprobable cells
+  chi2 = float(((counts - d / 16) ** 2 / (d / 16)).sum())
+  assert chi2 < 45.0  # χ²(15): p ≈ 1e-4
+
+
+def test_fedavg_under_secure_aggregation_is_the_unweighted_mean_up_to_quantisation(tiny, federation, run_rounds):
+  data, fed = federation()
+  model = models.build_model("mlp", tiny.shape, 3)
+  secure = algorithms.build("fedavg", model, fed, aggregator=sa.secure_mean(bits=20, value_range=1.0))
+  plain = algorithms.build("fedavg", model, fed, aggregator=aggregation.unweighted_mean())
+  a, outs = run_rounds(secure, data, 2)
+  b, plain_outs = run_rounds(plain, data, 2)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), a.params, b.params)
+  assert outs[0].bytes_up - plain_outs[0].bytes_up == 3 * sa.protocol_bytes(3)
+  assert outs[0].diagnostics["secagg_survivors"] == 3
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(algorithm="fedsnd"), "secure_aggregation"),  # the server distils between individual models
+    (dict(algorithm="scaffold"), "secure_aggregation"),
+    (dict(dp_clip_norm=1.0), "secure_aggregation"),
+    (dict(secagg_bits=31), "secagg_bits"),  # 3 clients × (2^31 − 1) overflows
+    (dict(secagg_dropout=0.5), "secagg_dropout"),  # 2 of 3 dropping leaves 1 < 2 needed
+])
+def test_incompatible_settings_are_refused(fields, field):
+  c = tiny_config.get_config()
+  c.clients_per_round, c.secure_aggregation = 3, True
+  for k, v in fields.items():
+    c[k] = v
+  with pytest.raises(InputError, match=f"^{field}: "):
+    runner.validate_config(c)
+
+
+def test_a_run_with_dropouts_trains(tmp_path):
+  c = tiny_config.get_config()
+  c.num_clients, c.clients_per_round, c.rounds = 5, 5, 3
+  c.secure_aggregation, c.secagg_dropout = True, 0.4
+  summary = runner.run(c, str(tmp_path))
+  assert summary["final_accuracy"] > 0.2
