@@ -120,6 +120,8 @@ class ServerCarry(NamedTuple):
   Attributes:
     models: [C, P] what the aggregator combines: the uploads, unless a step replaced them (FedSND's
       distilled students).
+    weights: [C] their aggregation weights: the example counts, unless a step changed them (0 leaves a client
+      out, e.g. FedSND's noise consensus).
     average: [P] the aggregate once the aggregation step has run, else None; steps after it may change it.
     state: the algorithm's new state.
     aggregator: the aggregator's new state.
@@ -128,6 +130,7 @@ class ServerCarry(NamedTuple):
   """
 
   models: Params
+  weights: jax.Array
   average: Params | None
   state: Any
   aggregator: Any
@@ -237,14 +240,14 @@ class RoundOutput(NamedTuple):
 
   Attributes:
     times: seconds of each phase (`client_time_s`, `<step>_time_s`, and their server sum `server_time_s`).
-    diagnostics: the server steps' and the aggregator's scalars, as host floats.
+    diagnostics: the server steps' and the aggregator's values, as host floats (lists for per-client ones).
     train_loss: the uploads' example-weighted mean training loss.
     eval_models: extra [P] models to evaluate, by name (e.g. `no_distill`).
     bytes_up, bytes_down: this round's traffic over all sampled clients.
   """
 
   times: dict[str, float]
-  diagnostics: dict[str, float]
+  diagnostics: dict[str, float | list]
   train_loss: float
   eval_models: dict[str, Params]
   bytes_up: int
@@ -370,7 +373,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
   def aggregate(context: RoundContext, carry: ServerCarry):
     chex.assert_tree_shape_prefix(carry.models, (clients_per_round,))  # [C, P] whatever steps came before
     key = jax.random.fold_in(context.key, AGGREGATOR_STREAM)
-    out = aggregator.apply(carry.models, context.uploads.num_examples, carry.aggregator, context.params, key)
+    out = aggregator.apply(carry.models, carry.weights, carry.aggregator, context.params, key)
     carry = carry._replace(average=out.params, aggregator=out.state)
     return plugin.after_aggregation(context, carry), out.diagnostics
 
@@ -419,7 +422,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     chex.assert_tree_shape_prefix(uploads, (clients_per_round,))
     context = RoundContext(state.round, state.params, state.algorithm, ids, own, uploads, steps, server_key,
                            data)
-    carry = ServerCarry(uploads.params, None, state.algorithm, state.aggregator, None, {})
+    carry = ServerCarry(uploads.params, uploads.num_examples, None, state.algorithm, state.aggregator, None, {})
     server_steps = plugin.server_steps(round_index)
     if server_steps.count(AGGREGATE) != 1:
       raise ValueError(f"a round needs exactly one AGGREGATE step, got {[s.name for s in server_steps]}")
@@ -432,7 +435,8 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     times = {**timer.times, "server_time_s": sum(timer.times[f"{s.name}_time_s"] for s in server_steps)}
     extra_up, extra_down = plugin.extra_bytes(round_index)
     extra_up += aggregator.protocol_bytes(clients_per_round)
-    return new_state, RoundOutput(times, {k: float(v) for k, v in diagnostics.items()}, float(train_loss),
+    diagnostics = {k: float(v) if jnp.ndim(v) == 0 else jax.device_get(v).tolist() for k, v in diagnostics.items()}
+    return new_state, RoundOutput(times, diagnostics, float(train_loss),
                                   eval_models, clients_per_round * (model_bytes + 4 + extra_up),
                                   clients_per_round * (model_bytes + extra_down))
 

@@ -148,7 +148,7 @@ def test_feddyn_correction_leaves_batch_norm_statistics_averaged(tiny, federatio
                                    client.ClientOutput(uploads, jnp.array([5, 5]), jnp.zeros(2)),
                                    jnp.array([2, 2]), jax.random.key(0), None)
   average = jax.tree.map(lambda a: a[0], uploads)
-  carry = algorithm.ServerCarry(uploads, average, state, None, None, {})
+  carry = algorithm.ServerCarry(uploads, jnp.array([5, 5]), average, state, None, None, {})
   out = plugin.after_aggregation(context, carry)
   # h = −α·Σ_k (w_k − w_g)/K = −0.1·2/3, so the weights move by −h/α = +2/3; statistics stay averaged.
   bias = lambda p: p["params"]["Dense_0"]["bias"]

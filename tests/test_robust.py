@@ -1,5 +1,7 @@
 """Robust aggregators against ByzFL's documented outputs, attacks by hand, and Byzantine runs end to end."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +121,31 @@ def test_median_survives_what_breaks_the_mean(tmp_path):
 def test_bad_robustness_settings_are_refused(fields, field):
   with pytest.raises(InputError, match=f"^{field}: "):
     runner.validate_config(_byzantine_tiny(**fields))
+
+
+def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
+  from fedsnd_jax.algorithms.fedsnd.round import NoisePool, consensus
+
+  labels = jnp.tile(jnp.arange(3), 5)  # 5 uploads × 3 samples, targets 0, 1, 2
+  owners = jnp.repeat(jnp.arange(5), 3)
+  right = jax.nn.one_hot(labels, 3) * 0.8 + 0.1  # [15, 3] argmax = target
+  wrong = jax.nn.one_hot((labels + 1) % 3, 3) * 0.8 + 0.1
+  probs = jnp.stack([right, right, right, wrong, right])  # upload 3 disagrees everywhere
+  pool = NoisePool(None, None, labels, owners, probs, None)
+  trusted, scores = consensus(pool, threshold=3.0)
+  np.testing.assert_array_equal(trusted, [True, True, True, False, True])
+  np.testing.assert_allclose(scores, [1, 1, 1, 0, 1])
+
+
+def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path):
+  # Honest clients must learn something for a consensus to exist: 30 local steps, α = 1.
+  c = _byzantine_tiny(algorithm="fednd", attack="gaussian", byzantine_fraction=0.2, attack_scale=100.0,
+                      rounds=2, local_steps=30, alpha=1.0)
+  c.fedsnd.update(dict(noise_samples=20, noise_steps=30, distill_steps=2, distill_batch=8, noise_consensus=True))
+  summary = runner.run(c, str(tmp_path))
+  byzantine = set(np.flatnonzero(attacks.byzantine_clients(10, 0.2, c.seed)).tolist())
+  for record in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")):
+    ids, trusted = record["consensus_client_ids"], record["consensus_trusted"]
+    flagged = {i for i, ok in zip(ids, trusted, strict=True) if not ok}
+    assert flagged == byzantine, (record["round"], flagged, record["consensus_scores"])
+  assert summary["final_accuracy"] > 0.5  # the flagged uploads were left out of the aggregate

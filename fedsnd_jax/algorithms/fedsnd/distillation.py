@@ -28,7 +28,7 @@ def teacher_probs(space: NoiseSpace, teachers, pool, temperature: float):
   return jax.vmap(lambda p: losses.tempered_softmax(space.apply(p, pool), temperature))(teachers)
 
 
-def soft_targets(probs, owners, student, weighting: str, histograms=None, labels=None):
+def soft_targets(probs, owners, student, weighting: str, histograms=None, labels=None, trusted=None):
   """The soft label each pool sample carries for one student.
 
   none:        the owner's own p_k (the paper's reading).
@@ -41,12 +41,16 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
       "no student": every teacher counts, as for distilling into the global model).
     weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts and labels: [CQ] target labels
       (class_count only).
+    trusted: [C] bool, teachers allowed to speak (noise consensus), or None for all. Samples of an untrusted
+      owner are left out by `sample_batches` instead.
 
   Returns:
     [CQ, NC] rows summing to 1.
   """
   num_teachers = probs.shape[0]
   others = (jnp.arange(num_teachers) != student).astype(jnp.float32)  # [C]
+  if trusted is not None:
+    others = others * trusted.astype(jnp.float32)
   if weighting == "none":
     return probs[owners, jnp.arange(owners.shape[0])]
   if weighting == "class_count":
@@ -61,9 +65,13 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
   return jnp.einsum("tp,tpc->pc", weights, probs)
 
 
-def sample_batches(key, owners, student, steps: int, batch_size: int):
-  """[D, Bd] pool indices drawn uniformly (with replacement) among samples not owned by `student`."""
-  logits = jnp.where(owners != student, 0.0, -jnp.inf)
+def sample_batches(key, owners, student, steps: int, batch_size: int, trusted=None):
+  """[D, Bd] pool indices drawn uniformly (with replacement) among samples not owned by `student` (nor by an
+  untrusted owner, `trusted` [C] bool)."""
+  usable = owners != student
+  if trusted is not None:
+    usable = usable & trusted[owners]
+  logits = jnp.where(usable, 0.0, -jnp.inf)
   return jax.random.categorical(key, logits, shape=(steps, batch_size)).astype(jnp.int32)
 
 

@@ -50,6 +50,10 @@ class Hyperparameters(NamedTuple):
       have seen; uploads label histograms) | confidence.
     distill_target: clients (each uploaded model, the paper) | global (the aggregate, FedDF style).
     student_train_mode: students with dropout (default eval mode).
+    noise_consensus: score every upload by how often it gives the other clients' noise its target label, and
+      leave out the outliers (below median − threshold·MAD, MAD ≥ 0.05) as teachers, as owners of noise, and
+      from the aggregate (`consensus`). A defence against Byzantine uploads (ours).
+    consensus_threshold: that threshold, in robust standard deviations (1.4826·MAD).
   """
 
   self_distill: str = "both"
@@ -73,6 +77,8 @@ class Hyperparameters(NamedTuple):
   teacher_weighting: str = "none"
   distill_target: str = "clients"
   student_train_mode: bool = False
+  noise_consensus: bool = False
+  consensus_threshold: float = 3.0
 
   @property
   def uploads_histograms(self) -> bool:
@@ -93,7 +99,7 @@ def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool =
     value = getattr(hp, field)
     require(value in allowed, f"fedsnd.{field}", f"unknown value {value!r}; allowed: {', '.join(allowed)}")
   check_range(hp, "fedsnd", positive=("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr",
-                                      "distill_lr_decay"),
+                                      "distill_lr_decay", "consensus_threshold"),
               non_negative=("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "bn_prior",
                             "distill_steps", "distill_rounds"))
   if server_side:
@@ -120,6 +126,7 @@ class NoisePool(NamedTuple):
     owners: [CQ] the position (in `teachers`) of the model each sample was made for.
     probs: [C, CQ, NC] every teacher's tempered softmax on every sample.
     histograms: [C, NC] label counts (class_count weighting only), else None.
+    trusted: [C] bool, the uploads noise consensus keeps; scores: [C] their consensus scores (None without it).
   """
 
   teachers: Params
@@ -128,6 +135,8 @@ class NoisePool(NamedTuple):
   owners: jax.Array
   probs: jax.Array
   histograms: jax.Array | None
+  trusted: jax.Array | None = None
+  scores: jax.Array | None = None
 
 
 def noise_pool(space: noise.NoiseSpace, teachers, pool, labels, ids, hp: Hyperparameters, histograms=None):
@@ -148,7 +157,10 @@ def noise_pool(space: noise.NoiseSpace, teachers, pool, labels, ids, hp: Hyperpa
   num, per = labels.shape
   flat = pool.reshape((num * per, *pool.shape[2:]))
   probs = distillation.teacher_probs(space, teachers, flat, hp.temperature)
-  return NoisePool(teachers, flat, labels.reshape(-1), jnp.repeat(jnp.arange(num), per), probs, histograms), order
+  pool = NoisePool(teachers, flat, labels.reshape(-1), jnp.repeat(jnp.arange(num), per), probs, histograms)
+  if hp.noise_consensus:
+    pool = pool._replace(**dict(zip(("trusted", "scores"), consensus(pool, hp.consensus_threshold), strict=True)))
+  return pool, order
 
 
 def agreement(pool: NoisePool):
@@ -158,6 +170,23 @@ def agreement(pool: NoisePool):
   return jnp.sum(votes * not_owner) / jnp.maximum(jnp.sum(not_owner), 1)
 
 
+def consensus(pool: NoisePool, threshold: float):
+  """Noise consensus: each upload's agreement with the others' noise, and which uploads are trusted.
+
+  score_t = mean over the samples k ≠ t made of [argmax σ(f(x̃; w_t)) = ỹ]; an upload is an outlier when
+  score_t < median − threshold·1.4826·max(MAD, 0.05) (at most half of them fall below a median).
+
+  Returns:
+    (trusted [C] bool, scores [C]).
+  """
+  votes = jnp.argmax(pool.probs, -1) == pool.labels[None, :]  # [C, CQ]
+  not_owner = jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]
+  scores = jnp.sum(votes * not_owner, axis=1) / jnp.maximum(jnp.sum(not_owner, axis=1), 1)
+  median = jnp.median(scores)
+  spread = 1.4826 * jnp.maximum(jnp.median(jnp.abs(scores - median)), 0.05)
+  return scores >= median - threshold * spread, scores
+
+
 def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperparameters, step_scale):
   """Distils `params` on the pool without the noise of position `student` (−1: on all of it).
 
@@ -165,12 +194,16 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
     (params, KL before, KL after, how often the soft target's argmax is the sample's label).
   """
   targets = distillation.soft_targets(pool.probs, pool.owners, student, hp.teacher_weighting, pool.histograms,
-                                      pool.labels)
+                                      pool.labels, pool.trusted)
   batch_key, train_key = jax.random.split(key)
-  idx = distillation.sample_batches(batch_key, pool.owners, student, hp.distill_steps, hp.distill_batch)
+  idx = distillation.sample_batches(batch_key, pool.owners, student, hp.distill_steps, hp.distill_batch,
+                                    pool.trusted)
   new = distillation.distill(space, params, pool.x, targets, idx, train_key, optimizer=optax.adam(hp.distill_lr),
                              temperature=hp.temperature, train_mode=hp.student_train_mode, step_scale=step_scale)
-  valid = (pool.owners != student).astype(jnp.float32)
+  valid = pool.owners != student
+  if pool.trusted is not None:
+    valid = valid & pool.trusted[pool.owners]
+  valid = valid.astype(jnp.float32)
   before = distillation.mean_kl(space, params, pool.x, targets, valid, hp.temperature)
   after = distillation.mean_kl(space, new, pool.x, targets, valid, hp.temperature)
   right = jnp.sum((jnp.argmax(targets, -1) == pool.labels) * valid) / jnp.sum(valid)
@@ -255,18 +288,30 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
   def step_scale(ctx: RoundContext):
     return jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32)
 
+  def consensus_diagnostics(pool: NoisePool, order, ids):
+    if not hp.noise_consensus:
+      return {}, None
+    trusted = pool.trusted[jnp.argsort(order)]  # back in the round's order
+    return {"consensus_flagged": jnp.sum(~pool.trusted), "consensus_scores": pool.scores,
+            "consensus_client_ids": ids[order], "consensus_trusted": pool.trusted}, trusted
+
   def distill(ctx: RoundContext, carry: ServerCarry):
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
     students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp,
                                             step_scale(ctx))
+    flags, trusted = consensus_diagnostics(pool, order, ctx.ids)
+    weights = carry.weights if trusted is None else carry.weights * trusted
     undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
-    return carry._replace(models=students, work=None, eval_models={"no_distill": undistilled}), diagnostics
+    return carry._replace(models=students, weights=weights, work=None, eval_models={"no_distill": undistilled}), {
+        **diagnostics, **flags}
 
   def distill_aggregate(ctx: RoundContext, carry: ServerCarry):
-    pool, _ = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
+    pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
     new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp,
                                       step_scale(ctx))
-    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), diagnostics
+    flags, _ = consensus_diagnostics(pool, order, ctx.ids)  # the aggregate came first: teachers only
+    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), {**diagnostics,
+                                                                                               **flags}
 
   distilling = ((ServerStep("synthesis", synthesis), ServerStep("distill", distill), AGGREGATE)
                 if hp.distill_target == "clients" else
