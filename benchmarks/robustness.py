@@ -1,11 +1,14 @@
 r"""Accuracy under every attack × aggregator, with the no-attack column, and each aggregator's server seconds.
 
-  python -m benchmarks.robustness [--config=experiments/configs/default.py] [--algorithms=fedavg] \
+  python -m benchmarks.robustness [--config=experiments/configs/default.py] \
+      [--algorithms=fedavg,fedsnd+consensus] \
       [--aggregators=mean,median,trimmed_mean,krum,multi_krum,geometric_median,centered_clipping] \
       [--attacks=none,sign_flip,gaussian,alie,ipm,label_flip] [--fractions=0.1,0.2] [--alphas=0.5,0.1] \
       [--seeds=0] [--workdir=runs/robustness]
 
-Each cell is one `experiments.train` run in
+An algorithm named `<name>+consensus` is FedND/FedSND with noise consensus on; for those the script also tables
+how well the consensus found the Byzantine uploads (precision and recall over all rounds, and the share of honest
+uploads it flagged). Each cell is one `experiments.train` run in
 `<workdir>/<algorithm>/<aggregator>/<attack>/frac=<f>/alpha=<α>/seed=<s>/` (finished cells are reused);
 robust rules are built for f = ⌈fraction·C⌉ Byzantine uploads per round. Prints, per algorithm, fraction and
 α, a Markdown table of final test accuracy (%, mean over seeds; "div" where the run diverged) and the
@@ -20,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import report, runner
-from fedsnd_jax import experiment
+from fedsnd_jax import attacks, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Base config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/robustness", "Output folder.")
@@ -35,7 +38,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 
 def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
   c = _CONFIG.value.copy_and_resolve_references()
-  c.algorithm, c.aggregator, c.alpha, c.seed = algorithm, aggregator, alpha, seed
+  c.algorithm, c.aggregator, c.alpha, c.seed = algorithm.removesuffix("+consensus"), aggregator, alpha, seed
+  c.fedsnd.noise_consensus = algorithm.endswith("+consensus")
   c.aggregator_f = max(1, math.ceil(fraction * c.clients_per_round))
   if attack != "none":
     c.attack, c.byzantine_fraction = attack, fraction
@@ -46,7 +50,21 @@ def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
       runner.run(c, workdir)
     except experiment.Diverged as e:
       print(f"{algorithm} {aggregator} {attack} frac={fraction:g} α={alpha:g} seed={seed}: {e}", flush=True)
-  return report.read_summary(workdir)
+  return report.read_summary(workdir), workdir, c
+
+
+def detection(workdir, c, fraction) -> tuple[int, int, int, int]:
+  """(true positives, false positives, false negatives, honest uploads) of noise consensus over a run."""
+  byzantine = set(np.flatnonzero(attacks.byzantine_clients(c.num_clients, fraction, c.seed)).tolist())
+  tp = fp = fn = honest = 0
+  for record in report.read_metrics(workdir):
+    if "consensus_trusted" not in record:
+      continue
+    for cid, trusted in zip(record["consensus_client_ids"], record["consensus_trusted"], strict=True):
+      bad = c.attack != "none" and cid in byzantine
+      tp, fp, fn = tp + (bad and not trusted), fp + (not bad and not trusted), fn + (bad and trusted)
+      honest += not bad
+  return tp, fp, fn, honest
 
 
 def main(argv):
@@ -63,10 +81,15 @@ def main(argv):
                  f"{', '.join(_SEEDS.value)}\n",
                  "| aggregator | " + " | ".join(_ATTACKS.value) + " | server s/round |",
                  "|---|" + "---|" * (len(_ATTACKS.value) + 1)]
+        found = []
         for aggregator in _AGGREGATORS.value:
           cells, server = [], []
           for attack in _ATTACKS.value:
-            runs = [_cell(algorithm, aggregator, attack, fraction, alpha, int(s)) for s in _SEEDS.value]
+            cells_runs = [_cell(algorithm, aggregator, attack, fraction, alpha, int(s)) for s in _SEEDS.value]
+            runs = [summary for summary, _, _ in cells_runs]
+            if algorithm.endswith("+consensus"):
+              counts = np.sum([detection(w, c, fraction) for _, w, c in cells_runs], axis=0)
+              found.append((aggregator, attack, *counts))
             finished = [r for r in runs if not r.get("diverged")]
             cells.append(f"{100 * np.mean([r['final_accuracy'] for r in finished]):.1f}"
                          + (f" ({len(runs) - len(finished)} div)" if len(finished) < len(runs) else "")
@@ -74,6 +97,13 @@ def main(argv):
             server += [r["mean_server_time_s"] for r in finished]
           lines.append(f"| {aggregator} | " + " | ".join(cells) + f" | {np.mean(server):.4f} |")
           print(lines[-1], flush=True)
+        if found:
+          lines += ["\nNoise consensus: Byzantine uploads found (precision, recall) and honest uploads flagged\n",
+                    "| aggregator | attack | precision | recall | honest flagged |", "|---|---|---|---|---|"]
+          for aggregator, attack, tp, fp, fn, honest in found:
+            precision = f"{tp / (tp + fp):.2f}" if tp + fp else "–"
+            recall = f"{tp / (tp + fn):.2f}" if tp + fn else "–"
+            lines.append(f"| {aggregator} | {attack} | {precision} | {recall} | {fp / max(honest, 1):.1%} |")
         tables.append("\n".join(lines))
   print("\n".join(tables))
 
