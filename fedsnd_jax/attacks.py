@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
+from fedsnd_jax import tree_math
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.shapes import Params
 
@@ -59,10 +60,7 @@ def model_attack(name: str, byzantine: np.ndarray, scale: float):
     if name in ("sign_flip", "ipm"):
       malicious = jax.tree.map(lambda mu: -scale * mu, mean)
     elif name == "gaussian":
-      leaves, treedef = jax.tree.flatten(mean)
-      keys = jax.random.split(key, len(leaves))
-      malicious = jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype)
-                                               for k, x in zip(keys, leaves, strict=True)])
+      malicious = tree_math.normal_like(key, mean, scale)
     elif name == "alie":
       num = bad.shape[0]
       q = math.floor(num / 2 + 1) - jnp.sum(bad)

@@ -28,6 +28,7 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 
+from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator
 from fedsnd_jax.shapes import Params
 
@@ -49,25 +50,11 @@ class ClipState(NamedTuple):
   clip_norm: jax.Array
 
 
-def global_norms(stacked: Params) -> jax.Array:
-  """[C] L2 norm of every client's whole pytree ([C, P] leaves)."""
-  return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
-                      for x in jax.tree.leaves(stacked)))
-
-
 def clip(stacked: Params, clip_norm) -> tuple[Params, jax.Array]:
   """Scales every client's [P] update to norm ≤ S. Returns (clipped [C, P], norms before clipping [C])."""
-  norms = global_norms(stacked)
+  norms = tree_math.norms(stacked)
   factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
   return jax.tree.map(lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), stacked), norms
-
-
-def gaussian_like(key, tree: Params, stddev) -> Params:
-  """Independent N(0, stddev²) of every leaf's shape."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [stddev * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-                                      for k, x in zip(keys, leaves, strict=True)])
 
 
 def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClipping | None = None) -> Aggregator:
@@ -93,7 +80,7 @@ def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClip
     clipped, norms = clip(deltas, s)
     update_key, count_key = jax.random.split(key)
     total = jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped)
-    noisy = jax.tree.map(jnp.add, total, gaussian_like(update_key, total, noise_multiplier * s))
+    noisy = jax.tree.map(jnp.add, total, tree_math.normal_like(update_key, total, noise_multiplier * s))
     average = jax.tree.map(lambda r, t: r + t / num, reference, noisy)
     new_s = s
     if adaptive is not None:
@@ -112,7 +99,7 @@ def local_noise(clip_norm: float, noise_multiplier: float):
   def transform(received, upload, key):
     delta = jax.tree.map(lambda u, r: (u - r)[None], upload, received)
     clipped, _ = clip(delta, clip_norm)
-    noise = gaussian_like(key, received, noise_multiplier * clip_norm)
+    noise = tree_math.normal_like(key, received, noise_multiplier * clip_norm)
     return jax.tree.map(lambda r, d, n: r + d[0] + n, received, clipped, noise)
 
   return transform

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState
 from fedsnd_jax.shapes import Params
 
@@ -96,11 +97,6 @@ def multi_krum(f: int) -> Aggregator:
   return _selection(f, lambda num: num - f)
 
 
-def _norms(stacked):
-  return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
-                      for x in jax.tree.leaves(stacked)))
-
-
 def _weighted_sum(stacked, w):
   return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
 
@@ -111,7 +107,7 @@ def geometric_median(nu: float = 0.1, steps: int = 3) -> Aggregator:
     updates = _updates(models, reference)
 
     def step(z, _):
-      beta = 1.0 / jnp.maximum(_norms(jax.tree.map(lambda x, zz: x - zz[None], updates, z)), nu)
+      beta = 1.0 / jnp.maximum(tree_math.norms(jax.tree.map(lambda x, zz: x - zz[None], updates, z)), nu)
       return _weighted_sum(updates, beta / jnp.sum(beta)), None
 
     z, _ = jax.lax.scan(step, jax.tree.map(lambda x: jnp.zeros_like(x[0]), updates), None, length=steps)
@@ -133,7 +129,7 @@ def centered_clipping(tau: float, steps: int = 1) -> Aggregator:
 
     def step(v, _):
       diff = jax.tree.map(lambda x, vv: x - vv[None], updates, v)
-      factor = jnp.minimum(1.0, tau / jnp.maximum(_norms(diff), 1e-12))
+      factor = jnp.minimum(1.0, tau / jnp.maximum(tree_math.norms(diff), 1e-12))
       moved = _weighted_sum(diff, factor / factor.shape[0])
       return jax.tree.map(jnp.add, v, moved), jnp.mean(factor < 1.0)
 

@@ -1,4 +1,5 @@
-"""Arithmetic on params pytrees, and per-client state stacked [K, P] gathered and scattered by client id."""
+"""Arithmetic on params pytrees (and on stacked ones, [C, P]), and per-client state stacked [K, P] gathered and
+scattered by client id."""
 
 import jax
 import jax.numpy as jnp
@@ -31,3 +32,17 @@ def gather(stacked_tree, ids):
 def scatter(stacked_tree, ids, values):
   """The [K, P] pytree with rows `ids` [C] replaced by `values` [C, P]."""
   return jax.tree.map(lambda a, v: a.at[ids].set(v.astype(a.dtype)), stacked_tree, values)
+
+
+def norms(stacked):
+  """[C] L2 norm of every client's whole pytree ([C, P] leaves)."""
+  return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
+                      for x in jax.tree.leaves(stacked)))
+
+
+def normal_like(key, tree, stddev):
+  """Independent N(0, stddev²) of every leaf's shape and dtype."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [(stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
+                                      for k, x in zip(keys, leaves, strict=True)])
