@@ -127,6 +127,9 @@ BAD_INPUTS = [
     ("--config.algorithm=moon --config.moon.tau=0", "moon.tau"),
     ("--config.dataset=npz:{nan_npz}", "dataset"),
     ("--config.algorithm=fedsnd --config.dp_clip_norm=1", "dp_local"),
+    ("--config.algorithm=fedsnd --config.secure_aggregation=True", "secure_aggregation"),
+    ("--config.attack=alie --config.byzantine_fraction=0.5", "byzantine_fraction"),
+    ("--config.aggregator=krum --config.aggregator_f=1", "aggregator_f"),  # 2 clients per round; Krum needs 5
 ]
 
 
