@@ -165,9 +165,10 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
     return summary
 
   stopped = {}
+  budgeted = accountant is not None and target_epsilon > 0
   try:
     for _ in range(start_round, rounds):
-      if target_epsilon > 0 and accountant.epsilon(int(state.round) + 1) > target_epsilon:
+      if budgeted and accountant.epsilon(int(state.round) + 1) > target_epsilon:
         stopped = {"stopped": f"dp_target_epsilon: round {int(state.round) + 1} would spend ε = "
                               f"{accountant.epsilon(int(state.round) + 1):.3f} > {target_epsilon}"}
         print(f"stopping before round {int(state.round) + 1}: {stopped['stopped']}", flush=True)
