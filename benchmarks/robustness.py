@@ -101,7 +101,7 @@ def main(argv):
           lines += ["\nNoise consensus: Byzantine uploads found (precision, recall) and honest uploads flagged\n",
                     "| aggregator | attack | precision | recall | honest flagged |", "|---|---|---|---|---|"]
           for aggregator, attack, tp, fp, fn, honest in found:
-            precision = f"{tp / (tp + fp):.2f}" if tp + fp else "–"
+            precision = f"{tp / (tp + fp):.2f}" if tp + fp and attack != "none" else "–"
             recall = f"{tp / (tp + fn):.2f}" if tp + fn else "–"
             lines.append(f"| {aggregator} | {attack} | {precision} | {recall} | {fp / max(honest, 1):.1%} |")
         tables.append("\n".join(lines))
