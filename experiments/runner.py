@@ -211,17 +211,17 @@ class Experiment:
   train_data: federated_data.FederatedData
   eval_sets: dict[str, evaluation.EvalData]  # "test", and "val" when validation_fraction > 0
   num_steps: int
+  accountant: privacy.Accountant | None  # differential privacy's ε, when dp_clip_norm > 0
 
 
-def build_algorithm(c, model: models.Model, fed: Federation, robust_aggregator=None,
+def build_algorithm(c, model: models.Model, fed: Federation, aggregator=None, upload_transform=None,
                     attack=None) -> FederatedAlgorithm:
-  """Turns the config's algorithm, its section and the server, privacy and robustness fields into builder
-  arguments."""
+  """Turns the config's algorithm, its section and the server fields into builder arguments; the aggregator,
+  upload transform and attack come from `privacy_mechanism` and `robustness`."""
   server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
                 else optax.adam(c.server_lr))
-  aggregator, transform, _ = privacy_mechanism(c)
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
-                          aggregator=aggregator or robust_aggregator, upload_transform=transform, attack=attack,
+                          aggregator=aggregator, upload_transform=upload_transform, attack=attack,
                           client_map=resolve_client_map(c), chunk_size=c.chunk_size)
 
 
@@ -273,9 +273,10 @@ def prepare(c) -> Experiment:
   if val is not None:
     eval_sets["val"] = evaluation.to_eval_data(*val, ds.mean, ds.std, c.eval_batch_size)
   fed = federation(c, ds.input_shape, ds.num_classes, schedule)
-  aggregator, attack, train_data = robustness(c, ds.num_classes, train_data)
-  return Experiment(ds, part, model, build_algorithm(c, model, fed, aggregator, attack), train_data, eval_sets,
-                    num_steps)
+  robust_aggregator, attack, train_data = robustness(c, ds.num_classes, train_data)
+  dp_aggregator, transform, accountant = privacy_mechanism(c)
+  algorithm = build_algorithm(c, model, fed, dp_aggregator or robust_aggregator, transform, attack)
+  return Experiment(ds, part, model, algorithm, train_data, eval_sets, num_steps, accountant)
 
 
 def _check_workdir(workdir: str, config: dict) -> None:
@@ -326,5 +327,5 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
   return experiment.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
                         rounds=c.rounds, seed=c.seed, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
                         target_accuracy=c.target_accuracy, info=info, on_start=on_start,
-                        accountant=privacy_mechanism(c)[2], target_epsilon=c.dp_target_epsilon,
+                        accountant=exp.accountant, target_epsilon=c.dp_target_epsilon,
                         stop_after=stop_after)

@@ -115,7 +115,8 @@ def test_round_does_not_retrace(client_map, tiny, federation, run_rounds):
   data, fed = federation(3, 2)
   model = models.build_model("mlp", tiny.shape, 3)
   alg = algorithms.build("fedavg", model, fed, client_map=client_map, chunk_size=2, max_traces=1)
-  run_rounds(alg, data, 4)  # chex.assert_max_traces raises on a second trace of any phase
+  state, _ = run_rounds(alg, data, 4)  # chex.assert_max_traces raises on a second trace of any phase
+  assert int(state.round) == 4
 
 
 def test_max_traces_catches_a_retrace(tiny, federation):
