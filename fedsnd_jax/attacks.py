@@ -55,7 +55,7 @@ def model_attack(name: str, byzantine: np.ndarray, scale: float):
     bad = flags[ids]  # [C]
     honest = (~bad).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(honest), 1.0)
-    updates = jax.tree.map(lambda m, r: m - r[None], models, reference)
+    updates = tree_math.updates(models, reference)
     mean = jax.tree.map(lambda x: jnp.tensordot(honest, x, axes=1) / count, updates)
     if name in ("sign_flip", "ipm"):
       malicious = jax.tree.map(lambda mu: -scale * mu, mean)

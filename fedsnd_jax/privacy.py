@@ -76,7 +76,7 @@ def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClip
   def apply(models, weights, state: ClipState, reference, key):
     num = weights.shape[0]  # uniform weights: example counts are not privatised
     s = state.clip_norm
-    deltas = jax.tree.map(lambda m, r: m - r[None], models, reference)
+    deltas = tree_math.updates(models, reference)
     clipped, norms = clip(deltas, s)
     update_key, count_key = jax.random.split(key)
     total = jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped)

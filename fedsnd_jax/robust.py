@@ -27,14 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import tree_math
-from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState
+from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState, weighted_average
 from fedsnd_jax.shapes import Params
 
 RULES = ("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping")
-
-
-def _updates(models, reference):
-  return jax.tree.map(lambda m, r: m - r[None], models, reference)
 
 
 def _plus(reference, update):
@@ -55,7 +51,7 @@ def sq_distances(stacked: Params) -> jax.Array:
 def _coordinatewise(rule) -> Aggregator:
   def apply(models, weights, state, reference, key):
     del weights, key
-    return Aggregate(_plus(reference, jax.tree.map(rule, _updates(models, reference))), state, {})
+    return Aggregate(_plus(reference, jax.tree.map(rule, tree_math.updates(models, reference))), state, {})
 
   return Aggregator(lambda params: EmptyState(), apply)
 
@@ -80,7 +76,7 @@ def _selection(f: int, keep) -> Aggregator:
 
   def apply(models, weights, state, reference, key):
     del weights, key
-    updates = _updates(models, reference)
+    updates = tree_math.updates(models, reference)
     scores = krum_scores(updates, f)
     chosen = jnp.argsort(scores)[:keep(scores.shape[0])]
     selected = jax.tree.map(lambda x: jnp.mean(x[chosen], axis=0), updates)
@@ -104,11 +100,11 @@ def _weighted_sum(stacked, w):
 def geometric_median(nu: float = 0.1, steps: int = 3) -> Aggregator:
   def apply(models, weights, state, reference, key):
     del weights, key
-    updates = _updates(models, reference)
+    updates = tree_math.updates(models, reference)
 
     def step(z, _):
       beta = 1.0 / jnp.maximum(tree_math.norms(jax.tree.map(lambda x, zz: x - zz[None], updates, z)), nu)
-      return _weighted_sum(updates, beta / jnp.sum(beta)), None
+      return weighted_average(updates, beta), None
 
     z, _ = jax.lax.scan(step, jax.tree.map(lambda x: jnp.zeros_like(x[0]), updates), None, length=steps)
     return Aggregate(_plus(reference, z), state, {})
@@ -125,7 +121,7 @@ class CenterState(NamedTuple):
 def centered_clipping(tau: float, steps: int = 1) -> Aggregator:
   def apply(models, weights, state: CenterState, reference, key):
     del weights, key
-    updates = _updates(models, reference)
+    updates = tree_math.updates(models, reference)
 
     def step(v, _):
       diff = jax.tree.map(lambda x, vv: x - vv[None], updates, v)

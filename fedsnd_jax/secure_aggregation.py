@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState
 
 PRIME = (1 << 61) - 1  # GF(p) for key agreement and Shamir sharing
@@ -182,7 +183,7 @@ def secure_mean(bits: int = 16, value_range: float = 0.1, dropout: float = 0.0) 
               jax.ShapeDtypeStruct((num,), jnp.uint32))
     pair, self_seed, alive, pair_hat, self_hat = jax.pure_callback(
         lambda s: protocol_seeds(int(s), num, dropped), shapes, round_seed)
-    updates, treedef = jax.tree.flatten(jax.tree.map(lambda m, r: m - r[None], models, reference))
+    updates, treedef = jax.tree.flatten(tree_math.updates(models, reference))
     quantised = [quantise(x, value_range, bits) for x in updates]
     total = unmasked_sum(masked_uploads(quantised, pair, self_seed), alive, pair_hat, self_hat)
     survivors = jnp.sum(alive).astype(jnp.float32)

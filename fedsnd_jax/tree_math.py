@@ -34,6 +34,11 @@ def scatter(stacked_tree, ids, values):
   return jax.tree.map(lambda a, v: a.at[ids].set(v.astype(a.dtype)), stacked_tree, values)
 
 
+def updates(stacked, reference):
+  """[C, P]: every client's pytree minus the reference [P] (its update)."""
+  return jax.tree.map(lambda m, r: m - r[None], stacked, reference)
+
+
 def norms(stacked):
   """[C] L2 norm of every client's whole pytree ([C, P] leaves)."""
   return jnp.sqrt(sum(jnp.sum(x.reshape(x.shape[0], -1).astype(jnp.float32) ** 2, axis=1)

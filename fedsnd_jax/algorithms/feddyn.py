@@ -55,7 +55,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
 
   def after_aggregation(context: RoundContext, carry: ServerCarry) -> ServerCarry:
     state = context.state
-    delta = jax.tree.map(lambda wi, wg: wi - wg[None], context.uploads.params, context.params)
+    delta = tree_math.updates(context.uploads.params, context.params)
     new_grads = jax.tree.map(lambda g, d: g - alpha * d, context.own, delta)
     h = jax.tree.map(lambda h, d: h - alpha * jnp.sum(d, axis=0) / num_clients, state.h, delta)
     average = carry.average
