@@ -51,6 +51,24 @@ def test_kl_terms_vanish_when_teacher_is_student():
   assert jnp.all(sd(params, x, y, jax.random.key(3), client.ClientContext(other)) > ce)
 
 
+def test_confidence_gate_by_hand():
+  """With dropout 0 the two views agree, so only the previous-model term is left: CE + λ_p·T²·σ(z⁰)_y·KL."""
+  model = models.build_model("mlp", SHAPE, 3, dropout=0.0)
+  params, teacher = model.init(jax.random.key(1)), model.init(jax.random.key(4))
+  x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
+  y = jnp.arange(6) % 3
+  z, z0 = model.apply(params, x), model.apply(teacher, x)
+  kl = losses.kl_divergence(losses.tempered_softmax(z0, 2.0), z, 2.0)
+  p_true = jax.nn.softmax(z0)[jnp.arange(6), y]
+  expected = losses.cross_entropy(z, y) + 0.5 * 4.0 * p_true * kl
+  gated = self_distillation_loss(model, lambda_mutual=1.0, lambda_prev=0.5, temperature=2.0, confidence_gate=True)
+  got = gated(params, x, y, jax.random.key(3), client.ClientContext(teacher))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(p_true, 1.0)  # the gate is not trivially one
+  plain = self_distillation_loss(model, lambda_mutual=1.0, lambda_prev=0.5, temperature=2.0)
+  assert jnp.all(plain(params, x, y, jax.random.key(3), client.ClientContext(teacher)) > got)
+
+
 def test_kl_by_hand():
   p = jnp.array([[0.5, 0.5]])
   z = jnp.log(jnp.array([[0.25, 0.75]]))
@@ -192,6 +210,21 @@ def test_fedsnd_round_does_not_retrace_and_warm_start_keeps_noise(federation, ru
   for field in ("synthesis_time_s", "distill_time_s", "aggregate_time_s", "server_time_s"):
     assert field in out.times, field
   assert "no_distill" in out.eval_models
+
+
+def test_agreement_gate_closed_is_no_distillation(federation, run_rounds, assert_close):
+  """distill_agreement at 0 never distils (agreement < 0 is impossible): FedND == FedAvg, gate logged as 0;
+  at 1.01 it always distils, as distill_agreement = 1 (the default) does below full agreement."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  closed = algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1e-9))
+  a, outs = run_rounds(closed, data, 2)
+  b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 2)
+  assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
+  assert_close(a.params, b.params)
+  opened, outs = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1.01)), data, 2)
+  assert [float(o.diagnostics["distill_gate"]) for o in outs] == [1.0, 1.0]
+  assert float(outs[-1].diagnostics["kl_after"]) < float(outs[-1].diagnostics["kl_before"])
 
 
 def test_distill_rounds_and_histogram_bytes(federation, run_rounds):

@@ -6,8 +6,8 @@ batch 32 at lr 0.03 per round, 12 rounds; FedSND's server uses 32 pseudo-samples
 steps and 10 distillation steps. 10 % of the training subset is held out as the validation split that every
 choice is made on.
 
-Settings chosen on that validation split (`python -m benchmarks.fedsnd_tuning`, α = 0.1, seed 0, ranked
-by the last-5-round mean of validation accuracy; full table in benchmarks/RESULTS.md §4):
+Settings chosen on that validation split (by `benchmarks.fedsnd_tuning`, since replaced by `benchmarks.tuning`;
+α = 0.1, seed 0, ranked by the last-5-round mean of validation accuracy; full table in benchmarks/RESULTS.md §4):
 - client lr 0.03 and 2 local epochs for every algorithm: FedAvg's best of lr {0.01, 0.03, 0.1} × epochs
   {1, 2} (70.72 %; lr 0.1 with 2 epochs diverged).
 - FedSND's best variant: class-count teacher weighting with distillation in the first 3 rounds only

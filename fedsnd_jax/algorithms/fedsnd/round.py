@@ -34,6 +34,8 @@ class Hyperparameters(NamedTuple):
     self_distill: which self-distillation terms are on: none | dropout | previous | both (§2.2).
     lambda_mutual: λ_mutual, the two dropout views distil each other.
     lambda_prev: λ_prev, the received global model as teacher (≈ 0.1 was neutral, §2.6).
+    confidence_gate: weight each example's self-distillation terms by their teacher's probability of the true
+      label (ours; the terms fade while a model under-fits).
     temperature: T, of the client's and the server's distillation.
     noise_samples: Q pseudo-samples per uploaded model.
     noise_steps: G Adam steps on the inputs; noise_lr: its learning rate.
@@ -46,6 +48,10 @@ class Hyperparameters(NamedTuple):
     distill_steps: D optimiser steps per student; distill_batch: Bd; distill_lr: Adam learning rate.
     distill_lr_decay: the step size of round r is multiplied by decay**r.
     distill_rounds: distil only in the first R_d rounds (0 = every round).
+    distill_agreement: the regime-aware schedule (ours): distil in a round only while the teachers agree on
+      less than this share of each other's noise (`teacher_agreement`; 1 = every round). Agreement is what
+      the server sees, without data, of how much the uploads still know that the others do not; each round's
+      decision is logged as `distill_gate`.
     teacher_weighting: none | class_count (teachers weighted by how much of the sample's target class they
       have seen; uploads label histograms) | confidence.
     distill_target: clients (each uploaded model, the paper) | global (the aggregate, FedDF style).
@@ -57,8 +63,9 @@ class Hyperparameters(NamedTuple):
   """
 
   self_distill: str = "both"
-  lambda_mutual: float = 1.0
+  lambda_mutual: float = 0.0  # the paper's reading: 1.0; off by default (issue 13, benchmarks/tuning.py)
   lambda_prev: float = 0.1
+  confidence_gate: bool = True
   temperature: float = 2.0
   noise_samples: int = 64
   noise_steps: int = 100
@@ -74,6 +81,7 @@ class Hyperparameters(NamedTuple):
   distill_lr: float = 1e-3
   distill_lr_decay: float = 1.0
   distill_rounds: int = 0
+  distill_agreement: float = 1.0
   teacher_weighting: str = "none"
   distill_target: str = "clients"
   student_train_mode: bool = False
@@ -99,7 +107,7 @@ def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool =
     value = getattr(hp, field)
     require(value in allowed, f"fedsnd.{field}", f"unknown value {value!r}; allowed: {', '.join(allowed)}")
   check_range(hp, "fedsnd", positive=("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr",
-                                      "distill_lr_decay", "consensus_threshold"),
+                                      "distill_lr_decay", "consensus_threshold", "distill_agreement"),
               non_negative=("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "bn_prior",
                             "distill_steps", "distill_rounds"))
   if server_side:
@@ -168,6 +176,32 @@ def agreement(pool: NoisePool):
   votes = jnp.argmax(pool.probs, -1) == pool.labels[None, :]  # [C, CQ]
   not_owner = jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]
   return jnp.sum(votes * not_owner) / jnp.maximum(jnp.sum(not_owner), 1)
+
+
+def regime_signals(space: noise.NoiseSpace, pool: NoisePool, average):
+  """What the server can see, without data, of how much averaging loses this round.
+
+  average_noise_accuracy: how often the plain weighted average of the uploads gives a pseudo-sample its
+    target label, among the samples whose own teacher does (knowledge that existed in some upload);
+    low when the average forgets what single clients knew (near-single-class clients).
+  teacher_classes: the mean over teachers of exp(H(m_t)) / NC, m_t the teacher's mean prediction on the
+    other clients' noise: the share of the classes a teacher still names off its own noise (≈ 1/NC for a
+    one-class expert, ≈ 1 for a generalist).
+
+  Args:
+    pool: the round's NoisePool. average: [P] the weighted average of the uploads.
+
+  Returns:
+    {"average_noise_accuracy": [], "teacher_classes": []}.
+  """
+  own = pool.probs[pool.owners, jnp.arange(pool.owners.shape[0])]  # [CQ, NC]
+  known = (jnp.argmax(own, -1) == pool.labels).astype(jnp.float32)
+  right = jnp.argmax(space.apply(average, pool.x), -1) == pool.labels
+  not_owner = (jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]).astype(jnp.float32)
+  marginal = jnp.einsum("tp,tpc->tc", not_owner, pool.probs) / jnp.sum(not_owner, 1, keepdims=True)  # [C, NC]
+  entropy = -jnp.sum(marginal * jnp.log(jnp.maximum(marginal, 1e-12)), axis=-1)
+  return {"average_noise_accuracy": jnp.sum(right * known) / jnp.maximum(jnp.sum(known), 1.0),
+          "teacher_classes": jnp.mean(jnp.exp(entropy)) / pool.probs.shape[-1]}
 
 
 def consensus(pool: NoisePool, threshold: float):
@@ -244,7 +278,8 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
   if server_side and hp.bn_prior > 0 and model.calibrate is None:
     raise InputError("fedsnd.bn_prior", "needs a BatchNorm model (--config.batch_norm=True)")
   loss = (self_distillation_loss(model, lambda_mutual=hp.lambda_mutual, lambda_prev=hp.lambda_prev,
-                                 temperature=hp.temperature, mode=hp.self_distill)
+                                 temperature=hp.temperature, mode=hp.self_distill,
+                                 confidence_gate=hp.confidence_gate)
           if client_side else client.supervised_loss(model))
   if not server_side:
     return Algorithm(loss)
@@ -285,8 +320,10 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
                    "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params))}
     return carry._replace(state=state, work=(pool, labels, histograms)), diagnostics
 
-  def step_scale(ctx: RoundContext):
-    return jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32)
+  def step_scale(ctx: RoundContext, pool: NoisePool):
+    """(the round's distillation step-size factor, the regime-aware gate: 1 distils, 0 does not)."""
+    gate = (agreement(pool) < hp.distill_agreement).astype(jnp.float32)
+    return gate * jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32), gate
 
   def consensus_diagnostics(pool: NoisePool, order, ids):
     if not hp.noise_consensus:
@@ -297,21 +334,23 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
 
   def distill(ctx: RoundContext, carry: ServerCarry):
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
-    students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp,
-                                            step_scale(ctx))
+    scale, gate = step_scale(ctx, pool)
+    students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp, scale)
     flags, trusted = consensus_diagnostics(pool, order, ctx.ids)
     weights = carry.weights if trusted is None else carry.weights * trusted
     undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
+    signals = regime_signals(space, pool, undistilled)
     return carry._replace(models=students, weights=weights, work=None, eval_models={"no_distill": undistilled}), {
-        **diagnostics, **flags}
+        **diagnostics, **signals, **flags, "distill_gate": gate}
 
   def distill_aggregate(ctx: RoundContext, carry: ServerCarry):
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
-    new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp,
-                                      step_scale(ctx))
+    scale, gate = step_scale(ctx, pool)
+    new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp, scale)
     flags, _ = consensus_diagnostics(pool, order, ctx.ids)  # the aggregate came first: teachers only
-    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), {**diagnostics,
-                                                                                               **flags}
+    signals = regime_signals(space, pool, carry.average)
+    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), {
+        **diagnostics, **signals, **flags, "distill_gate": gate}
 
   distilling = ((ServerStep("synthesis", synthesis), ServerStep("distill", distill), AGGREGATE)
                 if hp.distill_target == "clients" else

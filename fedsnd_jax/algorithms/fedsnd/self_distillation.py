@@ -1,6 +1,7 @@
 """FedSND's client side: self-distillation against local over-fitting (DESIGN §2.2)."""
 
 import jax
+import jax.numpy as jnp
 
 from fedsnd_jax import losses
 from fedsnd_jax.client import LossFn
@@ -10,7 +11,7 @@ SELF_DISTILL_MODES = ("none", "dropout", "previous", "both")
 
 
 def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: float, temperature: float,
-                           mode: str = "both") -> LossFn:
+                           mode: str = "both", confidence_gate: bool = False) -> LossFn:
   """Local loss with two dropout views distilling each other and the received model as teacher.
 
   L = ½[CE(z₁, y) + CE(z₂, y)] + λ_m·T²·½[KL(σ(z₁/T) ‖ σ(z₂/T)) + KL(σ(z₂/T) ‖ σ(z₁/T))]
@@ -19,6 +20,11 @@ def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: f
   in eval mode under stop_gradient. `mode` switches terms off (none | dropout | previous |
   both). With λ_m = 0 there is one forward pass, z₁ with the whole `rng`, and the CE term is CE(z₁, y):
   all terms off is FedAvg's loss exactly.
+
+  confidence_gate (ours): every KL term of an example is weighted by its teacher's probability of the true
+  label, under stop_gradient — g_m = ½[σ(z₁)_y + σ(z₂)_y] for the mutual term, g_p = σ(f(x; w⁰))_y for the
+  previous-model term — so a teacher speaks only where it is right: while the local or the received model
+  still under-fits, its soft labels would brake learning, and the terms fade towards plain CE.
 
   Returns:
     loss_fn(params, x [B, ...], y [B], rng, context) -> [B].
@@ -34,14 +40,23 @@ def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: f
       z2 = model.apply(params, x, train=True, rng=k2)
       p1, p2 = losses.tempered_softmax(z1, temperature), losses.tempered_softmax(z2, temperature)
       loss = 0.5 * (losses.cross_entropy(z1, y) + losses.cross_entropy(z2, y))
-      loss += lam_m * t2 * 0.5 * (losses.kl_divergence(p1, z2, temperature)
-                                  + losses.kl_divergence(p2, z1, temperature))
+      gate = _true_class_probability(z1, z2, y) if confidence_gate else 1.0
+      loss += lam_m * t2 * 0.5 * gate * (losses.kl_divergence(p1, z2, temperature)
+                                         + losses.kl_divergence(p2, z1, temperature))
     else:
       z1 = model.apply(params, x, train=True, rng=rng)
       loss = losses.cross_entropy(z1, y)
     if lam_p > 0:
       teacher = jax.lax.stop_gradient(model.apply(context.received, x))
-      loss += lam_p * t2 * losses.kl_divergence(losses.tempered_softmax(teacher, temperature), z1, temperature)
+      gate = _true_class_probability(teacher, teacher, y) if confidence_gate else 1.0
+      loss += lam_p * t2 * gate * losses.kl_divergence(losses.tempered_softmax(teacher, temperature), z1,
+                                                       temperature)
     return loss
 
   return loss_fn
+
+
+def _true_class_probability(z1, z2, y):
+  """½[σ(z₁)_y + σ(z₂)_y] under stop_gradient. z1, z2: [B, NC]; y: [B] → [B]."""
+  p = 0.5 * (jax.nn.softmax(z1.astype(jnp.float32)) + jax.nn.softmax(z2.astype(jnp.float32)))
+  return jax.lax.stop_gradient(jnp.take_along_axis(p, y[:, None].astype(jnp.int32), axis=-1)[:, 0])
