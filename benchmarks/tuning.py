@@ -62,21 +62,13 @@ DEFAULT_CANDIDATES = {
     "paper": {"fedsnd.lambda_mutual": 1.0, "fedsnd.confidence_gate": False, "fedsnd.distill_agreement": 1.0},
 }
 
-_SETTINGS = flags.DEFINE_list("settings", list(SETTINGS), "Settings to tune in.")
-_ALGORITHMS = flags.DEFINE_list("algorithms", list(GRIDS), "Algorithms to tune (names of GRIDS).")
-_BUDGET = flags.DEFINE_integer("budget", 4, "Configurations per algorithm (the same for all).")
-_DEFAULTS = flags.DEFINE_bool("defaults", False, "Also rank FedSND's default candidates by worst-case gain.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/tuning", "Output folder.")
-_OUTPUT = flags.DEFINE_string("output", "benchmarks/configs/tuned.json", "Where the chosen settings go.")
-_ROUNDS = flags.DEFINE_integer("rounds", 0, "Rounds of every run (0: the setting's own).")
-
-
-def setting_config(name: str):
+def setting_config(name: str, rounds: int = 0):
+  """The setting's config at the tuning seed with a validation split (rounds > 0 overrides its rounds)."""
   module, overrides = SETTINGS[name]
   c = module.get_config()
   c.update(overrides)
   c.validation_fraction, c.seed = 0.1, TUNING_SEED
-  c.rounds = _ROUNDS.value or c.rounds
+  c.rounds = rounds or c.rounds
   return c
 
 
@@ -97,8 +89,8 @@ def label(candidate: dict) -> str:
   return ", ".join(f"{k}={v}" for k, v in candidate.items() if k != "algorithm") or "setting's own"
 
 
-def run(setting: str, name: str, config) -> dict:
-  workdir = os.path.join(_WORKDIR.value, setting, name)
+def run(root: str, setting: str, name: str, config) -> dict:
+  workdir = os.path.join(root, setting, name)
   if not os.path.exists(os.path.join(workdir, "summary.json")):
     try:
       runner.run(config, workdir)
@@ -113,10 +105,11 @@ def run(setting: str, name: str, config) -> dict:
   return row
 
 
-def tune(setting: str, algorithm: str) -> dict:
-  base = setting_config(setting)
-  grid = GRIDS[algorithm][:_BUDGET.value]
-  rows = [dict(run(setting, f"{algorithm}_{i}", apply(base, g)), candidate=g) for i, g in enumerate(grid)]
+def tune(root: str, setting: str, algorithm: str, budget: int, rounds: int = 0) -> dict:
+  """Runs the first `budget` candidates of the algorithm's grid; the winner, with every score as evidence."""
+  base = setting_config(setting, rounds)
+  rows = [dict(run(root, setting, f"{algorithm}_{i}", apply(base, g)), candidate=g)
+          for i, g in enumerate(GRIDS[algorithm][:budget])]
   best = max(rows, key=lambda r: r["val_last5"])
   print(report.ranking_markdown(f"{setting}: {algorithm} ({len(rows)} configurations)",
                                 [dict(r, name=f"{algorithm}: {label(r['candidate'])}") for r in rows]))
@@ -125,13 +118,13 @@ def tune(setting: str, algorithm: str) -> dict:
                         "diverged": r["diverged"]} for r in rows]}
 
 
-def defaults_table(settings, tuned) -> str:
+def defaults_table(root: str, settings, tuned, rounds: int = 0) -> str:
   """Each candidate's validation gain over tuned FedAvg in every setting, ranked by the worst case."""
   gains = {}
   for name, candidate in DEFAULT_CANDIDATES.items():
     for setting in settings:
-      base = apply(setting_config(setting), tuned[setting]["fedavg"]["overrides"])  # FedAvg's client settings
-      row = run(setting, f"default_{name}", apply(base, {"algorithm": "fedsnd", **candidate}))
+      base = apply(setting_config(setting, rounds), tuned[setting]["fedavg"]["overrides"])  # FedAvg's client
+      row = run(root, setting, f"default_{name}", apply(base, {"algorithm": "fedsnd", **candidate}))
       gains.setdefault(name, {})[setting] = 100 * (row["val_last5"] - tuned[setting]["fedavg"]["val_last5"])
   lines = ["\nFedSND default candidates: validation last-5 mean minus tuned FedAvg's, points\n",
            "| candidate | " + " | ".join(settings) + " | worst | mean |", "|---" * (len(settings) + 3) + "|"]
@@ -145,23 +138,35 @@ def defaults_table(settings, tuned) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  unknown = [s for s in _SETTINGS.value if s not in SETTINGS] + [a for a in _ALGORITHMS.value if a not in GRIDS]
+  flag = flags.FLAGS
+  unknown = [s for s in flag.settings if s not in SETTINGS] + [a for a in flag.algorithms if a not in GRIDS]
   if unknown:
     raise app.UsageError(f"unknown settings or algorithms: {', '.join(unknown)}")
-  record = {"tuning_seed": TUNING_SEED, "budget": _BUDGET.value, "settings": {}}
-  if os.path.exists(_OUTPUT.value):
-    with open(_OUTPUT.value) as f:
+  record = {"tuning_seed": TUNING_SEED, "budget": flag.budget, "settings": {}}
+  if os.path.exists(flag.output):
+    with open(flag.output) as f:
       record["settings"] = json.load(f)["settings"]
   tuned = record["settings"]
-  algorithms = list(dict.fromkeys(["fedavg", *_ALGORITHMS.value] if _DEFAULTS.value else _ALGORITHMS.value))
-  for setting in _SETTINGS.value:
+  algorithms = list(dict.fromkeys(["fedavg", *flag.algorithms] if flag.defaults else flag.algorithms))
+  for setting in flag.settings:
     for algorithm in algorithms:
-      tuned.setdefault(setting, {})[algorithm] = tune(setting, algorithm)
-      with open(_OUTPUT.value, "w") as f:  # after every algorithm, so an interrupted tuning keeps its results
+      tuned.setdefault(setting, {})[algorithm] = tune(flag.workdir, setting, algorithm, flag.budget, flag.rounds)
+      with open(flag.output, "w") as f:  # after every algorithm, so an interrupted tuning keeps its results
         json.dump(record, f, indent=1)
-  if _DEFAULTS.value:
-    print(defaults_table(_SETTINGS.value, tuned))
+  if flag.defaults:
+    print(defaults_table(flag.workdir, flag.settings, tuned, flag.rounds))
+
+
+def define_flags():  # only when run as a program, so tests can import this module beside the sweep's flags
+  flags.DEFINE_list("settings", list(SETTINGS), "Settings to tune in.")
+  flags.DEFINE_list("algorithms", list(GRIDS), "Algorithms to tune (names of GRIDS).")
+  flags.DEFINE_integer("budget", 4, "Configurations per algorithm (the same for all).")
+  flags.DEFINE_bool("defaults", False, "Also rank FedSND's default candidates by worst-case gain.")
+  flags.DEFINE_string("workdir", "runs/tuning", "Output folder.")
+  flags.DEFINE_string("output", "benchmarks/configs/tuned.json", "Where the chosen settings go.")
+  flags.DEFINE_integer("rounds", 0, "Rounds of every run (0: the setting's own).")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
