@@ -108,6 +108,7 @@ DIAGNOSTICS = (("teacher_ce", "teacher CE on own noise", "{:.2f}"),
 def diagnostics_markdown(algorithms, alphas, metrics: dict) -> str:
   """Server-distillation diagnostics of the last round that distilled, mean over seeds ("" when none did).
 
+  A round distilled when it logged the distillation's diagnostics with its regime-aware gate open.
   "acc without distillation" is the same round's aggregate of the undistilled uploads, so its gap to
   "acc" is what that round's distillation did. `metrics` maps each finished cell to its metrics records.
   """
@@ -116,7 +117,7 @@ def diagnostics_markdown(algorithms, alphas, metrics: dict) -> str:
            "|---|---|---|" + "---|" * len(DIAGNOSTICS)]
   for alg in algorithms:
     for alpha in alphas:
-      last = [next((r for r in reversed(records) if "kl_before" in r), None)
+      last = [next((r for r in reversed(records) if "kl_before" in r and r.get("distill_gate", 1) > 0), None)
               for records in seed_runs(metrics, alg, alpha)]
       last = [r for r in last if r is not None]
       if not last:

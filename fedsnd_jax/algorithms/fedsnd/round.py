@@ -174,11 +174,22 @@ def noise_pool(space: noise.NoiseSpace, teachers, pool, labels, ids, hp: Hyperpa
   return pool, order
 
 
-def agreement(pool: NoisePool):
-  """How often a teacher's argmax on another client's noise is that noise's target label."""
+def _others(pool: NoisePool):
+  """[C, CQ] float32: 1 where pool sample i is not teacher t's own noise."""
+  return (jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]).astype(jnp.float32)
+
+
+def teacher_scores(pool: NoisePool):
+  """[C]: how often each teacher's argmax on the other clients' noise is that noise's target label."""
   votes = jnp.argmax(pool.probs, -1) == pool.labels[None, :]  # [C, CQ]
-  not_owner = jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]
-  return jnp.sum(votes * not_owner) / jnp.maximum(jnp.sum(not_owner), 1)
+  others = _others(pool)
+  return jnp.sum(votes * others, axis=1) / jnp.maximum(jnp.sum(others, axis=1), 1.0)
+
+
+def agreement(pool: NoisePool):
+  """How often a teacher's argmax on another client's noise is that noise's target label (every teacher scores
+  the same number of samples, so this is the mean of `teacher_scores`)."""
+  return jnp.mean(teacher_scores(pool))
 
 
 def regime_signals(space: noise.NoiseSpace, pool: NoisePool, average):
@@ -200,8 +211,8 @@ def regime_signals(space: noise.NoiseSpace, pool: NoisePool, average):
   own = pool.probs[pool.owners, jnp.arange(pool.owners.shape[0])]  # [CQ, NC]
   known = (jnp.argmax(own, -1) == pool.labels).astype(jnp.float32)
   right = jnp.argmax(space.apply(average, pool.x), -1) == pool.labels
-  not_owner = (jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]).astype(jnp.float32)
-  marginal = jnp.einsum("tp,tpc->tc", not_owner, pool.probs) / jnp.sum(not_owner, 1, keepdims=True)  # [C, NC]
+  others = _others(pool)
+  marginal = jnp.einsum("tp,tpc->tc", others, pool.probs) / jnp.sum(others, 1, keepdims=True)  # [C, NC]
   entropy = -jnp.sum(marginal * jnp.log(jnp.maximum(marginal, 1e-12)), axis=-1)
   return {"average_noise_accuracy": jnp.sum(right * known) / jnp.maximum(jnp.sum(known), 1.0),
           "teacher_classes": jnp.mean(jnp.exp(entropy)) / pool.probs.shape[-1]}
@@ -216,9 +227,7 @@ def consensus(pool: NoisePool, threshold: float):
   Returns:
     (trusted [C] bool, scores [C]).
   """
-  votes = jnp.argmax(pool.probs, -1) == pool.labels[None, :]  # [C, CQ]
-  not_owner = jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]
-  scores = jnp.sum(votes * not_owner, axis=1) / jnp.maximum(jnp.sum(not_owner, axis=1), 1)
+  scores = teacher_scores(pool)
   median = jnp.median(scores)
   spread = 1.4826 * jnp.maximum(jnp.median(jnp.abs(scores - median)), 0.05)
   return scores >= median - threshold * spread, scores
@@ -235,8 +244,13 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
   batch_key, train_key = jax.random.split(key)
   idx = distillation.sample_batches(batch_key, pool.owners, student, hp.distill_steps, hp.distill_batch,
                                     pool.trusted)
-  new = distillation.distill(space, params, pool.x, targets, idx, train_key, optimizer=optax.adam(hp.distill_lr),
-                             temperature=hp.temperature, train_mode=hp.student_train_mode, step_scale=step_scale)
+  def steps(p):
+    return distillation.distill(space, p, pool.x, targets, idx, train_key, optimizer=optax.adam(hp.distill_lr),
+                                temperature=hp.temperature, train_mode=hp.student_train_mode,
+                                step_scale=step_scale)
+
+  # A closed gate (scale 0) would step by 0: skip the steps (the predicate is not vmapped, so this stays a cond).
+  new = jax.lax.cond(step_scale > 0, steps, lambda p: p, params)
   valid = pool.owners != student
   if pool.trusted is not None:
     valid = valid & pool.trusted[pool.owners]
@@ -260,15 +274,13 @@ def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters
   new, before, after, right = jax.vmap(student)(jnp.arange(sorted_ids.shape[0]), pool.teachers, sorted_ids)
   inverse = jnp.argsort(order)
   return jax.tree.map(lambda a: a[inverse], new), {
-      "teacher_agreement": agreement(pool), "kl_before": jnp.mean(before), "kl_after": jnp.mean(after),
-      "soft_target_accuracy": jnp.mean(right)}
+      "kl_before": jnp.mean(before), "kl_after": jnp.mean(after), "soft_target_accuracy": jnp.mean(right)}
 
 
 def distill_global(space, pool: NoisePool, start, key, hp: Hyperparameters, step_scale=1.0):
   """The aggregate `start` [P], a student on all the noise with every teacher (FedDF style)."""
   new, before, after, right = _distill_one(space, pool, -1, start, key, hp, step_scale)
-  return new, {"teacher_agreement": agreement(pool), "kl_before": before, "kl_after": after,
-               "soft_target_accuracy": right}
+  return new, {"kl_before": before, "kl_after": after, "soft_target_accuracy": right}
 
 
 def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_side: bool = True,
@@ -323,10 +335,14 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
                    "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params))}
     return carry._replace(state=state, work=(pool, labels, histograms)), diagnostics
 
-  def step_scale(ctx: RoundContext, pool: NoisePool):
-    """(the round's distillation step-size factor, the regime-aware gate: 1 distils, 0 does not)."""
-    gate = (agreement(pool) < hp.distill_agreement).astype(jnp.float32)
-    return gate * jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32), gate
+  def step_scale(ctx: RoundContext, pool: NoisePool, average):
+    """The round's distillation step-size factor (0 when the regime-aware gate is closed), and the signals the
+    decision is made from, for the round's diagnostics."""
+    teacher_agreement = agreement(pool)
+    gate = (teacher_agreement < hp.distill_agreement).astype(jnp.float32)
+    scale = gate * jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32)
+    return scale, {"teacher_agreement": teacher_agreement, "distill_gate": gate,
+                   **regime_signals(space, pool, average)}
 
   def consensus_diagnostics(pool: NoisePool, order, ids):
     if not hp.noise_consensus:
@@ -337,23 +353,21 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
 
   def distill(ctx: RoundContext, carry: ServerCarry):
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
-    scale, gate = step_scale(ctx, pool)
+    undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
+    scale, signals = step_scale(ctx, pool, undistilled)
     students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp, scale)
     flags, trusted = consensus_diagnostics(pool, order, ctx.ids)
     weights = carry.weights if trusted is None else carry.weights * trusted
-    undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
-    signals = regime_signals(space, pool, undistilled)
     return carry._replace(models=students, weights=weights, work=None, eval_models={"no_distill": undistilled}), {
-        **diagnostics, **signals, **flags, "distill_gate": gate}
+        **diagnostics, **signals, **flags}
 
   def distill_aggregate(ctx: RoundContext, carry: ServerCarry):
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
-    scale, gate = step_scale(ctx, pool)
+    scale, signals = step_scale(ctx, pool, carry.average)
     new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp, scale)
     flags, _ = consensus_diagnostics(pool, order, ctx.ids)  # the aggregate came first: teachers only
-    signals = regime_signals(space, pool, carry.average)
     return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), {
-        **diagnostics, **signals, **flags, "distill_gate": gate}
+        **diagnostics, **signals, **flags}
 
   distilling = ((ServerStep("synthesis", synthesis), ServerStep("distill", distill), AGGREGATE)
                 if hp.distill_target == "clients" else
