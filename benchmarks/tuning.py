@@ -60,6 +60,8 @@ GRIDS = {
 DEFAULT_CANDIDATES = {
     "library": {},
     "paper": {"fedsnd.lambda_mutual": 1.0, "fedsnd.confidence_gate": False, "fedsnd.distill_agreement": 1.0},
+    "agreement_0.9": {"fedsnd.distill_agreement": 0.9},
+    "agreement_0.8": {"fedsnd.distill_agreement": 0.8},
 }
 
 def setting_config(name: str, rounds: int = 0):

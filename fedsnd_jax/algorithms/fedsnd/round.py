@@ -84,7 +84,7 @@ class Hyperparameters(NamedTuple):
   distill_lr: float = 1e-3
   distill_lr_decay: float = 1.0
   distill_rounds: int = 0
-  distill_agreement: float = 0.9
+  distill_agreement: float = 0.85
   teacher_weighting: str = "none"
   distill_target: str = "clients"
   student_train_mode: bool = False
