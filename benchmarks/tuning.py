@@ -1,7 +1,7 @@
 r"""Tunes every algorithm with the same budget on the validation split, and chooses FedSND's defaults.
 
   python -m benchmarks.tuning --settings=digits,fmnist10_a0.1,fmnist10_a0.5,xdevice_a0.1,xdevice_a0.5 \
-      --algorithms=fedavg,fedavgm,fedprox,scaffold,feddyn,moon,fedntd,fedsnd --workdir=runs/tuning
+      --algorithms=fedavg,fedavgm,fedprox,scaffold,feddyn,moon,fedntd,fedgen,fedftg,fedsnd --workdir=runs/tuning
 
 For every setting × algorithm it runs the first `--budget` configurations of the algorithm's grid (`GRIDS`,
 the same number for every algorithm) at the tuning seed (100; evaluation seeds are 0–2) with 10 % of the
@@ -52,6 +52,10 @@ GRIDS = {
     "feddyn": [{"algorithm": "feddyn", "feddyn.alpha": a} for a in (0.01, 0.1, 0.001, 0.03)],
     "moon": [{"algorithm": "moon", "moon.mu": mu} for mu in (1.0, 5.0, 0.1, 10.0)],
     "fedntd": [{"algorithm": "fedntd", "fedntd.beta": b} for b in (1.0, 0.3, 3.0, 0.1)],
+    "fedgen": [{"algorithm": "fedgen", "fedgen.generative_alpha": a, "fedgen.generative_beta": b}
+               for a, b in ((10.0, 10.0), (1.0, 1.0), (10.0, 1.0), (1.0, 10.0))],
+    "fedftg": [{"algorithm": "fedftg", **g} for g in (
+        {}, {"fedftg.distill_lr": 0.03}, {"fedftg.distill_lr": 0.003}, {"fedftg.beta_tran": 0.0})],
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
         {}, {"fedsnd.distill_rounds": 3}, {"fedsnd.lambda_prev": 0.3}, {"fedsnd.distill_lr": 3e-4})],
 }

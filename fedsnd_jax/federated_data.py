@@ -45,6 +45,18 @@ def to_device(x, y, part: Partition, mean, std) -> FederatedData:
   return FederatedData(*(jnp.asarray(a) for a in (x, y, index, counts.astype(np.int32), mean, std)))
 
 
+def label_histograms(data: FederatedData, ids, num_classes: int):
+  """[C, NC] int32 label counts of the clients `ids` [C], from their rows of the index table (what a client
+  uploads when an algorithm's server needs its label histogram)."""
+
+  def one(cid):
+    valid = jnp.arange(data.max_count) < data.counts[cid]
+    labels = data.y[data.index[cid]]
+    return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * valid[:, None], axis=0)
+
+  return jax.vmap(one)(ids)
+
+
 def steps_per_round(max_count: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
   """S: local_steps if > 0, else local_epochs × ceil(n_max / B) (clients with fewer examples mask the rest)."""
   if local_steps > 0:

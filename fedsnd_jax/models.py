@@ -30,6 +30,8 @@ class Model(NamedTuple):
       this batch's per-layer input mean and variance (differentiable in x).
     represent: mlp, cnn2, simple_cnn: (params, x, train=False, rng=None) -> [B, d] penultimate features
       (or the projection head's output), for MOON.
+    classify: mlp, cnn2, simple_cnn without a projection head: (params, z [B, d]) -> logits [B, NC], the
+      classifier alone on representations z (FedGen's generator lives in this space).
 
   BatchNorm models keep their statistics inside `params` ({"params": …, "batch_stats": …}); training
   uses batch statistics and leaves them alone (their gradient is 0), and clients `calibrate` them on
@@ -42,6 +44,7 @@ class Model(NamedTuple):
   embed_table: Callable[[Params], jax.Array] | None = None
   calibrate: Callable[[Params, jax.Array], Params] | None = None
   represent: Callable[..., jax.Array] | None = None
+  classify: Callable[[Params, jax.Array], jax.Array] | None = None
 
 
 CONV_IMPLS = ("xla", "im2col")
@@ -264,14 +267,20 @@ def _pair(module: nn.Module, input_shape, input_dtype=jnp.float32):
 
 
 def _with_represent(model: Model, module: nn.Module, variables_of) -> Model:
-  """Adds `represent`: the sown penultimate features of a forward pass."""
+  """Adds `represent`: the sown penultimate features of a forward pass; and, without a projection head,
+  `classify`: the classifier (the last auto-named Dense layer, `_head`'s) applied to given features."""
 
   def represent(params, x, train=False, rng=None):
     rngs = {"dropout": rng} if train else {}
     _, state = module.apply(variables_of(params), x, train, rngs=rngs, mutable=["intermediates", "batch_stats"])
     return state["intermediates"]["representation"][0]
 
-  return model._replace(represent=represent)
+  def classify(params, z):
+    layers = variables_of(params)["params"]
+    dense = max((k for k in layers if k.startswith("Dense_")), key=lambda k: int(k[len("Dense_"):]))
+    return z @ layers[dense]["kernel"] + layers[dense]["bias"]
+
+  return model._replace(represent=represent, classify=None if module.projection_dim else classify)
 
 
 def _bn_model(module: nn.Module, input_shape) -> Model:

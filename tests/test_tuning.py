@@ -1,8 +1,8 @@
-"""benchmarks.tuning: every algorithm gets the same budget, and every candidate is a valid config."""
+"""benchmarks.tuning and benchmarks.leaderboard: equal budgets, valid candidates, the table by hand."""
 
 import pytest
 
-from benchmarks import tuning
+from benchmarks import leaderboard, tuning
 from experiments import runner
 
 
@@ -27,3 +27,39 @@ def test_every_candidate_is_a_valid_config(setting):
       else:
         section, _, name = field.rpartition(".")
         assert (c[section][name] if section else c[name]) == value
+
+
+def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
+  tuned = {"xdevice_a0.1": {"fedavg": {"overrides": {"algorithm": "fedavg", "lr×": 2.0}}}}
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedavg") == ({"algorithm": "fedavg", "lr×": 2.0}, True)
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], False)
+  assert set(leaderboard.ALGORITHMS) <= set(tuning.GRIDS)
+
+
+def test_leaderboard_table_by_hand():
+  def run(final, accuracies, client_s, server_s):
+    summary = {"final_accuracy": final, "last5_mean_accuracy": final, "mean_client_time_s": client_s,
+               "mean_server_time_s": server_s}
+    return summary, [{"round": r, "test_accuracy": a} for r, a in enumerate(accuracies, 1)]
+
+  fedavg = [run(0.6, [0.5, 0.6], 1.0, 0.0), run(0.8, [0.7, 0.8], 1.0, 0.0)]  # target: mean final 70 %
+  fedsnd = [run(0.75, [0.4, 0.75], 1.0, 3.0), run(0.65, [0.6, 0.65], 1.0, 3.0)]
+  rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "tuned": name == "fedavg"}
+          for name, runs in (("fedavg", fedavg), ("fedsnd", fedsnd))}
+  lines = leaderboard.table("s", rows).splitlines()
+  assert "rounds to 70.0 %" in lines[2]
+  # FedAvg reaches 70 % at round 1 in seed 1 only; FedSND at round 2 in seed 0 only: 2 × (1 + 3) s.
+  assert lines[4].split(" | ")[1:8] == ["yes", "70.00 ± 10.00", "70.00 ± 10.00", "1.00 ± 0.00", "1/2",
+                                        "1.00 ± 0.00", "1.00"]
+  assert lines[5].split(" | ")[1:8] == ["paper default", "70.00 ± 5.00", "70.00 ± 5.00", "2.00 ± 0.00", "1/2",
+                                        "8.00 ± 0.00", "1.00"]
+
+
+def test_leaderboard_writes_between_its_markers(tmp_path):
+  path = tmp_path / "RESULTS.md"
+  path.write_text(f"head\n{leaderboard.BEGIN}\nold\n{leaderboard.END}\ntail\n")
+  leaderboard.write_between_markers(str(path), "new")
+  assert path.read_text() == f"head\n{leaderboard.BEGIN}\nnew\n{leaderboard.END}\ntail\n"
+  path.write_text("no markers")
+  with pytest.raises(ValueError, match="markers"):
+    leaderboard.write_between_markers(str(path), "new")

@@ -11,7 +11,8 @@ from fedsnd_jax import algorithms
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # fedavg | fedsd (client self-distillation) | fednd (server noise-distillation) | fedsnd (both)
-  # | fedprox | scaffold | moon | feddyn | fedntd (baselines): fedsnd_jax/algorithms/, one module each
+  # | fedprox | scaffold | moon | feddyn | fedntd (baselines) | fedgen | fedftg (data-free distillation peers):
+  # fedsnd_jax/algorithms/, one module each
   c.algorithm = "fedavg"
   # Data (DESIGN §4).
   c.dataset = "digits"  # digits | idx:<dir> | npz:<file> | a TFDS name (mnist, fashion_mnist, cifar10, ...)
@@ -70,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.attack_scale = 0.0  # s of sign_flip, gaussian, ipm; 0 = the attack's default (1, 1, 0.1)
   # Each algorithm's own hyperparameters, one section per algorithm (`--config.<section>.<field>=`), with
   # the defaults its module cites from the paper: fedprox.mu; moon.mu, moon.tau, moon.projection_dim,
-  # moon.classifier_on_projection; feddyn.alpha; fedntd.beta, fedntd.tau; fedsnd.* (FedSND's client and
+  # moon.classifier_on_projection; feddyn.alpha; fedntd.beta, fedntd.tau; fedgen.*, fedftg.* (their modules'
+  # `Hyperparameters`); fedsnd.* (FedSND's client and
   # server settings, shared by fedsd and fednd: fedsnd_jax/algorithms/fedsnd/round.py, `Hyperparameters`).
   # FedAvg and SCAFFOLD have none of their own.
   for section, hyperparameters in algorithms.sections().items():

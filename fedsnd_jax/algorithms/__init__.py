@@ -7,7 +7,7 @@ Adding an algorithm: one module here (the paper cited, its update equations, `Hy
 
 from fedsnd_jax import aggregation, models
 from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, Plugin, build_rounds
-from fedsnd_jax.algorithms import fedavg, feddyn, fedntd, fedprox, fedsnd, moon, scaffold
+from fedsnd_jax.algorithms import fedavg, feddyn, fedftg, fedgen, fedntd, fedprox, fedsnd, moon, scaffold
 from fedsnd_jax.errors import InputError
 
 REGISTRY: dict[str, Plugin] = {
@@ -20,6 +20,8 @@ REGISTRY: dict[str, Plugin] = {
     "moon": moon.PLUGIN,
     "feddyn": feddyn.PLUGIN,
     "fedntd": fedntd.PLUGIN,
+    "fedgen": fedgen.PLUGIN,
+    "fedftg": fedftg.PLUGIN,
 }
 
 

@@ -19,7 +19,7 @@ from fedsnd_jax.algorithm import AGGREGATE, Algorithm, Federation, RoundContext,
 from fedsnd_jax.algorithms.fedsnd import distillation, noise
 from fedsnd_jax.algorithms.fedsnd.self_distillation import SELF_DISTILL_MODES, self_distillation_loss
 from fedsnd_jax.errors import InputError, check_range, require
-from fedsnd_jax.federated_data import FederatedData
+from fedsnd_jax.federated_data import label_histograms
 from fedsnd_jax.models import Model
 from fedsnd_jax.shapes import Params
 
@@ -116,17 +116,6 @@ def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool =
   if server_side:
     require(federation.clients_per_round >= 2, "clients_per_round",
             f"the server distils on the other clients' noise, so it needs ≥ 2, got {federation.clients_per_round}")
-
-
-def client_histograms(data: FederatedData, ids, num_classes: int):
-  """[C, NC] label counts of the given clients, from their rows of the index table."""
-
-  def one(cid):
-    valid = jnp.arange(data.max_count) < data.counts[cid]
-    labels = data.y[data.index[cid]]
-    return jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * valid[:, None], axis=0)
-
-  return jax.vmap(one)(ids)
 
 
 class NoisePool(NamedTuple):
@@ -312,7 +301,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     ids, uploads = ctx.ids, ctx.uploads
     synth_key = jax.random.fold_in(ctx.key, 0)
     keys = jax.vmap(lambda i: jax.random.fold_in(synth_key, i))(ids)
-    histograms = client_histograms(ctx.data, ids, num_classes) if hp.uploads_histograms else None
+    histograms = label_histograms(ctx.data, ids, num_classes) if hp.uploads_histograms else None
     if hp.noise_targets == "histogram":
       labels = jax.vmap(lambda k, h: noise.histogram_targets(jax.random.fold_in(k, 1), h, q))(keys, histograms)
     else:

@@ -1,0 +1,147 @@
+r"""The leaderboard: every algorithm at its tuned setting on real Fashion-MNIST, evaluation seeds 0–2.
+
+  bash benchmarks/leaderboard.sh        # all settings and algorithms (see the script for the CPU scale)
+  python -m benchmarks.leaderboard --settings=xdevice_a0.1 --algorithms=fedavg,fedsnd --seeds=0,1,2
+
+Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.json`, written by
+`benchmarks.tuning` on the validation split at tuning seed 100) where that setting was tuned, else with the first
+candidate of its grid (its paper's defaults; the table says which). Runs land in
+`--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an interrupted leaderboard resumes.
+
+Per setting, one table: test accuracy final and last-5 mean (mean ± population std over seeds), rounds to
+target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
+The target is tuned FedAvg's mean final test accuracy on the same seeds: "rounds to reach what FedAvg ends at"
+(seeds that never reach it are left out of the mean; `reached` counts them). Wall-clock to target is rounds to
+target × (client + server seconds per round): where a server's cost shows. Tables go to `--output`, and between
+the leaderboard markers of `--results` (benchmarks/RESULTS.md) when given.
+"""
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags, logging
+
+from benchmarks import tuning
+from experiments import report, runner
+from fedsnd_jax import experiment
+
+ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "moon", "fedntd", "fedgen", "fedftg", "fedsnd")
+BEGIN, END = "<!-- leaderboard:begin -->", "<!-- leaderboard:end -->"
+
+
+def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, bool]:
+  """(the algorithm's overrides, whether they come from tuning) in a setting."""
+  entry = tuned.get(setting, {}).get(algorithm)
+  return (entry["overrides"], True) if entry else (tuning.GRIDS[algorithm][0], False)
+
+
+def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds) -> list[str]:
+  """Runs the missing seeds of one algorithm in one setting; returns their run folders."""
+  base = tuning.setting_config(setting)
+  folders = []
+  for seed in seeds:
+    folder = os.path.join(workdir, setting, algorithm, f"seed={seed}")
+    if not os.path.exists(os.path.join(folder, "summary.json")):
+      config = tuning.apply(base, overrides)
+      config.seed = seed
+      try:
+        final = f"final {runner.run(config, folder)['final_accuracy']:.4f}"
+      except experiment.Diverged as e:
+        final = f"diverged ({e})"
+      print(f"[leaderboard] {setting} {algorithm} seed={seed}: {final}", flush=True)
+    folders.append(folder)
+  return folders
+
+
+def _mean_std(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+
+
+def table(setting: str, rows: dict[str, dict]) -> str:
+  """The Markdown table of one setting; `rows` maps algorithms to {summaries, metrics, tuned}."""
+  fedavg = rows.get("fedavg")
+  target = float(np.mean([s["final_accuracy"] for s in fedavg["summaries"]])) if fedavg else None
+  header = ["algorithm", "tuned", "final acc", "last-5 mean", f"rounds to {100 * target:.1f} %" if target else
+            "rounds to target", "reached", "wall-clock to target s", "client s/round", "server s/round"]
+  lines = [f"**{setting}** (target: tuned FedAvg's mean final accuracy)\n",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for algorithm, row in rows.items():
+    summaries = row["summaries"]
+    per_round = [s["mean_client_time_s"] + s["mean_server_time_s"] for s in summaries]
+    to_target = [experiment.rounds_to_target(m, target) if target else None for m in row["metrics"]]
+    wall = [r * t if r is not None else None for r, t in zip(to_target, per_round, strict=True)]
+    cells = [algorithm, "yes" if row["tuned"] else "paper default",
+             _mean_std([100 * s["final_accuracy"] for s in summaries]),
+             _mean_std([100 * s["last5_mean_accuracy"] for s in summaries]),
+             _mean_std(to_target), f"{sum(r is not None for r in to_target)}/{len(summaries)}", _mean_std(wall),
+             f"{np.mean([s['mean_client_time_s'] for s in summaries]):.2f}",
+             f"{np.mean([s['mean_server_time_s'] for s in summaries]):.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> str:
+  text = [f"Evaluation seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std.\n"]
+  for setting in settings:
+    rows = {}
+    for algorithm in algorithms:
+      overrides, was_tuned = chosen(tuned, setting, algorithm)
+      folders = run_cells(workdir, setting, algorithm, overrides, seeds)
+      rows[algorithm] = {"summaries": [report.read_summary(f) for f in folders],
+                         "metrics": [report.read_metrics(f) for f in folders], "tuned": was_tuned}
+      partial = table(setting, rows)
+      with open(os.path.join(workdir, f"{setting}.md"), "w") as f:  # a table after every algorithm
+        f.write(partial)
+    text.append(partial)
+  return "\n".join(text)
+
+
+def write_between_markers(path: str, text: str) -> None:
+  """Replaces what lies between BEGIN and END in `path` (both must be there) by `text`."""
+  with open(path) as f:
+    content = f.read()
+  if BEGIN not in content or END not in content:
+    raise ValueError(f"{path} has no {BEGIN} … {END} markers")
+  head, rest = content.split(BEGIN, 1)
+  with open(path, "w") as f:
+    f.write(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  flag = flags.FLAGS
+  unknown = [s for s in flag.settings if s not in tuning.SETTINGS] + [
+      a for a in flag.algorithms if a not in tuning.GRIDS]
+  if unknown:
+    raise app.UsageError(f"unknown settings or algorithms: {', '.join(unknown)}")
+  tuned = {}
+  if os.path.exists(flag.tuned):
+    with open(flag.tuned) as f:
+      tuned = json.load(f)["settings"]
+  os.makedirs(flag.workdir, exist_ok=True)
+  text = leaderboard(flag.workdir, flag.settings, flag.algorithms, [int(s) for s in flag.seeds], tuned)
+  with open(flag.output, "w") as f:
+    f.write(text)
+  if flag.results:
+    write_between_markers(flag.results, text)
+  print(text, flush=True)
+
+
+def define_flags():  # only when run as a program (tests import this module beside the sweep's flags)
+  flags.DEFINE_list("settings", ["fmnist10_a0.1", "fmnist10_a0.5", "xdevice_a0.1", "xdevice_a0.5"], "Settings.")
+  flags.DEFINE_list("algorithms", list(ALGORITHMS), "Algorithms (names of benchmarks.tuning.GRIDS).")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Evaluation seeds (disjoint from the tuning seed, 100).")
+  flags.DEFINE_string("tuned", "benchmarks/configs/tuned.json", "The tuning's chosen settings.")
+  flags.DEFINE_string("workdir", "runs/leaderboard", "Output folder.")
+  flags.DEFINE_string("output", "runs/leaderboard/leaderboard.md", "Where the tables go.")
+  flags.DEFINE_string("results", "", "A Markdown file whose leaderboard markers receive the tables.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
