@@ -53,7 +53,7 @@ GRIDS = {
     "moon": [{"algorithm": "moon", "moon.mu": mu} for mu in (1.0, 5.0, 0.1, 10.0)],
     "fedntd": [{"algorithm": "fedntd", "fedntd.beta": b} for b in (1.0, 0.3, 3.0, 0.1)],
     "fedgen": [{"algorithm": "fedgen", "fedgen.generative_alpha": a, "fedgen.generative_beta": b}
-               for a, b in ((10.0, 10.0), (1.0, 1.0), (10.0, 1.0), (1.0, 10.0))],
+               for a, b in ((1.0, 1.0), (0.3, 0.3), (3.0, 3.0), (1.0, 0.1))],
     "fedftg": [{"algorithm": "fedftg", **g} for g in (
         {}, {"fedftg.distill_lr": 0.03}, {"fedftg.distill_lr": 0.003}, {"fedftg.beta_tran": 0.0})],
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (

@@ -1,0 +1,126 @@
+r"""Our engine against FedJAX on the same FedAvg work, alternating A/B/A/B (issue 15).
+
+  python -m benchmarks.peers [--repeats=2] [--rounds=3]
+
+The work: real Fashion-MNIST (Debian's dataset-fashion-mnist), K = 100 clients × 320 examples (a seeded IID
+split of 32,000 training images), every client in every round, 1 local epoch of batch 32, plain SGD at lr 0.05,
+cnn2 (824,458 params, dropout 0.2), FedAvg. FedJAX 0.0.17 (jax 0.5.3, dm-haiku; `benchmarks/peers_fedjax.py`,
+cnn2 written in Haiku) runs in its own venv, built once under --venv and reused; our engine runs in this
+process at the library defaults (`client_map=auto`, `conv_impl=auto`). A block times --rounds warm rounds (a
+first round compiles and is not counted); blocks alternate FedJAX, ours, FedJAX, ours, …; a framework's rate
+is K·n examples / its median round seconds over all its blocks. The last line is `project/fedjax: R.RRx`.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from fedsnd_jax import algorithm, algorithms, data, federated_data, mapping, models
+from fedsnd_jax.partition import partition
+
+FEDJAX_REQUIREMENTS = ("fedjax==0.0.17", "jax[cpu]==0.5.3", "jaxlib==0.5.3", "dm-haiku==0.0.17")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers_fedjax.py")
+
+
+def fedjax_python(venv: str) -> str:
+  """The venv's python, after building the venv with FEDJAX_REQUIREMENTS if it cannot import them yet."""
+  python = os.path.join(venv, "bin", "python")
+  if os.path.exists(python) and subprocess.run([python, "-c", "import fedjax, haiku"],
+                                               capture_output=True).returncode == 0:
+    return python
+  print(f"peers: building FedJAX's venv in {venv} (once; a few minutes)", flush=True)
+  subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+  subprocess.run([python, "-m", "pip", "install", "-q", *FEDJAX_REQUIREMENTS], check=True)
+  return python
+
+
+def work(data_dir: str, num_clients: int, per_client: int, seed: int = 0):
+  """(x uint8 [N, 28, 28, 1], y [N], the IID Partition of K clients × n, mean, std) of K·n training images."""
+  dataset = data.load_dataset(f"idx:{data_dir}")
+  rng = np.random.default_rng(seed)
+  keep = rng.permutation(len(dataset.y_train))[: num_clients * per_client]
+  x, y = dataset.x_train[keep], dataset.y_train[keep].astype(np.int32)
+  return x, y, partition(y, num_clients, "iid", seed=seed), dataset.mean, dataset.std
+
+
+def fedjax_block(python: str, npz: str, rounds: int) -> list[float]:
+  """Warm round seconds of one FedJAX process (its first round compiles and is dropped)."""
+  # Our XLA_FLAGS (DESIGN §6) name a flag jaxlib 0.5.3 does not know, and it aborts on unknown flags.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([python, WORKER, npz, str(rounds)], check=True, capture_output=True, text=True,
+                       env={**env, "JAX_PLATFORMS": "cpu"})
+  records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  return [r["seconds"] for r in records if r["round"] > 0]
+
+
+def ours(x, y, part, mean, std):
+  """A function block(rounds) -> warm round seconds of our FedAvg at the library defaults on the work."""
+  num_clients = len(part.client_indices)
+  fed_data = federated_data.to_device(x, y, part, mean, std)
+  steps = federated_data.steps_per_round(fed_data.max_count, 32, 1, 0)
+  fed = algorithm.Federation(num_clients, num_clients, algorithm.LocalSchedule(32, steps, 1, 0), 0.05, 0.0, 0.0,
+                             x.shape[1:], 10)
+  backend = jax.default_backend()
+  model = models.build_model("cnn2", x.shape[1:], 10, dropout=0.2, conv_impl=models.default_conv_impl(backend))
+  alg = algorithms.build("fedavg", model, fed, client_map=mapping.default_client_map(backend))
+  state = alg.init(jax.random.key(0))
+  state, _ = alg.apply(state, fed_data)  # compiles
+
+  def block(rounds: int) -> list[float]:
+    nonlocal state
+    seconds = []
+    for _ in range(rounds):
+      state, out = alg.apply(state, fed_data)
+      seconds.append(out.times["client_time_s"] + out.times["server_time_s"])
+    return seconds
+
+  return block
+
+
+def main(argv):
+  del argv
+  flag = flags.FLAGS
+  python = fedjax_python(flag.venv)
+  x, y, part, mean, std = work(flag.data_dir, flag.clients, flag.examples)
+  os.makedirs(os.path.dirname(os.path.abspath(flag.npz)), exist_ok=True)
+  normalised = ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+  np.savez(flag.npz, x=normalised, y=y, index=np.stack(part.client_indices))
+  ours_block = ours(x, y, part, mean, std)
+  examples = flag.clients * flag.examples
+  times = {"fedjax": [], "project": []}
+  for repeat in range(flag.repeats):
+    for name in ("fedjax", "project"):
+      start = time.perf_counter()
+      block = fedjax_block(python, flag.npz, flag.rounds) if name == "fedjax" else ours_block(flag.rounds)
+      times[name] += block
+      print(f"peers: block {repeat + 1}/{flag.repeats} {name}: {examples / statistics.median(block):,.0f} "
+            f"examples/s ({time.perf_counter() - start:.0f} s)", flush=True)
+  rate = {name: examples / statistics.median(seconds) for name, seconds in times.items()}
+  print(f"\nFedAvg, cnn2, {flag.clients} clients × {flag.examples} Fashion-MNIST examples, 1 epoch of batch 32, "
+        f"SGD lr 0.05; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; median of {len(times['project'])} "
+        f"warm rounds each\n\n| framework | examples/s | median round s |\n|---|---|---|")
+  for name in ("fedjax", "project"):
+    print(f"| {name} | {rate[name]:,.0f} | {statistics.median(times[name]):.2f} |")
+  print(f"\nproject/fedjax: {rate['project'] / rate['fedjax']:.2f}x")
+
+
+def define_flags():
+  flags.DEFINE_string("venv", os.path.expanduser("~/.cache/fedsnd-jax/fedjax-venv"), "FedJAX's own venv.")
+  flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST idx files.")
+  flags.DEFINE_string("npz", "runs/peers/work.npz", "Where the work is written for FedJAX's process.")
+  flags.DEFINE_integer("clients", 100, "K.")
+  flags.DEFINE_integer("examples", 320, "Examples per client.")
+  flags.DEFINE_integer("rounds", 3, "Warm rounds per block.")
+  flags.DEFINE_integer("repeats", 2, "A/B pairs of blocks.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
