@@ -6,7 +6,8 @@ r"""The leaderboard: every algorithm at its tuned setting on real Fashion-MNIST,
 Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.json`, written by
 `benchmarks.tuning` on the validation split at tuning seed 100) where that setting was tuned, else with the first
 candidate of its grid (its paper's defaults; the table says which). Runs land in
-`--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an interrupted leaderboard resumes.
+`--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an interrupted leaderboard resumes;
+a folder that ran another configuration of the algorithm (its tuning changed since) runs again.
 
 Per setting, one table: test accuracy final and last-5 mean (mean ± population std over seeds), rounds to
 target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
@@ -18,13 +19,14 @@ the leaderboard markers of `--results` (benchmarks/RESULTS.md) when given.
 
 import json
 import os
+import shutil
 
 import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import tuning
 from experiments import report, runner
-from fedsnd_jax import experiment
+from fedsnd_jax import algorithms, experiment
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "moon", "fedntd", "fedgen", "fedftg", "fedsnd")
 BEGIN, END = "<!-- leaderboard:begin -->", "<!-- leaderboard:end -->"
@@ -36,15 +38,30 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, bool]:
   return (entry["overrides"], True) if entry else (tuning.GRIDS[algorithm][0], False)
 
 
+def stale(folder: str, config) -> bool:
+  """Whether `folder` holds a run (finished or not) of a configuration other than `config` (other algorithms'
+  sections aside: they do not change the run)."""
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    saved = json.load(f)
+  ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
+  return any(saved.get(k) != v for k, v in json.loads(config.to_json()).items() if k not in ignored)
+
+
 def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds) -> list[str]:
   """Runs the missing seeds of one algorithm in one setting; returns their run folders."""
   base = tuning.setting_config(setting)
   folders = []
   for seed in seeds:
     folder = os.path.join(workdir, setting, algorithm, f"seed={seed}")
+    config = tuning.apply(base, overrides)
+    config.seed = seed
+    if stale(folder, config):
+      print(f"[leaderboard] {folder} ran another configuration (the tuning changed): running it again", flush=True)
+      shutil.rmtree(folder)
     if not os.path.exists(os.path.join(folder, "summary.json")):
-      config = tuning.apply(base, overrides)
-      config.seed = seed
       try:
         final = f"final {runner.run(config, folder)['final_accuracy']:.4f}"
       except experiment.Diverged as e:

@@ -63,3 +63,14 @@ def test_leaderboard_writes_between_its_markers(tmp_path):
   path.write_text("no markers")
   with pytest.raises(ValueError, match="markers"):
     leaderboard.write_between_markers(str(path), "new")
+
+
+def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_path):
+  config = tuning.apply(tuning.setting_config("digits"), {"algorithm": "fedgen"})
+  (tmp_path / "config.json").write_text(config.to_json())
+  assert not leaderboard.stale(str(tmp_path), config)
+  assert not leaderboard.stale(str(tmp_path / "absent"), config)
+  other = tuning.apply(config, {"fedsnd.lambda_prev": 0.5, "rounds": 3})  # another section; a resumable field
+  assert not leaderboard.stale(str(tmp_path), other)
+  assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"fedgen.generative_alpha": 3.0}))
+  assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"lr×": 2.0}))
