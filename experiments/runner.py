@@ -29,7 +29,7 @@ from fedsnd_jax import (
   secure_aggregation,
 )
 from fedsnd_jax import partition as partition_lib
-from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, LocalSchedule
+from fedsnd_jax.algorithm import SAMPLINGS, FederatedAlgorithm, Federation, LocalSchedule
 from fedsnd_jax.data import Dataset, load_dataset
 from fedsnd_jax.errors import require
 
@@ -75,6 +75,8 @@ def validate_config(c) -> None:
           f"unknown conv_impl {c.conv_impl!r}; allowed: auto, {', '.join(models.CONV_IMPLS)}")
   require(c.server_opt in SERVER_OPTIMIZERS, "server_opt",
           f"unknown server_opt {c.server_opt!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}")
+  require(c.client_sampling in SAMPLINGS, "client_sampling",
+          f"unknown client_sampling {c.client_sampling!r}; allowed: {', '.join(SAMPLINGS)}")
   _check_finite(c)
   require(c.alpha > 0, "alpha", f"must be > 0, got {c.alpha}")
   require(c.num_clients >= 1, "num_clients", f"must be ≥ 1, got {c.num_clients}")
@@ -98,6 +100,9 @@ def validate_config(c) -> None:
   _validate_privacy(c, plugin)
   _validate_robustness(c)
   _validate_secure_aggregation(c, plugin)
+  require(c.client_sampling == "fixed" or (c.aggregator == "mean" and not c.secure_aggregation), "client_sampling",
+          "poisson sampling pads rounds with an empty client of weight 0, which only the mean and DP's "
+          "aggregators leave out; use aggregator=mean without secure_aggregation, or client_sampling=fixed")
 
 
 def _validate_secure_aggregation(c, plugin) -> None:
@@ -173,6 +178,11 @@ def _validate_privacy(c, plugin) -> None:
           "adaptive clipping is central DP's (the server sets S from a noised count); not with dp_local")
   require(c.dp_target_epsilon == 0 or c.dp_noise_multiplier > 0, "dp_target_epsilon",
           "needs dp_noise_multiplier > 0 (without noise ε is infinite)")
+  require(c.dp_accountant in privacy.ACCOUNTANTS, "dp_accountant",
+          f"unknown dp_accountant {c.dp_accountant!r}; allowed: {', '.join(privacy.ACCOUNTANTS)}")
+  require(c.dp_accountant == "rdp" or c.dp_local or c.client_sampling == "poisson", "dp_accountant",
+          "dp-accounting's PLD accountant does not support sampling without replacement; use "
+          "client_sampling=poisson or dp_accountant=rdp")
   modes = plugin.privacy(hyperparameters(c))
   require(bool(modes), "algorithm", f"{c.algorithm} releases more than its model update in the clear, which no "
           "DP mode here covers (see its module); run it with dp_clip_norm=0")
@@ -194,9 +204,10 @@ def privacy_mechanism(c):
     if c.dp_adaptive_clip:
       count_stddev = c.dp_clip_count_stddev or c.clients_per_round / 20
       adaptive = privacy.AdaptiveClipping(c.dp_target_quantile, count_stddev, c.dp_clip_learning_rate)
-    aggregator, transform = privacy.central_dp(c.dp_clip_norm, c.dp_noise_multiplier, adaptive), None
+    aggregator = privacy.central_dp(c.dp_clip_norm, c.dp_noise_multiplier, adaptive, c.clients_per_round)
+    transform = None
   accountant = privacy.Accountant(c.num_clients, c.clients_per_round, c.dp_noise_multiplier, c.dp_delta,
-                                  count_stddev, c.dp_local)
+                                  count_stddev, c.dp_local, c.client_sampling, c.dp_accountant)
   return aggregator, transform, accountant
 
 
@@ -222,7 +233,7 @@ def build_algorithm(c, model: models.Model, fed: Federation, aggregator=None, up
                 else optax.adam(c.server_lr))
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
                           aggregator=aggregator, upload_transform=upload_transform, attack=attack,
-                          client_map=resolve_client_map(c), chunk_size=c.chunk_size)
+                          client_map=resolve_client_map(c), chunk_size=c.chunk_size, sampling=c.client_sampling)
 
 
 def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple | None]:

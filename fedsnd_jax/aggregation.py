@@ -62,21 +62,29 @@ def weighted_average(stacked, weights):
   return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
 
 
+def _or_reference(average, weights, reference):
+  """The average, or the reference where every weight is 0 (an empty Poisson-sampled round)."""
+  empty = jnp.sum(weights) <= 0
+  return jax.tree.map(lambda a, r: jnp.where(empty, r, a), average, reference)
+
+
 def weighted_mean() -> Aggregator:
   """FedAvg's rule: w ← Σ_k (n_k / Σ_i n_i) · w_k (McMahan et al., AISTATS 2017). Stateless."""
 
   def apply(models, weights, state, reference, key):
-    del reference, key
-    return Aggregate(weighted_average(models, weights), state, {})
+    del key
+    return Aggregate(_or_reference(weighted_average(models, weights), weights, reference), state, {})
 
   return Aggregator(lambda params: EmptyState(), apply)
 
 
 def unweighted_mean() -> Aggregator:
-  """w ← (1/C)·Σ_k w_k: every upload counts alike (under DP, where example counts are not released). Stateless."""
+  """w ← mean of the uploads of weight > 0: every client counts alike (under DP, where example counts are not
+  released); the empty client of Poisson sampling (weight 0) not at all. Stateless."""
 
   def apply(models, weights, state, reference, key):
-    del reference, key
-    return Aggregate(weighted_average(models, jnp.ones_like(weights)), state, {})
+    del key
+    present = (weights > 0).astype(jnp.float32)
+    return Aggregate(_or_reference(weighted_average(models, present), present, reference), state, {})
 
   return Aggregator(lambda params: EmptyState(), apply)

@@ -10,6 +10,7 @@ update after aggregation. `build_rounds` turns it into `FederatedAlgorithm(init,
 Every step is one jitted call, timed after blocking on its outputs (`<name>_time_s` in metrics.jsonl).
 """
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -19,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import aggregation, client, mapping, models
+from fedsnd_jax import aggregation, client, federated_data, mapping, models
+from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.shapes import Diagnostics, Params, PRNGKey
 
@@ -261,20 +263,53 @@ class FederatedAlgorithm(NamedTuple):
   apply: Callable[[ServerState, FederatedData], tuple[ServerState, RoundOutput]]
 
 
-def round_keys(rng, round_index, num_clients: int, clients_per_round: int):
+SAMPLINGS = ("fixed", "poisson")
+# Poisson sampling's cohort cap: the chance a round samples more clients than the cap (they are then left out).
+COHORT_OVERFLOW = 1e-9
+
+
+def binomial_tail(n: int, p: float, m: int) -> float:
+  """P[X > m] for X ~ Binomial(n, p)."""
+  if m >= n:
+    return 0.0
+  log_q = math.log1p(-p) if p < 1 else -math.inf
+  terms = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * log_q
+           if k < n or p < 1 else 0.0 for k in range(m + 1, n + 1))
+  return min(1.0, sum(math.exp(t) for t in terms))
+
+
+def cohort_cap(num_clients: int, clients_per_round: int) -> tuple[int, float]:
+  """Poisson sampling with rate q = C/K draws Binomial(K, q) clients; the round has room (static shapes) for the
+  smallest cap with P[more than cap] ≤ COHORT_OVERFLOW. Returns (cap, that probability)."""
+  p = clients_per_round / num_clients
+  lo, hi = clients_per_round, num_clients
+  while lo < hi:  # binary search: the tail falls as the cap grows
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if binomial_tail(num_clients, p, mid) <= COHORT_OVERFLOW else (mid + 1, hi)
+  return lo, binomial_tail(num_clients, p, lo)
+
+
+def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: int = 0):
   """Samples the round's clients and derives their keys.
 
-  round_key = fold_in(rng, round); (sample_key, clients_key, server_key) = split(round_key, 3); the C
-  of K client ids are drawn without replacement from sample_key and sorted; client k's key is
-  fold_in(clients_key, k), so it depends only on the seed, the round and the client id.
+  round_key = fold_in(rng, round); (sample_key, clients_key, server_key) = split(round_key, 3). Fixed-size
+  sampling (cap = 0): the C of K client ids are drawn without replacement from sample_key and sorted. Poisson
+  sampling (cap > 0): every client is in with probability q = C/K independently (u_k < q, u ~ U[0, 1)^K from
+  sample_key); the sampled ids, sorted, fill the first slots of `cap` and the rest hold K, the empty client
+  (no examples: it trains nothing and weighs 0); if more than cap are sampled, the highest ids are left out (a
+  chance of `cohort_cap`'s overflow per round). Client k's key is fold_in(clients_key, k), so it depends only on
+  the seed, the round and the client id.
 
   Returns:
-    ids: [C] int32 sorted client ids.
-    keys: [C] typed keys.
+    ids: [C] (or [cap]) int32 sorted client ids.
+    keys: [C] (or [cap]) typed keys.
     server_key: a typed key for the server's own randomness this round.
   """
   sample_key, clients_key, server_key = jax.random.split(jax.random.fold_in(rng, round_index), 3)
-  if clients_per_round == num_clients:
+  if cap:
+    sampled = jax.random.uniform(sample_key, (num_clients,)) < clients_per_round / num_clients
+    ids = jnp.sort(jnp.where(sampled, jnp.arange(num_clients), num_clients))[:cap].astype(jnp.int32)
+  elif clients_per_round == num_clients:
     ids = jnp.arange(num_clients, dtype=jnp.int32)
   else:
     ids = jnp.sort(jax.random.choice(sample_key, num_clients, (clients_per_round,), replace=False))
@@ -340,14 +375,15 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
                  schedule: LocalSchedule, client_opt: optax.GradientTransformation,
                  server_opt: optax.GradientTransformation | None = None,
                  aggregator: aggregation.Aggregator | None = None, upload_transform=None, attack=None,
-                 client_map: str = "vmap", chunk_size: int = 8,
+                 client_map: str = "vmap", chunk_size: int = 8, sampling: str = "fixed",
                  max_traces: int | None = None) -> FederatedAlgorithm:
   """The round driver: turns a plug-in into `FederatedAlgorithm(init, apply)`.
 
   Args:
     plugin: the algorithm's parts.
     model: the model pair.
-    num_clients: K; clients_per_round: C ≤ K (sampled without replacement each round).
+    num_clients: K; clients_per_round: C ≤ K, sampled without replacement each round, or the expected cohort
+      with Poisson sampling.
     schedule: the local schedule (see `client_batches`).
     client_opt: the clients' optax optimiser (fresh state every round).
     server_opt: optimiser on the pseudo-gradient w − aggregate; None is SGD at lr 1 (plain FedAvg).
@@ -357,8 +393,21 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     attack: (uploads [C, P], ids [C], received [P], key) -> uploads [C, P], the Byzantine clients' replacement of
       their uploads after local training (`attacks.model_attack`); part of the client phase.
     client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
+    sampling: "fixed" (C of K) or "poisson" (each client with probability C/K; `round_keys`). Poisson sampling
+      pads the round with the empty client, so it takes an algorithm without per-client state or server steps
+      beyond aggregation, and an aggregator that gives an upload of weight 0 no say (the mean, DP's).
     max_traces: a debugging check: fail (chex.assert_max_traces) when any phase is traced more often.
   """
+  if sampling not in SAMPLINGS:
+    raise InputError("client_sampling", f"unknown {sampling!r}; allowed: {', '.join(SAMPLINGS)}")
+  cap = 0
+  if sampling == "poisson":
+    cap = cohort_cap(num_clients, clients_per_round)[0]
+    stateful = jax.eval_shape(lambda: plugin.init_state(model.init(jax.random.key(0)))) is not None
+    if stateful or plugin.server_steps(0) != (AGGREGATE,):
+      raise InputError("client_sampling", "poisson sampling pads rounds with an empty client, which an algorithm "
+                       "with per-client state or its own server steps would see; use fixed")
+  slots = cap or clients_per_round
   server_opt = models.freeze_statistics(server_opt or optax.sgd(1.0))
   aggregator = aggregator or aggregation.weighted_mean()
   client_phase = make_client_phase(model, plugin.client_loss, client_opt, schedule, client_map, chunk_size,
@@ -366,12 +415,12 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
   model_bytes = param_bytes(jax.eval_shape(model.init, jax.random.key(0)))
 
   def prepare(state: ServerState, data: FederatedData):
-    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, clients_per_round)
+    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, clients_per_round, cap)
     shared, own = plugin.client_inputs(state.algorithm, ids)
     return ids, keys, server_key, shared, own, schedule.steps_taken(data.counts[ids])
 
   def aggregate(context: RoundContext, carry: ServerCarry):
-    chex.assert_tree_shape_prefix(carry.models, (clients_per_round,))  # [C, P] whatever steps came before
+    chex.assert_tree_shape_prefix(carry.models, (slots,))  # [C, P] whatever steps came before
     key = jax.random.fold_in(context.key, AGGREGATOR_STREAM)
     out = aggregator.apply(carry.models, carry.weights, carry.aggregator, context.params, key)
     carry = carry._replace(average=out.params, aggregator=out.state)
@@ -413,13 +462,15 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
 
   def apply(state: ServerState, data: FederatedData) -> tuple[ServerState, RoundOutput]:
     round_index = int(state.round)
+    if cap:
+      data = federated_data.with_empty_client(data)
     timer = PhaseTimer()
     ids, keys, server_key, shared, own, steps = prepare_jit(state, data)
     uploads = client_phase((state.params, shared, data), (ids, keys, own))
     if corrupt is not None:
       uploads = corrupt(uploads, ids, state.params, server_key)
     uploads = timer.lap("client_time_s", uploads)
-    chex.assert_tree_shape_prefix(uploads, (clients_per_round,))
+    chex.assert_tree_shape_prefix(uploads, (slots,))
     context = RoundContext(state.round, state.params, state.algorithm, ids, own, uploads, steps, server_key,
                            data)
     carry = ServerCarry(uploads.params, uploads.num_examples, None, state.algorithm, state.aggregator, None, {})
@@ -433,11 +484,13 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
       diagnostics.update(diag)
     new_state, train_loss, eval_models = carry
     times = {**timer.times, "server_time_s": sum(timer.times[f"{s.name}_time_s"] for s in server_steps)}
+    cohort = int(jnp.sum(ids < num_clients)) if cap else clients_per_round
+    if cap:
+      diagnostics["cohort_size"] = cohort
     extra_up, extra_down = plugin.extra_bytes(round_index)
-    extra_up += aggregator.protocol_bytes(clients_per_round)
+    extra_up += aggregator.protocol_bytes(cohort)
     diagnostics = {k: float(v) if jnp.ndim(v) == 0 else jax.device_get(v).tolist() for k, v in diagnostics.items()}
-    return new_state, RoundOutput(times, diagnostics, float(train_loss),
-                                  eval_models, clients_per_round * (model_bytes + 4 + extra_up),
-                                  clients_per_round * (model_bytes + extra_down))
+    return new_state, RoundOutput(times, diagnostics, float(train_loss), eval_models,
+                                  cohort * (model_bytes + 4 + extra_up), cohort * (model_bytes + extra_down))
 
   return FederatedAlgorithm(init, apply)

@@ -45,6 +45,12 @@ def to_device(x, y, part: Partition, mean, std) -> FederatedData:
   return FederatedData(*(jnp.asarray(a) for a in (x, y, index, counts.astype(np.int32), mean, std)))
 
 
+def with_empty_client(data: FederatedData) -> FederatedData:
+  """The data with one more client, id K, holding no examples (Poisson sampling's padding)."""
+  return data._replace(index=jnp.concatenate([data.index, jnp.zeros((1, data.max_count), data.index.dtype)]),
+                       counts=jnp.concatenate([data.counts, jnp.zeros((1,), data.counts.dtype)]))
+
+
 def label_histograms(data: FederatedData, ids, num_classes: int):
   """[C, NC] int32 label counts of the clients `ids` [C], from their rows of the index table (what a client
   uploads when an algorithm's server needs its label histogram)."""

@@ -12,13 +12,15 @@ Local DP: every client clips its update and adds N(0, σ²S²·I) before uploadi
 sees only noised updates, so whatever it does with them (FedSND's synthesis and distillation included) is
 post-processing.
 
-Accounting (`Accountant`, dp-accounting's RDP accountant). The server samples C of K clients without
-replacement, so with K public the neighbouring relation is "replace one client", under which the clipped sum
-has L2 sensitivity 2S: a round is SampledWithoutReplacementDpEvent(K, C, GaussianDpEvent(σ/2)) (Wang, Balle,
-Kasiviswanathan, AISTATS 2019), composed with GaussianDpEvent(σ_b) for the adaptive clipped count (bits in
-{0, 1}: sensitivity 1). Local DP gets no amplification from sampling (the server knows who uploaded): each
-upload is GaussianDpEvent(σ/2), and a client is charged for every round (the worst case of fixed-size
-sampling).
+Accounting (`Accountant`, dp-accounting's RDP or PLD accountant). Fixed-size sampling: the server samples C of
+K clients without replacement, so with K public the neighbouring relation is "replace one client", under which
+the clipped sum has L2 sensitivity 2S: a round is SampledWithoutReplacementDpEvent(K, C, GaussianDpEvent(σ/2))
+(Wang, Balle, Kasiviswanathan, AISTATS 2019; RDP only: dp-accounting's PLD does not support it), composed with
+GaussianDpEvent(σ_b) for the adaptive clipped count (bits in {0, 1}: sensitivity 1). Poisson sampling
+(`client_sampling=poisson`, each client in with probability q = C/K, the sum divided by the fixed C): "add or
+remove one client", sensitivity S, PoissonSampledDpEvent(q, GaussianDpEvent(σ)), with RDP or PLD (tighter).
+Local DP gets no amplification from sampling (the server knows who uploaded): each upload is
+GaussianDpEvent(σ/2), and a client is charged for every round (the worst case).
 """
 
 import math
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 
 from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator
+from fedsnd_jax.algorithm import cohort_cap
 from fedsnd_jax.shapes import Params
 
 # Andrew et al.'s suggestions: clip-norm learning rate 0.2, clipped-count noise C/20.
@@ -57,13 +60,19 @@ def clip(stacked: Params, clip_norm) -> tuple[Params, jax.Array]:
   return jax.tree.map(lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), stacked), norms
 
 
-def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClipping | None = None) -> Aggregator:
+def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClipping | None = None,
+               expected_clients: int = 0) -> Aggregator:
   """The central-DP aggregator: clip each update to S, sum, add N(0, σ²S²), divide by C (module docstring).
+
+  Uploads of weight 0 (the empty client that pads a Poisson-sampled round) are left out of the sum and the
+  clipped count; the divisor is the expected cohort C, fixed (McMahan et al.'s fixed-denominator estimator), so
+  the sum's sensitivity stays S.
 
   Args:
     clip_norm: S (the initial S with adaptive clipping).
     noise_multiplier: σ, the noise std in units of S.
     adaptive: adaptive clipping settings, or None for a fixed S.
+    expected_clients: C, the divisor (0: the number of uploads, as with fixed-size sampling).
 
   Diagnostics: dp_clip_norm (the S used), dp_clipped_fraction (share of updates above S, before noise: a
   diagnostic, not released), dp_update_norm (mean update norm, likewise).
@@ -74,20 +83,21 @@ def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClip
     return ClipState(jnp.float32(clip_norm))
 
   def apply(models, weights, state: ClipState, reference, key):
-    num = weights.shape[0]  # uniform weights: example counts are not privatised
+    num = expected_clients or weights.shape[0]  # uniform weights: example counts are not privatised
+    present = (weights > 0).astype(jnp.float32)
     s = state.clip_norm
     deltas = tree_math.updates(models, reference)
     clipped, norms = clip(deltas, s)
     update_key, count_key = jax.random.split(key)
-    total = jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped)
+    total = jax.tree.map(lambda x: jnp.tensordot(present, x, axes=1), clipped)
     noisy = jax.tree.map(jnp.add, total, tree_math.normal_like(update_key, total, noise_multiplier * s))
     average = jax.tree.map(lambda r, t: r + t / num, reference, noisy)
     new_s = s
     if adaptive is not None:
-      unclipped = jnp.sum(norms <= s) + adaptive.count_stddev * jax.random.normal(count_key)
+      unclipped = jnp.sum(present * (norms <= s)) + adaptive.count_stddev * jax.random.normal(count_key)
       new_s = s * jnp.exp(-adaptive.learning_rate * (unclipped / num - adaptive.target_quantile))
-    diagnostics = {"dp_clip_norm": s, "dp_clipped_fraction": jnp.mean(norms > s),
-                   "dp_update_norm": jnp.mean(norms)}
+    share = lambda x: jnp.sum(present * x) / jnp.maximum(jnp.sum(present), 1.0)
+    diagnostics = {"dp_clip_norm": s, "dp_clipped_fraction": share(norms > s), "dp_update_norm": share(norms)}
     return Aggregate(average, ClipState(new_s.astype(jnp.float32)), diagnostics)
 
   return Aggregator(init, apply)
@@ -105,37 +115,74 @@ def local_noise(clip_norm: float, noise_multiplier: float):
   return transform
 
 
+ACCOUNTANTS = ("rdp", "pld")
+
+
+def poisson_accounted(sampling: str, local: bool) -> bool:
+  """Whether rounds are accounted as Poisson-sampled (central DP under Poisson sampling; the add-or-remove
+  relation) rather than under the replace-one relation."""
+  return sampling == "poisson" and not local
+
+
 def round_event(num_clients: int, clients_per_round: int, noise_multiplier: float, count_stddev: float = 0.0,
-                local: bool = False) -> dp_accounting.DpEvent:
-  """One round's DpEvent for one client (module docstring), under the replace-one relation."""
-  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2)  # replace-one: sensitivity 2S
+                local: bool = False, sampling: str = "fixed") -> dp_accounting.DpEvent:
+  """One round's DpEvent for one client (module docstring).
+
+  Fixed-size sampling and local DP: the replace-one relation (sensitivity 2S). Poisson sampling with rate
+  q = C/K (central DP): PoissonSampledDpEvent(q, GaussianDpEvent(σ)) under add-or-remove-one, where the clipped
+  sum has sensitivity S (Abadi et al., CCS 2016; McMahan et al., ICLR 2018).
+  """
+  poisson = poisson_accounted(sampling, local)
+  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier if poisson else noise_multiplier / 2)
   if count_stddev > 0:
     gaussian = dp_accounting.ComposedDpEvent([gaussian, dp_accounting.GaussianDpEvent(count_stddev)])
   if local:
     return gaussian
+  if poisson:
+    return dp_accounting.PoissonSampledDpEvent(clients_per_round / num_clients, gaussian)
   return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
 
 
-def _rdp_accountant():
-  return dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+def make_accountant(kind: str = "rdp", poisson: bool = False) -> dp_accounting.PrivacyAccountant:
+  """A fresh dp-accounting accountant: RDP or PLD (PLD does not support sampling without replacement)."""
+  relation = (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if poisson
+              else dp_accounting.NeighboringRelation.REPLACE_ONE)
+  if kind == "pld":
+    return dp_accounting.pld.PLDAccountant(neighboring_relation=relation)
+  if kind == "rdp":
+    return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+  raise ValueError(f"unknown accountant {kind!r}; allowed: {', '.join(ACCOUNTANTS)}")
 
 
 class Accountant:
-  """ε(rounds) at δ for the mechanism above, from dp-accounting's RDP accountant.
+  """ε(rounds) at δ for the mechanism above, from one of dp-accounting's accountants.
 
   Args:
-    num_clients: K; clients_per_round: C (sampled without replacement).
+    num_clients: K; clients_per_round: C (sampled without replacement, or the expected cohort under Poisson).
     noise_multiplier: σ of the update sum (0: no privacy, ε = ∞).
-    delta: δ.
+    delta: δ of the whole run's guarantee.
     count_stddev: σ_b of adaptive clipping's clipped count (0: fixed clipping, nothing else released).
     local: local DP (each upload noised by its client; no amplification by sampling).
+    sampling: "fixed" or "poisson" (`algorithm.round_keys`). A Poisson round that samples more clients than its
+      cap leaves some out, which the Poisson analysis does not cover: the chance of that, summed over the rounds,
+      is taken from δ (ε is reported at δ − rounds·overflow).
+    kind: "rdp" or "pld" (PLD needs Poisson sampling or local DP).
+
+  Raises:
+    ValueError: PLD with fixed-size sampling under central DP.
   """
 
   def __init__(self, num_clients: int, clients_per_round: int, noise_multiplier: float, delta: float,
-               count_stddev: float = 0.0, local: bool = False):
+               count_stddev: float = 0.0, local: bool = False, sampling: str = "fixed", kind: str = "rdp"):
     self.delta = delta
-    self._event = (round_event(num_clients, clients_per_round, noise_multiplier, count_stddev, local)
+    self._poisson = poisson_accounted(sampling, local)
+    self._kind = kind
+    self._overflow = cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
+    self._event = (round_event(num_clients, clients_per_round, noise_multiplier, count_stddev, local, sampling)
                    if noise_multiplier > 0 else None)
+    if self._event is not None and not make_accountant(kind, self._poisson).supports(self._event):
+      raise ValueError(f"dp-accounting's {kind} accountant does not support {type(self._event).__name__} "
+                       "(PLD: use Poisson sampling or the rdp accountant)")
     self._cache: dict[int, float] = {}
 
   def epsilon(self, rounds: int) -> float:
@@ -145,24 +192,28 @@ class Accountant:
     if self._event is None:
       return math.inf
     if rounds not in self._cache:
-      accountant = _rdp_accountant()
+      accountant = make_accountant(self._kind, self._poisson)
       accountant.compose(self._event, rounds)
-      self._cache[rounds] = float(accountant.get_epsilon(self.delta))
+      delta = self.delta - rounds * self._overflow
+      self._cache[rounds] = float(accountant.get_epsilon(delta)) if delta > 0 else math.inf
     return self._cache[rounds]
 
 
 def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clients_per_round: int, delta: float,
-                      count_stddev: float = 0.0, local: bool = False) -> float:
+                      count_stddev: float = 0.0, local: bool = False, sampling: str = "fixed",
+                      kind: str = "rdp") -> float:
   """The smallest σ whose ε after `rounds` rounds is at most `target_epsilon` (dp-accounting's calibration).
 
   Raises:
     ValueError: no σ in [0.01, 10⁴] reaches it (e.g. the clipped count's own noise already spends more).
   """
+  overflow = cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
   try:
     return float(dp_accounting.calibrate_dp_mechanism(
-        _rdp_accountant, lambda sigma: dp_accounting.SelfComposedDpEvent(
-            round_event(num_clients, clients_per_round, sigma, count_stddev, local), rounds),
-        target_epsilon, delta, dp_accounting.ExplicitBracketInterval(1e-2, 1e4)))
+        lambda: make_accountant(kind, poisson_accounted(sampling, local)),
+        lambda sigma: dp_accounting.SelfComposedDpEvent(
+            round_event(num_clients, clients_per_round, sigma, count_stddev, local, sampling), rounds),
+        target_epsilon, delta - rounds * overflow, dp_accounting.ExplicitBracketInterval(1e-2, 1e4)))
   except ValueError:
     raise ValueError(f"no noise multiplier in [0.01, 1e4] reaches ε = {target_epsilon} after {rounds} rounds "
                      f"(count_stddev = {count_stddev})") from None

@@ -25,7 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_clients = 20  # K
   c.train_examples = 0  # > 0: train on a fixed (seed-independent) random subset of this many examples
   c.validation_fraction = 0.0  # seeded share of the training set held out from clients (val_* metrics)
-  c.clients_per_round = 20  # C ≤ K, sampled without replacement each round
+  c.clients_per_round = 20  # C ≤ K, sampled without replacement each round (the expected cohort under poisson)
+  # fixed | poisson: every client in with probability C/K each round (rounds padded to a cap that overflows with
+  # probability 1e-9; for algorithms without per-client state or server steps, aggregator mean; DP accounting
+  # amplified by Poisson sampling)
+  c.client_sampling = "fixed"
   # Model.
   c.model = "mlp"  # mlp | cnn2 | simple_cnn | resnet8 | resnet18 | text_mean | text_conv
   c.dropout = 0.2
@@ -52,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dp_clip_count_stddev = 0.0  # σ_b, noise on the unclipped count; 0 = clients_per_round / 20 (the paper's)
   c.dp_clip_learning_rate = 0.2  # η of the geometric update S ← S·exp(−η(b̄ − γ)) (the paper's)
   c.dp_delta = 1e-5
+  c.dp_accountant = "rdp"  # rdp | pld (dp-accounting's; PLD, tighter, needs client_sampling=poisson or dp_local)
   c.dp_target_epsilon = 0.0  # > 0: stop before a round would spend more (exit 0, summary.json says so)
   c.dp_local = False  # local DP: every client clips and noises its own update (no trusted server)
   # Secure aggregation, simulated (fedsnd_jax/secure_aggregation.py, Bonawitz et al. 2017): the server learns
