@@ -39,15 +39,16 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, bool]:
 
 
 def stale(folder: str, config) -> bool:
-  """Whether `folder` holds a run (finished or not) of a configuration other than `config` (other algorithms'
-  sections aside: they do not change the run)."""
+  """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
+  sections do not change the run, nor do fields added to the config since it ran (a new field's default keeps
+  the old behaviour)."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     return False
   with open(path) as f:
     saved = json.load(f)
   ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
-  return any(saved.get(k) != v for k, v in json.loads(config.to_json()).items() if k not in ignored)
+  return any(k in saved and saved[k] != v for k, v in json.loads(config.to_json()).items() if k not in ignored)
 
 
 def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds) -> list[str]:

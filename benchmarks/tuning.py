@@ -57,7 +57,7 @@ GRIDS = {
     "fedftg": [{"algorithm": "fedftg", **g} for g in (
         {}, {"fedftg.distill_lr": 0.03}, {"fedftg.distill_lr": 0.003}, {"fedftg.beta_tran": 0.0})],
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
-        {}, {"fedsnd.distill_rounds": 3}, {"fedsnd.lambda_prev": 0.3}, {"fedsnd.distill_lr": 3e-4})],
+        {}, {"epochs×": 2}, {"fedsnd.lambda_prev": 0.3}, {"fedsnd.distill_rounds": 3})],
 }
 
 # FedSND's candidate defaults: the library's own defaults first, then the alternatives the evidence points at.

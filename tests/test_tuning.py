@@ -1,5 +1,7 @@
 """benchmarks.tuning and benchmarks.leaderboard: equal budgets, valid candidates, the table by hand."""
 
+import json
+
 import pytest
 
 from benchmarks import leaderboard, tuning
@@ -74,3 +76,6 @@ def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_p
   assert not leaderboard.stale(str(tmp_path), other)
   assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"fedgen.generative_alpha": 3.0}))
   assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"lr×": 2.0}))
+  older = {k: v for k, v in json.loads(config.to_json()).items() if k != "client_sampling"}  # before the field
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  assert not leaderboard.stale(str(tmp_path), config)
