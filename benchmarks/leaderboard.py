@@ -5,9 +5,10 @@ r"""The leaderboard: every algorithm at its tuned setting on real Fashion-MNIST,
 
 Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.json`, written by
 `benchmarks.tuning` on the validation split at tuning seed 100) where that setting was tuned, else with the first
-candidate of its grid (its paper's defaults; the table says which). Runs land in
-`--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an interrupted leaderboard resumes;
-a folder that ran another configuration of the algorithm (its tuning changed since) runs again.
+candidate of its grid (its paper's defaults); the "setting" column says which, and how many configurations the
+tuning compared. Runs land in `--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an
+interrupted leaderboard resumes; a folder that ran another configuration of the algorithm (its tuning changed
+since) runs again.
 
 Per setting, one table: test accuracy final and last-5 mean (mean ± population std over seeds), rounds to
 target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
@@ -32,10 +33,10 @@ ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "moon", "fed
 BEGIN, END = "<!-- leaderboard:begin -->", "<!-- leaderboard:end -->"
 
 
-def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, bool]:
-  """(the algorithm's overrides, whether they come from tuning) in a setting."""
+def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, int]:
+  """(the algorithm's overrides, how many configurations its tuning compared: 0 = untuned) in a setting."""
   entry = tuned.get(setting, {}).get(algorithm)
-  return (entry["overrides"], True) if entry else (tuning.GRIDS[algorithm][0], False)
+  return (entry["overrides"], len(entry["evidence"])) if entry else (tuning.GRIDS[algorithm][0], 0)
 
 
 def stale(folder: str, config) -> bool:
@@ -80,10 +81,11 @@ def _mean_std(values) -> str:
 
 
 def table(setting: str, rows: dict[str, dict]) -> str:
-  """The Markdown table of one setting; `rows` maps algorithms to {summaries, metrics, tuned}."""
+  """The Markdown table of one setting; `rows` maps algorithms to {summaries, metrics, tuned: configurations its
+  tuning compared (0: untuned)}."""
   fedavg = rows.get("fedavg")
   target = float(np.mean([s["final_accuracy"] for s in fedavg["summaries"]])) if fedavg else None
-  header = ["algorithm", "tuned", "final acc", "last-5 mean", f"rounds to {100 * target:.1f} %" if target else
+  header = ["algorithm", "setting", "final acc", "last-5 mean", f"rounds to {100 * target:.1f} %" if target else
             "rounds to target", "reached", "wall-clock to target s", "client s/round", "server s/round"]
   lines = [f"**{setting}** (target: tuned FedAvg's mean final accuracy)\n",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -92,7 +94,7 @@ def table(setting: str, rows: dict[str, dict]) -> str:
     per_round = [s["mean_client_time_s"] + s["mean_server_time_s"] for s in summaries]
     to_target = [experiment.rounds_to_target(m, target) if target else None for m in row["metrics"]]
     wall = [r * t if r is not None else None for r, t in zip(to_target, per_round, strict=True)]
-    cells = [algorithm, "yes" if row["tuned"] else "paper default",
+    cells = [algorithm, f"best of {row['tuned']}" if row["tuned"] else "paper default",
              _mean_std([100 * s["final_accuracy"] for s in summaries]),
              _mean_std([100 * s["last5_mean_accuracy"] for s in summaries]),
              _mean_std(to_target), f"{sum(r is not None for r in to_target)}/{len(summaries)}", _mean_std(wall),
@@ -107,10 +109,10 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> str:
   for setting in settings:
     rows = {}
     for algorithm in algorithms:
-      overrides, was_tuned = chosen(tuned, setting, algorithm)
+      overrides, configs = chosen(tuned, setting, algorithm)
       folders = run_cells(workdir, setting, algorithm, overrides, seeds)
       rows[algorithm] = {"summaries": [report.read_summary(f) for f in folders],
-                         "metrics": [report.read_metrics(f) for f in folders], "tuned": was_tuned}
+                         "metrics": [report.read_metrics(f) for f in folders], "tuned": configs}
       partial = table(setting, rows)
       with open(os.path.join(workdir, f"{setting}.md"), "w") as f:  # a table after every algorithm
         f.write(partial)

@@ -32,9 +32,9 @@ def test_every_candidate_is_a_valid_config(setting):
 
 
 def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
-  tuned = {"xdevice_a0.1": {"fedavg": {"overrides": {"algorithm": "fedavg", "lr×": 2.0}}}}
-  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedavg") == ({"algorithm": "fedavg", "lr×": 2.0}, True)
-  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], False)
+  tuned = {"xdevice_a0.1": {"fedavg": {"overrides": {"algorithm": "fedavg", "lr×": 2.0}, "evidence": [{}, {}]}}}
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedavg") == ({"algorithm": "fedavg", "lr×": 2.0}, 2)
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], 0)
   assert set(leaderboard.ALGORITHMS) <= set(tuning.GRIDS)
 
 
@@ -46,12 +46,12 @@ def test_leaderboard_table_by_hand():
 
   fedavg = [run(0.6, [0.5, 0.6], 1.0, 0.0), run(0.8, [0.7, 0.8], 1.0, 0.0)]  # target: mean final 70 %
   fedsnd = [run(0.75, [0.4, 0.75], 1.0, 3.0), run(0.65, [0.6, 0.65], 1.0, 3.0)]
-  rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "tuned": name == "fedavg"}
-          for name, runs in (("fedavg", fedavg), ("fedsnd", fedsnd))}
+  rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "tuned": configs}
+          for name, runs, configs in (("fedavg", fedavg, 4), ("fedsnd", fedsnd, 0))}
   lines = leaderboard.table("s", rows).splitlines()
   assert "rounds to 70.0 %" in lines[2]
   # FedAvg reaches 70 % at round 1 in seed 1 only; FedSND at round 2 in seed 0 only: 2 × (1 + 3) s.
-  assert lines[4].split(" | ")[1:8] == ["yes", "70.00 ± 10.00", "70.00 ± 10.00", "1.00 ± 0.00", "1/2",
+  assert lines[4].split(" | ")[1:8] == ["best of 4", "70.00 ± 10.00", "70.00 ± 10.00", "1.00 ± 0.00", "1/2",
                                         "1.00 ± 0.00", "1.00"]
   assert lines[5].split(" | ")[1:8] == ["paper default", "70.00 ± 5.00", "70.00 ± 5.00", "2.00 ± 0.00", "1/2",
                                         "8.00 ± 0.00", "1.00"]
