@@ -94,7 +94,11 @@ def table(setting: str, rows: dict[str, dict]) -> str:
     per_round = [s["mean_client_time_s"] + s["mean_server_time_s"] for s in summaries]
     to_target = [experiment.rounds_to_target(m, target) if target else None for m in row["metrics"]]
     wall = [r * t if r is not None else None for r, t in zip(to_target, per_round, strict=True)]
-    cells = [algorithm, f"best of {row['tuned']}" if row["tuned"] else "paper default",
+    diverged = sum(bool(s.get("diverged")) for s in summaries)
+    name = algorithm
+    if diverged:
+      name += f" ({diverged} of {len(summaries)} diverged: their last finite round is tabled)"
+    cells = [name, f"best of {row['tuned']}" if row["tuned"] else "paper default",
              _mean_std([100 * s["final_accuracy"] for s in summaries]),
              _mean_std([100 * s["last5_mean_accuracy"] for s in summaries]),
              _mean_std(to_target), f"{sum(r is not None for r in to_target)}/{len(summaries)}", _mean_std(wall),

@@ -46,6 +46,7 @@ def test_leaderboard_table_by_hand():
 
   fedavg = [run(0.6, [0.5, 0.6], 1.0, 0.0), run(0.8, [0.7, 0.8], 1.0, 0.0)]  # target: mean final 70 %
   fedsnd = [run(0.75, [0.4, 0.75], 1.0, 3.0), run(0.65, [0.6, 0.65], 1.0, 3.0)]
+  fedsnd[1][0]["diverged"] = True
   rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "tuned": configs}
           for name, runs, configs in (("fedavg", fedavg, 4), ("fedsnd", fedsnd, 0))}
   lines = leaderboard.table("s", rows).splitlines()
@@ -53,6 +54,7 @@ def test_leaderboard_table_by_hand():
   # FedAvg reaches 70 % at round 1 in seed 1 only; FedSND at round 2 in seed 0 only: 2 × (1 + 3) s.
   assert lines[4].split(" | ")[1:8] == ["best of 4", "70.00 ± 10.00", "70.00 ± 10.00", "1.00 ± 0.00", "1/2",
                                         "1.00 ± 0.00", "1.00"]
+  assert lines[5].startswith("| fedsnd (1 of 2 diverged")
   assert lines[5].split(" | ")[1:8] == ["paper default", "70.00 ± 5.00", "70.00 ± 5.00", "2.00 ± 0.00", "1/2",
                                         "8.00 ± 0.00", "1.00"]
 
