@@ -41,15 +41,17 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, int]:
 
 def stale(folder: str, config) -> bool:
   """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
-  sections do not change the run, nor do fields added to the config since it ran (a new field's default keeps
-  the old behaviour)."""
+  sections do not change the run, nor, for a finished run, do fields added to the config since it ran (a new
+  field's default keeps the old behaviour); an unfinished run must match exactly to resume."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     return False
   with open(path) as f:
     saved = json.load(f)
   ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
-  return any(k in saved and saved[k] != v for k, v in json.loads(config.to_json()).items() if k not in ignored)
+  finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
+  return any((k in saved or not finished) and saved.get(k) != v
+             for k, v in json.loads(config.to_json()).items() if k not in ignored)
 
 
 def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds) -> list[str]:

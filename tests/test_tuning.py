@@ -80,4 +80,6 @@ def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_p
   assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"lr×": 2.0}))
   older = {k: v for k, v in json.loads(config.to_json()).items() if k != "client_sampling"}  # before the field
   (tmp_path / "config.json").write_text(json.dumps(older))
-  assert not leaderboard.stale(str(tmp_path), config)
+  assert leaderboard.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
+  (tmp_path / "summary.json").write_text("{}")
+  assert not leaderboard.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
