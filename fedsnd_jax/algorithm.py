@@ -433,6 +433,15 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     return state, train_loss, carry.eval_models
 
   jitted = {}
+  padded_cache: dict[int, tuple[FederatedData, FederatedData]] = {}
+
+  def padded(data: FederatedData) -> FederatedData:
+    """The data with Poisson sampling's empty client, built once per data object (not every round)."""
+    if id(data) not in padded_cache or padded_cache[id(data)][0] is not data:
+      padded_cache.clear()
+      padded_cache[id(data)] = (data, federated_data.with_empty_client(data))
+    return padded_cache[id(data)][1]
+
 
   def compiled(step: ServerStep, last: bool):
     """One jitted call per (step, is-last): the last step also runs the server optimiser (`finish`)."""
@@ -463,7 +472,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
   def apply(state: ServerState, data: FederatedData) -> tuple[ServerState, RoundOutput]:
     round_index = int(state.round)
     if cap:
-      data = federated_data.with_empty_client(data)
+      data = padded(data)
     timer = PhaseTimer()
     ids, keys, server_key, shared, own, steps = prepare_jit(state, data)
     uploads = client_phase((state.params, shared, data), (ids, keys, own))
