@@ -14,7 +14,8 @@ Per setting, one table: test accuracy final and last-5 mean (mean ± population 
 target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
 The target is tuned FedAvg's mean final test accuracy on the same seeds: "rounds to reach what FedAvg ends at"
 (seeds that never reach it are left out of the mean; `reached` counts them). Wall-clock to target is rounds to
-target × (client + server seconds per round): where a server's cost shows. Tables go to `--output`, and between
+target × (client + server seconds per round): where a server's cost shows. Each setting's table is kept in
+`<workdir>/<setting>.md`; all settings' tables found there (not only this run's) go to `--output`, and between
 the leaderboard markers of `--results` (benchmarks/RESULTS.md) when given.
 """
 
@@ -110,8 +111,8 @@ def table(setting: str, rows: dict[str, dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> str:
-  text = [f"Evaluation seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std.\n"]
+def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> None:
+  """Runs the missing cells of `settings` and writes each setting's table to `<workdir>/<setting>.md`."""
   for setting in settings:
     rows = {}
     for algorithm in algorithms:
@@ -122,7 +123,17 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> str:
       partial = table(setting, rows)
       with open(os.path.join(workdir, f"{setting}.md"), "w") as f:  # a table after every algorithm
         f.write(partial)
-    text.append(partial)
+
+
+def collected(workdir: str, seeds) -> str:
+  """Every setting's table in `workdir` (this run's and earlier runs'), in the order of tuning.SETTINGS, so a
+  run of one setting keeps the others' tables in RESULTS.md."""
+  text = [f"Evaluation seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std.\n"]
+  for setting in tuning.SETTINGS:
+    path = os.path.join(workdir, f"{setting}.md")
+    if os.path.exists(path):
+      with open(path) as f:
+        text.append(f.read())
   return "\n".join(text)
 
 
@@ -150,7 +161,9 @@ def main(argv):
     with open(flag.tuned) as f:
       tuned = json.load(f)["settings"]
   os.makedirs(flag.workdir, exist_ok=True)
-  text = leaderboard(flag.workdir, flag.settings, flag.algorithms, [int(s) for s in flag.seeds], tuned)
+  seeds = [int(s) for s in flag.seeds]
+  leaderboard(flag.workdir, flag.settings, flag.algorithms, seeds, tuned)
+  text = collected(flag.workdir, seeds)
   with open(flag.output, "w") as f:
     f.write(text)
   if flag.results:

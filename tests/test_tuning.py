@@ -69,6 +69,13 @@ def test_leaderboard_writes_between_its_markers(tmp_path):
     leaderboard.write_between_markers(str(path), "new")
 
 
+def test_leaderboard_collects_every_settings_table_in_the_settings_order(tmp_path):
+  (tmp_path / "xdevice_a0.1.md").write_text("X\n")
+  (tmp_path / "fmnist10_a0.1.md").write_text("F\n")
+  assert leaderboard.collected(str(tmp_path), [0, 1]).splitlines() == [
+      "Evaluation seeds 0, 1; accuracies in %, mean ± population std.", "", "F", "", "X"]
+
+
 def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_path):
   config = tuning.apply(tuning.setting_config("digits"), {"algorithm": "fedgen"})
   (tmp_path / "config.json").write_text(config.to_json())
