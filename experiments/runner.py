@@ -71,6 +71,9 @@ def validate_config(c) -> None:
           f"unknown partition {c.partition!r}; allowed: {', '.join(partition_lib.PARTITIONS)}")
   require(c.client_map == "auto" or c.client_map in mapping.CLIENT_MAPS, "client_map",
           f"unknown client_map {c.client_map!r}; allowed: auto, {', '.join(mapping.CLIENT_MAPS)}")
+  require(jax.process_count() == 1 or c.client_map in ("auto", "sharded"), "client_map",
+          f"a run of {jax.process_count()} processes shares its clients out with client_map=sharded (or auto), "
+          f"not {c.client_map}")
   require(c.conv_impl == "auto" or c.conv_impl in models.CONV_IMPLS, "conv_impl",
           f"unknown conv_impl {c.conv_impl!r}; allowed: auto, {', '.join(models.CONV_IMPLS)}")
   require(c.server_opt in SERVER_OPTIMIZERS, "server_opt",
@@ -253,8 +256,10 @@ def resolve_conv_impl(c) -> str:
 
 
 def resolve_client_map(c) -> str:
-  """The config's client_map with `auto` replaced by the backend's default."""
-  return mapping.default_client_map(jax.default_backend()) if c.client_map == "auto" else c.client_map
+  """The config's client_map with `auto` replaced by the backend's default (`sharded` over several processes)."""
+  if c.client_map != "auto":
+    return c.client_map
+  return "sharded" if jax.process_count() > 1 else mapping.default_client_map(jax.default_backend())
 
 
 def subsample(ds: Dataset, num_examples: int) -> Dataset:

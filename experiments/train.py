@@ -44,9 +44,14 @@ def main(argv):
   if not _WORKDIR.value:
     print("error: workdir: --workdir is required", file=sys.stderr)
     sys.exit(2)
-  if _COORDINATOR.value:
-    import jax  # pylint: disable=import-outside-toplevel
+  multi = [_COORDINATOR.value is not None, _NUM_PROCESSES.value is not None, _PROCESS_ID.value is not None]
+  if any(multi) and not all(multi):
+    print("error: coordinator_address: a multi-process run needs --coordinator_address, --num_processes and "
+          "--process_id together", file=sys.stderr)
+    sys.exit(2)
+  import jax  # pylint: disable=import-outside-toplevel  # after fedsnd_jax, which sets XLA_FLAGS before jax loads
 
+  if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     run(_CONFIG.value, _WORKDIR.value)
@@ -56,6 +61,9 @@ def main(argv):
   except Diverged as e:
     print(f"diverged: {e}", file=sys.stderr)
     sys.exit(3)
+  finally:
+    if _COORDINATOR.value:
+      jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

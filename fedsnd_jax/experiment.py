@@ -3,8 +3,10 @@
   summary = experiment.run(algorithm, model, train_data, {"test": test_set}, workdir="runs/x", rounds=30)
 
 writes into `workdir` metrics.jsonl (one record per evaluated round), TensorBoard events, resumable
-`checkpoints/` and summary.json, with no config system involved. A second run in the same workdir is refused
-while the first is alive (a lock file naming its holder; a dead holder's lock is taken over). A round whose
+`checkpoints/` and summary.json, with no config system involved. In a multi-process run (`jax.distributed`,
+client_map=sharded) every process runs this loop alike and process 0 alone writes. A second run in the same
+workdir is refused while the first is alive (a lock file naming its holder; a dead holder's lock is taken over).
+A round whose
 training loss or parameters are not finite stops the run: its state is not checkpointed (the last finite
 checkpoint stays), summary.json says `"diverged": true`, and `Diverged` is raised; so does a round whose
 evaluated loss is not finite (parameters so large that the logits overflow).
@@ -137,8 +139,9 @@ def run(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedData,
     InputError: the workdir is unusable or held by another run.
     Diverged: a non-finite training loss or parameter.
   """
-  with locked_workdir(workdir):
-    if on_start is not None:
+  primary = jax.process_index() == 0  # in a multi-process run the others compute alike and write nothing
+  with locked_workdir(workdir) if primary else contextlib.nullcontext():
+    if on_start is not None and primary:
       on_start(workdir)
     return _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, eval_every,
                        checkpoint_every, target_accuracy, dict(info or {}), accountant, target_epsilon, stop_after)
@@ -152,7 +155,8 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
   if ckpt.latest_round() is not None:
     state, log = ckpt.restore(state)
     print(f"resuming {workdir} from round {int(state.round)}", flush=True)
-  writer = metrics.MetricsWriter(workdir, log["records"])
+  primary = jax.process_index() == 0
+  writer = metrics.MetricsWriter(workdir, log["records"]) if primary else metrics.Discard()
   evaluate = evaluation.make_evaluator(model)
   session_start, start_round = time.perf_counter(), int(state.round)
 
@@ -161,7 +165,8 @@ def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, 
                                    log["wall_s"] + time.perf_counter() - session_start), **extra}
     if accountant is not None:
       summary.update(epsilon=accountant.epsilon(int(state.round)), dp_delta=accountant.delta)
-    metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    if primary:
+      metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
 
   stopped = {}

@@ -5,7 +5,9 @@
            bounded by the chunk, not by C.
   loop     one jitted per-client function called in a Python loop (the FedJAX-style reference).
   sharded  vmap with the client axis sharded over the `clients` axis of a device mesh (all devices of all
-           processes); shared arguments are replicated. C is padded to a multiple of the device count.
+           processes); shared arguments are replicated. C is padded to a multiple of the device count. The
+           clients' results are gathered to every device; each process goes on with its own copy, so the
+           server phase runs alike in every process (on data every process holds whole).
 
 The algorithm code is the same for every strategy.
 """
@@ -74,6 +76,12 @@ def _pad_clients(a, padded: int):
   return jnp.concatenate([a, jnp.repeat(a[:1], padded - num, axis=0)]) if padded > num else a
 
 
+def _global(a, sharding: NamedSharding) -> jax.Array:
+  """A global array over `sharding`'s mesh from `a`, the whole array, which every process holds alike (each
+  process contributes the shards of its own devices: `device_put` cannot reach other processes' devices)."""
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
 def _sharded(fn, mesh):
   clients = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -82,14 +90,15 @@ def _sharded(fn, mesh):
   @jax.jit
   def run(shared, per_client):
     out = jax.vmap(lambda *pc: fn(*shared, *pc))(*per_client)
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, clients), out)
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), out)  # gathered everywhere
 
   def mapped(shared, per_client):
     num = jax.tree.leaves(per_client)[0].shape[0]
     padded = -(-num // devices) * devices
-    per_client = jax.device_put(jax.tree.map(lambda a: _pad_clients(a, padded), per_client), clients)
-    out = run(jax.device_put(shared, replicated), per_client)
-    return jax.tree.map(lambda a: a[:num], out)
+    per_client = jax.tree.map(lambda a: _global(_pad_clients(a, padded), clients), per_client)
+    out = run(jax.tree.map(lambda a: _global(a, replicated), shared), per_client)
+    # This process's copy: the server phase runs on local arrays, the same in every process.
+    return jax.tree.map(lambda a: a.addressable_data(0)[:num], out)
 
   return mapped
 

@@ -48,6 +48,16 @@ class MetricsWriter:
       self._tb.close()
 
 
+class Discard:
+  """A MetricsWriter that writes nothing (the processes of a multi-process run other than process 0)."""
+
+  def write(self, record: dict) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
+
+
 class _TensorBoard:
   """Scalar event files written with the `tensorboard` package's protos and record format.
 

@@ -1,0 +1,61 @@
+"""Two processes on JAX's distributed runtime (gloo CPU collectives), client_map=sharded, equal one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, rounds: int) -> list[str]:
+  """Runs the binary as processes 0 and 1 of one run; returns their stdouts (files: a full pipe would stall one
+  process, and the other with it at the next collective)."""
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  logs = [workdir.parent / f"{workdir.name}.{rounds}.{i}.log" for i in (0, 1)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(
+          [*TRAIN, f"--workdir={workdir}", "--config.client_map=sharded", f"--config.rounds={rounds}", address,
+           "--num_processes=2", f"--process_id={i}"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True))
+  codes = [p.wait(timeout=600) for p in procs]
+  texts = [log.read_text(errors="replace") for log in logs]
+  assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+  return texts
+
+
+def _records(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_equal_one_and_resume(tmp_path):
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  subprocess.run([*TRAIN, f"--workdir={single}", "--config.client_map=vmap"], cwd=ROOT, check=True,
+                 capture_output=True, timeout=600)
+  _two_processes(multi, rounds=2)  # interrupted after round 2 ...
+  outs = _two_processes(multi, rounds=3)  # ... and resumed by both processes from process 0's checkpoint
+  assert all("resuming" in out for out in outs)
+  want, got = _records(single), _records(multi)
+  assert [r["round"] for r in got] == [1, 2, 3]  # one writer: no record twice
+  for key in ("test_accuracy", "test_loss", "train_loss"):
+    assert [r[key] for r in got] == pytest.approx([r[key] for r in want], abs=1e-4), key
+  with open(multi / "summary.json") as f:
+    assert json.load(f)["final_accuracy"] == pytest.approx(want[-1]["test_accuracy"], abs=1e-4)
+
+
+def test_partial_multi_process_flags_exit_2(tmp_path):
+  out = subprocess.run([*TRAIN, f"--workdir={tmp_path}", "--num_processes=2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2 and "--process_id" in out.stderr and not os.listdir(tmp_path)
