@@ -15,13 +15,13 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks import venvs
 from fedsnd_jax import algorithm, algorithms, data, federated_data, mapping, models
 from fedsnd_jax.partition import partition
 
@@ -31,14 +31,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers_fedjax.
 
 def fedjax_python(venv: str) -> str:
   """The venv's python, after building the venv with FEDJAX_REQUIREMENTS if it cannot import them yet."""
-  python = os.path.join(venv, "bin", "python")
-  if os.path.exists(python) and subprocess.run([python, "-c", "import fedjax, haiku"],
-                                               capture_output=True).returncode == 0:
-    return python
-  print(f"peers: building FedJAX's venv in {venv} (once; a few minutes)", flush=True)
-  subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-  subprocess.run([python, "-m", "pip", "install", "-q", *FEDJAX_REQUIREMENTS], check=True)
-  return python
+  return venvs.venv_python(venv, "import fedjax, haiku", [list(FEDJAX_REQUIREMENTS)], "peers")
 
 
 def work(data_dir: str, num_clients: int, per_client: int, seed: int = 0):
