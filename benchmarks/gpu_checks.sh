@@ -37,3 +37,22 @@ if [ "${SWEEP_S:-170}" -gt 0 ]; then
   # The device tool returns no file whose name holds "=" (the sweep's cell folders): pack them.
   tar czf "$OUT/fmnist_full.tgz" -C "$OUT" fmnist_full && rm -rf "$OUT/fmnist_full"
 fi
+
+# Issue 15: whole sweeps as one program. Cells per minute, cell by cell and then --vectorize=seeds,alphas, on
+# full Fashion-MNIST (fmnist_gpu.py), α ∈ {0.1, 0.5, 1.0} × seeds 0–2 (VEC_ALGORITHMS, default fedavg); off
+# unless VEC_S > 0 (each mode's time budget). vectorize.txt: mode, exit code, seconds, finished cells.
+if [ "${VEC_S:-0}" -gt 0 ]; then
+  for mode in sequential vectorized; do
+    flag=""
+    [ "$mode" = vectorized ] && flag="--vectorize=seeds,alphas"
+    start=$(date +%s)
+    timeout "$VEC_S" python -m experiments.sweep --config=benchmarks/configs/fmnist_gpu.py \
+      --config.dataset=idx:.gpu_data/fashion-mnist --algorithms="${VEC_ALGORITHMS:-fedavg}" --alphas=0.1,0.5,1.0 \
+      --seeds=0,1,2 --workdir="$OUT/vec_$mode" $flag > "$OUT/vectorize_$mode.log" 2>&1
+    rc=$?
+    echo "$mode rc=$rc seconds=$(( $(date +%s) - start )) cells=$(find "$OUT/vec_$mode" -name summary.json | wc -l)" \
+      >> "$OUT/vectorize.txt"
+    cp "$OUT/vec_$mode/results.md" "$OUT/vectorize_$mode.md" 2>/dev/null
+    rm -rf "$OUT/vec_$mode"
+  done
+fi

@@ -229,14 +229,15 @@ class Experiment:
 
 
 def build_algorithm(c, model: models.Model, fed: Federation, aggregator=None, upload_transform=None,
-                    attack=None) -> FederatedAlgorithm:
+                    attack=None, runs: int = 0) -> FederatedAlgorithm:
   """Turns the config's algorithm, its section and the server fields into builder arguments; the aggregator,
   upload transform and attack come from `privacy_mechanism` and `robustness`."""
   server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
                 else optax.adam(c.server_lr))
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
                           aggregator=aggregator, upload_transform=upload_transform, attack=attack,
-                          client_map=resolve_client_map(c), chunk_size=c.chunk_size, sampling=c.client_sampling)
+                          client_map=resolve_client_map(c), chunk_size=c.chunk_size, sampling=c.client_sampling,
+                          runs=runs)
 
 
 def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple | None]:
@@ -325,6 +326,62 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
     experiment.Diverged: a non-finite loss or parameter (summary.json says so).
   """
   exp = prepare(c)  # All input checks happen before anything is written.
+  return experiment.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
+                        rounds=c.rounds, seed=c.seed, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
+                        target_accuracy=c.target_accuracy, info=_info(c), on_start=_on_start(c, exp),
+                        accountant=exp.accountant, target_epsilon=c.dp_target_epsilon,
+                        stop_after=stop_after)
+
+
+# What runs vectorised together may differ in (experiments.sweep --vectorize).
+VECTORIZABLE = ("seed", "alpha")
+
+
+def run_vectorized(configs: list, workdirs: list[str]) -> list[dict]:
+  """Runs experiments that differ only in seed and α as one compiled program, each writing its own workdir as
+  `run` would, with the same results (`build_rounds(runs=R)` over `federated_data.stack`); returns their
+  summaries (a diverged run's says so). Seconds per round are the vectorised round's, all runs together.
+
+  Raises:
+    InputError: bad input, or configs that differ in more than seed and α, before anything is written.
+  """
+  c = configs[0]
+  fixed = {k: v for k, v in c.to_dict().items() if k not in VECTORIZABLE}
+  for other in configs[1:]:
+    changed = sorted(k for k, v in other.to_dict().items() if k not in VECTORIZABLE and fixed[k] != v)
+    require(not changed, "vectorize", f"runs vectorised together may differ only in {', '.join(VECTORIZABLE)}, "
+            f"not {', '.join(changed)}")
+  require(c.byzantine_fraction == 0 or c.attack == "none", "vectorize",
+          "Byzantine clients are drawn per seed: run attacked cells one by one")
+  exps = [prepare(one) for one in configs]
+  widest = max(e.train_data.max_count for e in exps)
+  schedule = LocalSchedule(c.batch_size, federated_data.steps_per_round(widest, c.batch_size, c.local_epochs,
+                                                                        c.local_steps), c.local_epochs,
+                           c.local_steps)
+  ds = exps[0].dataset
+  robust_aggregator = robustness(c, ds.num_classes, exps[0].train_data)[0]
+  dp_aggregator, transform, accountant = privacy_mechanism(c)
+  algorithm = build_algorithm(c, exps[0].model, federation(c, ds.input_shape, ds.num_classes, schedule),
+                              dp_aggregator or robust_aggregator, transform, runs=len(configs))
+  starts = {workdir: _on_start(one, exp) for workdir, one, exp in zip(workdirs, configs, exps, strict=True)}
+  return experiment.run_many(
+      algorithm, exps[0].model, federated_data.stack([e.train_data for e in exps]), [e.eval_sets for e in exps],
+      workdirs=workdirs, rounds=c.rounds, seeds=[one.seed for one in configs], eval_every=c.eval_every,
+      checkpoint_every=c.checkpoint_every, target_accuracy=c.target_accuracy,
+      infos=[{**_info(one), "vectorized_runs": len(configs)} for one in configs],
+      on_start=lambda workdir: starts[workdir](workdir), accountant=accountant,
+      target_epsilon=c.dp_target_epsilon)
+
+
+def _info(c) -> dict:
+  """summary.json's fields from the config."""
+  return {"algorithm": c.algorithm, "dataset": c.dataset, "partition": c.partition, "alpha": c.alpha,
+          "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed}
+
+
+def _on_start(c, exp: Experiment):
+  """What a run writes first, its lock held: config.json (with the values `auto` resolved to) and partition.npz,
+  after checking a resumed workdir holds the same config."""
   config = c.to_dict()
   resolved = {"num_steps": exp.num_steps, "max_client_examples": exp.train_data.max_count,
               "num_params": models.num_params(jax.eval_shape(exp.model.init, jax.random.key(0))),
@@ -338,10 +395,4 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
     metrics.write_json_atomic(os.path.join(workdir, "config.json"), {**config, "resolved": resolved})
     _save_partition(workdir, exp)
 
-  info = {"algorithm": c.algorithm, "dataset": c.dataset, "partition": c.partition, "alpha": c.alpha,
-          "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed}
-  return experiment.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
-                        rounds=c.rounds, seed=c.seed, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-                        target_accuracy=c.target_accuracy, info=info, on_start=on_start,
-                        accountant=exp.accountant, target_epsilon=c.dp_target_epsilon,
-                        stop_after=stop_after)
+  return on_start

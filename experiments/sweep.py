@@ -10,7 +10,11 @@ sweep resumes where it stopped (a cell that diverged is reported and kept as it 
 names reach an algorithm's section: `fedsnd.distill_rounds=3`, `moon.mu=5`). Writes DIR/results.csv (one
 row per cell), DIR/results.md (mean ± std over seeds, numpy's population std; test and validation columns),
 DIR/accuracy_vs_round_alpha=<α>.png and DIR/final_accuracy_vs_alpha.png (`experiments/report.py`).
-`--table_only` runs nothing and tables the finished cells (listing the missing ones).
+`--table_only` runs nothing and tables the finished cells (listing the missing ones). `--vectorize=seeds` (or
+`seeds,alphas`) runs each algorithm's cells that differ only in seed (and α) as one compiled program with a
+leading run axis (partitions padded to a common shape): the same per-cell workdirs, tables and results as one by
+one (tests/test_sweep.py checks equality), in fewer, larger device calls; worth it on a GPU, where one cell
+leaves most of the device idle. A cell's seconds per round are then those of its whole vectorised round.
 Rounds to target are recomputed from each cell's metrics.jsonl at the sweep's `target_accuracy`, so a finished
 sweep can be tabled again at another target (`--config.target_accuracy=0.7`) without running anything; with
 fedavg in the sweep, results.md also gives every algorithm's rounds to target as a ratio to FedAvg's.
@@ -36,6 +40,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _PARTITION = flags.DEFINE_string("partition", None, "Partition convention (default: the config's).")
 _VARIANTS = flags.DEFINE_multi_string("variant", [], "NAME:field=value:field=value — a named config variant.")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Run nothing; table and plot the finished cells.")
+_VECTORIZE = flags.DEFINE_list("vectorize", [], "seeds, or seeds,alphas: run an algorithm's cells that differ "
+                               "only in these as one compiled program.")
 
 def _parse_value(template, text: str):
   if isinstance(template, bool):
@@ -103,12 +109,41 @@ def cell_dir(workdir, algorithm, alpha, seed) -> str:
   return os.path.join(workdir, algorithm, f"alpha={alpha:g}", f"seed={seed}")
 
 
+def groups(todo, workdir: str, vectorize) -> list[list[tuple]]:
+  """The cells to run, in groups run as one program: an algorithm's fresh cells that differ only in seed (and α
+  with "alphas" in `vectorize`); every other cell (an interrupted one resumes alone) is a group of its own."""
+  if not vectorize:
+    return [[cell] for cell in todo]
+  by_key = {}
+  for cell in todo:
+    fresh = not os.path.exists(cell_dir(workdir, *cell))
+    key = (cell[0], None if "alphas" in vectorize else cell[1]) if fresh else cell
+    by_key.setdefault(key, []).append(cell)
+  return list(by_key.values())
+
+
+def _run_group(configs, folders) -> list[str]:
+  """Runs one group of cells; returns each cell's result for the progress line."""
+  if len(configs) == 1:
+    try:
+      return [f"final {runner.run(configs[0], folders[0])['final_accuracy']:.4f}"]
+    except experiment.Diverged as e:
+      return [f"diverged ({e})"]
+  return [f"diverged in round {s['diverged_round']}" if s.get("diverged") else f"final {s['final_accuracy']:.4f}"
+          for s in runner.run_vectorized(configs, folders)]
+
+
 def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partition=None,
-          table_only=False) -> list[dict]:
+          table_only=False, vectorize=()) -> list[dict]:
   """Runs every missing cell, then writes results.csv, results.md and the plots; returns the CSV rows.
 
   With `table_only`, nothing runs: the outputs cover the finished cells and the missing ones are listed.
+  `vectorize` ("seeds", or "seeds" and "alphas") runs an algorithm's cells that differ only in those as one
+  compiled program (`runner.run_vectorized`; the same per-cell results).
   """
+  unknown = set(vectorize) - {"seeds", "alphas"}
+  if unknown or (vectorize and "seeds" not in vectorize):
+    raise InputError("vectorize", f"takes seeds or seeds,alphas, got {','.join(vectorize)}")
   variants = variants or {}
   cells = [(a, al, s) for al in alphas for a in algorithms for s in seeds]
   configs = {cell: cell_config(base, *cell, variants, partition) for cell in cells}
@@ -121,15 +156,14 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
       print("sweep: tabling finished cells only; missing: "
             + ", ".join(f"{a} α={al:g} seed={s}" for a, al, s in todo), flush=True)
     cells, todo = [c for c in cells if c not in todo], []
-  start = time.perf_counter()
-  for done, cell in enumerate(todo, 1):
-    try:
-      result = f"final {runner.run(configs[cell], cell_dir(workdir, *cell))['final_accuracy']:.4f}"
-    except experiment.Diverged as e:
-      result = f"diverged ({e})"
+  start, done = time.perf_counter(), 0
+  for group in groups(todo, workdir, vectorize):
+    results = _run_group([configs[cell] for cell in group], [cell_dir(workdir, *cell) for cell in group])
+    done += len(group)
     per_cell = (time.perf_counter() - start) / done
-    print(f"[sweep {done}/{len(todo)}] {cell[0]} α={cell[1]:g} seed={cell[2]}: {result} | "
-          f"ETA {experiment.format_eta(per_cell * (len(todo) - done))}", flush=True)
+    for cell, result in zip(group, results, strict=True):
+      print(f"[sweep {done}/{len(todo)}] {cell[0]} α={cell[1]:g} seed={cell[2]}: {result} | "
+            f"ETA {experiment.format_eta(per_cell * (len(todo) - done))}", flush=True)
   metrics = {cell: report.read_metrics(cell_dir(workdir, *cell)) for cell in cells}
   rows = []
   for cell in cells:
@@ -171,7 +205,7 @@ def main(argv):
     sys.exit(2)
   try:
     sweep(_CONFIG.value, _WORKDIR.value, _ALGORITHMS.value, alphas, seeds,
-          parse_variants(_VARIANTS.value, _CONFIG.value), _PARTITION.value, _TABLE_ONLY.value)
+          parse_variants(_VARIANTS.value, _CONFIG.value), _PARTITION.value, _TABLE_ONLY.value, _VECTORIZE.value)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

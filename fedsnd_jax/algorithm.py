@@ -244,13 +244,14 @@ class RoundOutput(NamedTuple):
     times: seconds of each phase (`client_time_s`, `<step>_time_s`, and their server sum `server_time_s`).
     diagnostics: the server steps' and the aggregator's values, as host floats (lists for per-client ones).
     train_loss: the uploads' example-weighted mean training loss.
+    (Vectorised runs, `build_rounds(runs=R)`: train_loss and every diagnostic are lists over the runs.)
     eval_models: extra [P] models to evaluate, by name (e.g. `no_distill`).
     bytes_up, bytes_down: this round's traffic over all sampled clients.
   """
 
   times: dict[str, float]
   diagnostics: dict[str, float | list]
-  train_loss: float
+  train_loss: float | list[float]
   eval_models: dict[str, Params]
   bytes_up: int
   bytes_down: int
@@ -376,7 +377,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
                  server_opt: optax.GradientTransformation | None = None,
                  aggregator: aggregation.Aggregator | None = None, upload_transform=None, attack=None,
                  client_map: str = "vmap", chunk_size: int = 8, sampling: str = "fixed",
-                 max_traces: int | None = None) -> FederatedAlgorithm:
+                 max_traces: int | None = None, runs: int = 0) -> FederatedAlgorithm:
   """The round driver: turns a plug-in into `FederatedAlgorithm(init, apply)`.
 
   Args:
@@ -397,7 +398,14 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
       pads the round with the empty client, so it takes an algorithm without per-client state or server steps
       beyond aggregation, and an aggregator that gives an upload of weight 0 no say (the mean, DP's).
     max_traces: a debugging check: fail (chex.assert_max_traces) when any phase is traced more often.
+    runs: R > 0 runs R federations as one program (vectorised sweeps): every phase is `jax.vmap`ped over a
+      leading run axis of the state (init takes [R] keys) and of the data (`federated_data.stack`); a round's
+      train_loss and diagnostics are then lists over runs and its eval_models stacked. Runs may differ in
+      seed and partition, not in anything the driver closes over (fixed sampling, no attack, not `sharded`).
   """
+  if runs and (sampling != "fixed" or attack is not None or client_map == "sharded"):
+    raise InputError("vectorize", "vectorised runs take fixed client sampling, no Byzantine attack (its clients "
+                     "differ per seed) and a client_map other than sharded")
   if sampling not in SAMPLINGS:
     raise InputError("client_sampling", f"unknown {sampling!r}; allowed: {', '.join(SAMPLINGS)}")
   cap = 0
@@ -412,6 +420,9 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
   aggregator = aggregator or aggregation.weighted_mean()
   client_phase = make_client_phase(model, plugin.client_loss, client_opt, schedule, client_map, chunk_size,
                                    max_traces, upload_transform)
+  over_runs = jax.vmap if runs else (lambda fn: fn)
+  if runs:
+    client_phase = jax.jit(jax.vmap(client_phase))
   model_bytes = param_bytes(jax.eval_shape(model.init, jax.random.key(0)))
 
   def prepare(state: ServerState, data: FederatedData):
@@ -453,24 +464,26 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
         return (finish(state, context, carry) if last else carry), diagnostics
 
       run.__name__ = f"{step.name}{'_and_server_update' if last else ''}"  # chex counts traces per name
-      jitted[step, last] = jax.jit(_traced_at_most(run, max_traces))
+      jitted[step, last] = jax.jit(over_runs(_traced_at_most(run, max_traces)))
     return jitted[step, last]
 
-  prepare_jit = jax.jit(_traced_at_most(prepare, max_traces))
+  prepare_jit = jax.jit(over_runs(_traced_at_most(prepare, max_traces)))
   corrupt = None
   if attack is not None:
     corrupt = jax.jit(_traced_at_most(lambda uploads, ids, received, key: uploads._replace(params=attack(
         uploads.params, ids, received, jax.random.fold_in(key, ATTACK_STREAM))), max_traces))
 
-  def init(key) -> ServerState:
+  def init_one(key) -> ServerState:
     """Fresh model params from split(key)[0]; the run's PRNG stream is split(key)[1]."""
     init_key, run_key = jax.random.split(key)
     params = model.init(init_key)
     return ServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32), run_key,
                        plugin.init_state(params), aggregator.init(params))
 
+  init = jax.vmap(init_one) if runs else init_one
+
   def apply(state: ServerState, data: FederatedData) -> tuple[ServerState, RoundOutput]:
-    round_index = int(state.round)
+    round_index = int(jnp.ravel(state.round)[0])  # (vectorised runs are all at one round)
     if cap:
       data = padded(data)
     timer = PhaseTimer()
@@ -479,7 +492,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     if corrupt is not None:
       uploads = corrupt(uploads, ids, state.params, server_key)
     uploads = timer.lap("client_time_s", uploads)
-    chex.assert_tree_shape_prefix(uploads, (slots,))
+    chex.assert_tree_shape_prefix(uploads, (runs, slots) if runs else (slots,))
     context = RoundContext(state.round, state.params, state.algorithm, ids, own, uploads, steps, server_key,
                            data)
     carry = ServerCarry(uploads.params, uploads.num_examples, None, state.algorithm, state.aggregator, None, {})
@@ -499,7 +512,8 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
     extra_up, extra_down = plugin.extra_bytes(round_index)
     extra_up += aggregator.protocol_bytes(cohort)
     diagnostics = {k: float(v) if jnp.ndim(v) == 0 else jax.device_get(v).tolist() for k, v in diagnostics.items()}
-    return new_state, RoundOutput(times, diagnostics, float(train_loss), eval_models,
+    train_loss = jax.device_get(train_loss).tolist() if runs else float(train_loss)
+    return new_state, RoundOutput(times, diagnostics, train_loss, eval_models,
                                   cohort * (model_bytes + 4 + extra_up), cohort * (model_bytes + extra_down))
 
   return FederatedAlgorithm(init, apply)

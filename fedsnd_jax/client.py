@@ -121,7 +121,8 @@ def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps
     batch_key, train_key = jax.random.split(key)
     count = data.counts[client_id]
     idx, mask = client_batches(batch_key, data.index[client_id], count, batch_size=batch_size,
-                               num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
+                               num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps,
+                               own_max_count=data.own_max_count)
     new_params, loss = train_steps(loss_fn, optimizer, params, context, data.x, data.y, data.mean,
                                    data.std, idx, mask, train_key)
     if calibrate is not None:

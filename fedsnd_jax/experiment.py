@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedsnd_jax import checkpoint, evaluation, metrics, privacy
-from fedsnd_jax.algorithm import FederatedAlgorithm
+from fedsnd_jax.algorithm import FederatedAlgorithm, RoundOutput
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.models import Model
@@ -139,88 +139,178 @@ def run(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedData,
     InputError: the workdir is unusable or held by another run.
     Diverged: a non-finite training loss or parameter.
   """
+  summary = run_many(algorithm, model, train_data, [eval_sets], workdirs=[workdir], rounds=rounds, seeds=[seed],
+                     eval_every=eval_every, checkpoint_every=checkpoint_every, target_accuracy=target_accuracy,
+                     infos=[info or {}], on_start=on_start, accountant=accountant, target_epsilon=target_epsilon,
+                     stop_after=stop_after, stacked=False)
+  if summary is None:
+    return None
+  if summary[0].get("diverged"):
+    raise Diverged(summary[0].pop("diverged_message"))
+  return summary[0]
+
+
+def run_many(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedData,
+             eval_sets: list[dict[str, evaluation.EvalData]], *, workdirs: list[str], rounds: int,
+             seeds: list[int],
+             eval_every: int = 1, checkpoint_every: int = 10, target_accuracy: float = 0.9,
+             infos: list[dict] | None = None, on_start: Callable[[str], None] | None = None,
+             accountant: privacy.Accountant | None = None, target_epsilon: float = 0.0,
+             stop_after: int | None = None, stacked: bool = True) -> list[dict] | None:
+  """`run` for R runs at once: an algorithm built with `runs=R` over `federated_data.stack`ed data (`stacked`),
+  each run writing its own workdir as if alone; returns their summaries. Runs resume together (their newest
+  checkpoints must be of one round). A run that diverges gets its summary (`"diverged": true`) and drops out
+  while the others go on. Seconds per round are the vectorised round's, all runs together.
+  """
   primary = jax.process_index() == 0  # in a multi-process run the others compute alike and write nothing
-  with locked_workdir(workdir) if primary else contextlib.nullcontext():
-    if on_start is not None and primary:
-      on_start(workdir)
-    return _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, eval_every,
-                       checkpoint_every, target_accuracy, dict(info or {}), accountant, target_epsilon, stop_after)
-
-
-def _run_locked(algorithm, model, train_data, eval_sets, workdir, rounds, seed, eval_every, checkpoint_every,
-                target_accuracy, info, accountant, target_epsilon, stop_after):
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state = algorithm.init(jax.random.key(seed))
-  log = {"records": [], "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
-  if ckpt.latest_round() is not None:
-    state, log = ckpt.restore(state)
-    print(f"resuming {workdir} from round {int(state.round)}", flush=True)
-  primary = jax.process_index() == 0
-  writer = metrics.MetricsWriter(workdir, log["records"]) if primary else metrics.Discard()
-  evaluate = evaluation.make_evaluator(model)
-  session_start, start_round = time.perf_counter(), int(state.round)
-
-  def finish(extra):
-    summary = {**info, **summarize(log["records"], target_accuracy,
-                                   log["wall_s"] + time.perf_counter() - session_start), **extra}
-    if accountant is not None:
-      summary.update(epsilon=accountant.epsilon(int(state.round)), dp_delta=accountant.delta)
+  with contextlib.ExitStack() as locks:
     if primary:
-      metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+      for workdir in workdirs:
+        locks.enter_context(locked_workdir(workdir))
+        if on_start is not None:
+          on_start(workdir)
+    lanes = [_Lane(i, w, s, e, dict(info), stacked, primary)
+             for i, (w, s, e, info) in enumerate(zip(workdirs, seeds, eval_sets, infos or [{}] * len(workdirs),
+                                                     strict=True))]
+    return _run_lanes(algorithm, model, train_data, lanes, rounds, eval_every, checkpoint_every, target_accuracy,
+                      accountant, target_epsilon, stop_after, stacked)
+
+
+class _Lane:
+  """One run of a (possibly vectorised) loop: its workdir, checkpoints, metrics and log; `view` picks its part
+  of a stacked pytree."""
+
+  def __init__(self, index, workdir, seed, eval_sets, info, stacked, primary):
+    self.index, self.workdir, self.seed, self.eval_sets, self.info = index, workdir, seed, eval_sets, info
+    self.stacked, self.primary, self.summary = stacked, primary, None
+    self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    self.log = {"records": [], "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0}
+    self.writer = None
+
+  def view(self, tree):
+    return jax.tree.map(lambda a: a[self.index], tree) if self.stacked else tree
+
+  def open(self, records):
+    self.writer = metrics.MetricsWriter(self.workdir, records) if self.primary else metrics.Discard()
+
+  def finish(self, rounds_done, wall_s, target_accuracy, accountant, extra) -> dict:
+    summary = {**self.info, **summarize(self.log["records"], target_accuracy, self.log["wall_s"] + wall_s),
+               **extra}
+    if accountant is not None:
+      summary.update(epsilon=accountant.epsilon(rounds_done), dp_delta=accountant.delta)
+    if self.primary:
+      metrics.write_json_atomic(os.path.join(self.workdir, "summary.json"),
+                                {k: v for k, v in summary.items() if k != "diverged_message"})
+    self.summary = summary
     return summary
 
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+    self.ckpt.close()
+
+
+def _lane_output(out: RoundOutput, lane: _Lane) -> tuple[float, dict, dict]:
+  """(training loss, diagnostics, eval models) of one lane; a vectorised round reports lists per run."""
+  if not lane.stacked:
+    return out.train_loss, out.diagnostics, out.eval_models
+  return (out.train_loss[lane.index], {k: v[lane.index] for k, v in out.diagnostics.items()},
+          lane.view(out.eval_models))
+
+
+def _run_lanes(algorithm, model, train_data, lanes, rounds, eval_every, checkpoint_every, target_accuracy,
+               accountant, target_epsilon, stop_after, stacked):
+  try:
+    keys = [jax.random.key(lane.seed) for lane in lanes]
+    state = algorithm.init(jnp.stack(keys) if stacked else keys[0])
+    latest = {lane.ckpt.latest_round() for lane in lanes}
+    if len(latest) > 1:
+      raise InputError("workdir", "runs vectorised together resume together, but their newest checkpoints are "
+                       f"of rounds {sorted(latest, key=str)}: run them one by one")
+    if latest != {None}:
+      restored = [lane.ckpt.restore(lane.view(state)) for lane in lanes]
+      for lane, (_, log) in zip(lanes, restored, strict=True):
+        lane.log = log
+      states = [s for s, _ in restored]
+      state = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if stacked else states[0]
+      print(f"resuming {', '.join(lane.workdir for lane in lanes)} from round {latest.pop()}", flush=True)
+    for lane in lanes:
+      lane.open(lane.log["records"])
+    return _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, checkpoint_every,
+                   target_accuracy, accountant, target_epsilon, stop_after)
+  finally:
+    for lane in lanes:
+      lane.close()
+
+
+def _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, checkpoint_every, target_accuracy,
+            accountant, target_epsilon, stop_after):
+  evaluate = evaluation.make_evaluator(model)
+  session_start = time.perf_counter()
+  start_round = current = int(jnp.ravel(state.round)[0])
+  live = list(lanes)
   stopped = {}
   budgeted = accountant is not None and target_epsilon > 0
-  try:
-    for _ in range(start_round, rounds):
-      if budgeted and accountant.epsilon(int(state.round) + 1) > target_epsilon:
-        stopped = {"stopped": f"dp_target_epsilon: round {int(state.round) + 1} would spend ε = "
-                              f"{accountant.epsilon(int(state.round) + 1):.3f} > {target_epsilon}"}
-        print(f"stopping before round {int(state.round) + 1}: {stopped['stopped']}", flush=True)
-        break
-      state, out = algorithm.apply(state, train_data)
-      r = int(state.round)
-      evaluated = r % eval_every == 0 or r == rounds
-      scores = _evaluate(evaluate, state.params, eval_sets) if evaluated else {}
-      losses = [out.train_loss] + [v for k, v in scores.items() if k.endswith("_loss")]
-      if not (np.all(np.isfinite(losses)) and bool(_all_finite(state.params))):
-        last = ckpt.latest_round()
-        last = f"round {last}" if last is not None else "none"
-        finish({"diverged": True, "diverged_round": r})
-        evaluated_losses = "".join(f", {k} {v:.4g}" for k, v in scores.items() if k.endswith("_loss"))
-        raise Diverged(f"round {r}: a loss or the global parameters are not finite (training loss "
-                       f"{out.train_loss:.4g}{evaluated_losses}); likely a learning rate too large for this model "
-                       f"and data. The last finite checkpoint is {last}.")
-      log["bytes_up"] += out.bytes_up
-      log["bytes_down"] += out.bytes_down
+  for _ in range(start_round, rounds):
+    if budgeted and accountant.epsilon(current + 1) > target_epsilon:
+      stopped = {"stopped": f"dp_target_epsilon: round {current + 1} would spend ε = "
+                            f"{accountant.epsilon(current + 1):.3f} > {target_epsilon}"}
+      print(f"stopping before round {current + 1}: {stopped['stopped']}", flush=True)
+      break
+    state, out = algorithm.apply(state, train_data)
+    current += 1
+    r = current
+    evaluated = r % eval_every == 0 or r == rounds
+    for lane in list(live):
+      params = lane.view(state.params)
+      train_loss, diagnostics, eval_models = _lane_output(out, lane)
+      scores = _evaluate(evaluate, params, lane.eval_sets) if evaluated else {}
       elapsed = time.perf_counter() - session_start
-      wall_s = log["wall_s"] + elapsed
+      losses = [train_loss] + [v for k, v in scores.items() if k.endswith("_loss")]
+      if not (np.all(np.isfinite(losses)) and bool(_all_finite(params))):
+        last = lane.ckpt.latest_round()
+        last = f"round {last}" if last is not None else "none"
+        evaluated_losses = "".join(f", {k} {v:.4g}" for k, v in scores.items() if k.endswith("_loss"))
+        message = (f"round {r}: a loss or the global parameters are not finite (training loss {train_loss:.4g}"
+                   f"{evaluated_losses}); likely a learning rate too large for this model and data. The last "
+                   f"finite checkpoint is {last}.")
+        lane.finish(r, elapsed, target_accuracy, accountant,
+                    {"diverged": True, "diverged_round": r, "diverged_message": message})
+        live.remove(lane)
+        continue
+      lane.log["bytes_up"] += out.bytes_up
+      lane.log["bytes_down"] += out.bytes_down
+      wall_s = lane.log["wall_s"] + elapsed
       if evaluated:
-        record = {"round": r, **scores, **out.times, **out.diagnostics, "train_loss": out.train_loss,
-                  "bytes_up": log["bytes_up"], "bytes_down": log["bytes_down"], "wall_s": wall_s}
+        record = {"round": r, **scores, **out.times, **diagnostics, "train_loss": train_loss,
+                  "bytes_up": lane.log["bytes_up"], "bytes_down": lane.log["bytes_down"], "wall_s": wall_s}
         if accountant is not None:
           record["epsilon"] = accountant.epsilon(r)
-        for name, params in out.eval_models.items():  # e.g. the aggregate without distillation
-          record.update(_evaluate(evaluate, params, eval_sets, suffix=f"_{name}"))
-        log["records"].append(record)
-        writer.write(record)
-        per_round = elapsed / (r - start_round)
-        print(f"round {r}/{rounds} | acc {record['test_accuracy']:.4f} | loss {record['test_loss']:.4f} | "
-              f"{per_round:.2f} s/round | ETA {format_eta(per_round * (rounds - r))}", flush=True)
+        for name, extra in eval_models.items():  # e.g. the aggregate without distillation
+          record.update(_evaluate(evaluate, extra, lane.eval_sets, suffix=f"_{name}"))
+        lane.log["records"].append(record)
+        lane.writer.write(record)
       if (checkpoint_every and r % checkpoint_every == 0) or r == rounds or r == stop_after:
-        ckpt.save(r, state, {**log, "wall_s": wall_s})
-      if r == stop_after:
-        return None
-    if stopped and int(state.round) > start_round and ckpt.latest_round() != int(state.round):
-      ckpt.save(int(state.round), state, {**log, "wall_s": log["wall_s"] + time.perf_counter() - session_start})
-  finally:
-    writer.close()
-    ckpt.close()
-  summary = finish(stopped)
-  if not log["records"]:
-    print(f"no round was run ({stopped.get('stopped', 'nothing to do')})", flush=True)
-    return summary
-  print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}, "
-        f"last-5 mean {summary['last5_mean_accuracy']:.4f}); rounds to {target_accuracy:.2f}: "
-        f"{summary['rounds_to_target']}; {summary['total_wall_s']:.1f} s", flush=True)
-  return summary
+        lane.ckpt.save(r, lane.view(state), {**lane.log, "wall_s": wall_s})
+    if not live:
+      break
+    if evaluated:
+      per_round = elapsed / (r - start_round)
+      accs = " ".join(f"{lane.log['records'][-1]['test_accuracy']:.4f}" for lane in live)
+      loss = " ".join(f"{lane.log['records'][-1]['test_loss']:.4f}" for lane in live)
+      print(f"round {r}/{rounds} | acc {accs} | loss {loss} | {per_round:.2f} s/round | "
+            f"ETA {format_eta(per_round * (rounds - r))}", flush=True)
+    if r == stop_after:
+      return None
+  elapsed = time.perf_counter() - session_start
+  for lane in live:
+    if stopped and current > start_round and lane.ckpt.latest_round() != current:
+      lane.ckpt.save(current, lane.view(state), {**lane.log, "wall_s": lane.log["wall_s"] + elapsed})
+    summary = lane.finish(current, elapsed, target_accuracy, accountant, stopped)
+    if not lane.log["records"]:
+      print(f"no round was run ({stopped.get('stopped', 'nothing to do')})", flush=True)
+      continue
+    print(f"{lane.workdir if len(lanes) > 1 else ''}final accuracy {summary['final_accuracy']:.4f} (best "
+          f"{summary['best_accuracy']:.4f}, last-5 mean {summary['last5_mean_accuracy']:.4f}); rounds to "
+          f"{target_accuracy:.2f}: {summary['rounds_to_target']}; {summary['total_wall_s']:.1f} s", flush=True)
+  return [lane.summary for lane in lanes]

@@ -22,6 +22,9 @@ class FederatedData(NamedTuple):
     index: [K, n_max] int32 training-example indices of each client, padded with 0.
     counts: [K] int32 examples per client.
     mean, std: [ch] float32 normalisation statistics.
+    own_max_count: [] int32 n_max of this run's own partition when `index` is padded wider to stack runs of
+      different partitions (`stack`); None: index.shape[1]. Local schedules follow it, so a stacked run trains
+      exactly as it would alone.
   """
 
   x: jax.Array
@@ -30,6 +33,7 @@ class FederatedData(NamedTuple):
   counts: jax.Array
   mean: jax.Array
   std: jax.Array
+  own_max_count: jax.Array | None = None
 
   @property
   def max_count(self) -> int:
@@ -43,6 +47,19 @@ def to_device(x, y, part: Partition, mean, std) -> FederatedData:
   for k, idx in enumerate(part.client_indices):
     index[k, : len(idx)] = idx
   return FederatedData(*(jnp.asarray(a) for a in (x, y, index, counts.astype(np.int32), mean, std)))
+
+
+def stack(datas: list[FederatedData]) -> FederatedData:
+  """R runs' data with a leading [R] axis on every field (vectorised sweeps: `jax.vmap` over runs); index tables
+  are padded to the widest, each run keeping its own n_max in `own_max_count`. The runs' training sets must have
+  the same shapes (the same dataset and subsample; α and seed may differ)."""
+  widest = max(d.max_count for d in datas)
+  shapes = {(d.x.shape, d.index.shape[0]) for d in datas}
+  if len(shapes) > 1:
+    raise ValueError(f"runs to stack need training sets and client counts of one shape, got {sorted(shapes)}")
+  padded = [d._replace(index=jnp.pad(d.index, ((0, 0), (0, widest - d.max_count))),
+                       own_max_count=jnp.asarray(d.max_count, jnp.int32)) for d in datas]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
 
 
 def with_empty_client(data: FederatedData) -> FederatedData:
@@ -71,7 +88,7 @@ def steps_per_round(max_count: int, batch_size: int, local_epochs: int, local_st
 
 
 def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, local_epochs: int,
-                   local_steps: int):
+                   local_steps: int, own_max_count=None):
   """On-device batch schedule for one client (vmap it over clients).
 
   Each epoch visits the client's own examples once in a fresh random order; its last partial batch is
@@ -87,6 +104,8 @@ def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, lo
     batch_size: B.
     num_steps: S.
     local_epochs, local_steps: the schedule, as for `steps_per_round`.
+    own_max_count: the run's own n_max when `index_row` is padded wider (`stack`); its epochs are laid out
+      as alone (ceil(own / B) slots each) and the steps past its E epochs are fully masked.
 
   Returns:
     idx: [S, B] int32 training-example indices.
@@ -94,7 +113,7 @@ def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, lo
   """
   n_max = index_row.shape[0]
   num_epochs = num_steps if local_steps > 0 else local_epochs  # An upper bound on epochs started.
-  slots_per_epoch = -(-n_max // batch_size)
+  slots_per_epoch = -(-(n_max if own_max_count is None else own_max_count) // batch_size)
 
   def permutation(epoch_key):  # Valid positions first, in random order; padding last.
     u = jax.random.uniform(epoch_key, (n_max,))
@@ -105,6 +124,6 @@ def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, lo
   batches_per_epoch = jnp.maximum(-(-count // batch_size), 1) if local_steps > 0 else slots_per_epoch
   epoch, slot = steps // batches_per_epoch, steps % batches_per_epoch
   pos = slot[:, None] * batch_size + jnp.arange(batch_size)[None, :]  # [S, B]
-  mask = pos < count
+  mask = (pos < count) & (epoch[:, None] < num_epochs)  # (stacked runs: no epoch past the E of its own)
   local = perms[epoch[:, None], jnp.minimum(pos, n_max - 1)]
   return index_row[local], mask

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny 3-class federation (36 examples of 4×4×1) and helpers to run and compare rounds.
 
-Importing fedsnd_jax first makes its XLA_FLAGS set-up run before any test imports jax.
+Importing fedsnd_jax first makes its XLA_FLAGS set-up run before any test imports jax (imported after jax,
+it would leave XLA:CPU's YNN fusions on: slower compiles, and other numerics than the binaries').
 """
+
+import fedsnd_jax  # noqa: F401, I001  (first of all: XLA_FLAGS before jax is imported)
 
 from typing import NamedTuple
 
@@ -10,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-import fedsnd_jax  # noqa: F401  (XLA flags before jax is used)
 from fedsnd_jax import federated_data
 from fedsnd_jax.algorithm import Federation, LocalSchedule
 from fedsnd_jax.partition import partition

@@ -98,3 +98,53 @@ def test_bad_cell_is_caught_before_any_run(tmp_path):
   with pytest.raises(InputError, match="^algorithm: "):
     sweep.sweep(tiny.get_config(), str(tmp_path), ["fedavg", "fedbogus"], [0.5], [0])
   assert not os.path.exists(tmp_path / "fedavg")
+
+
+def _records(folder):
+  with open(folder / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsnd"])
+def test_vectorised_sweep_equals_cell_by_cell(tmp_path, algorithm):
+  # Epochs (not fixed steps) over Dirichlet partitions: the runs' n_max differ, so the stacked index tables are
+  # padded and every run's local schedule must still be its own. Validation splits differ per seed too.
+  base = tiny.get_config()
+  base.rounds, base.local_steps, base.local_epochs, base.validation_fraction = 2, 0, 1, 0.1
+  base.fedsnd.noise_samples, base.fedsnd.noise_steps, base.fedsnd.distill_steps = 4, 3, 2
+  seq, vec = tmp_path / "seq", tmp_path / "vec"
+  alphas, vectorize = ([0.3, 1.0], ["seeds", "alphas"]) if algorithm == "fedavg" else ([0.3], ["seeds"])
+  sweep.sweep(base, str(seq), [algorithm], alphas, [0, 1])
+  sweep.sweep(base, str(vec), [algorithm], alphas, [0, 1], vectorize=vectorize)
+  counts = set()
+  for alpha in alphas:
+    for seed in (0, 1):
+      cell = f"{algorithm}/alpha={alpha:g}/seed={seed}"
+      want, got = _records(seq / cell), _records(vec / cell)
+      for key in ("test_accuracy", "test_loss", "val_accuracy", "train_loss"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{cell} {key}")
+      with open(vec / cell / "summary.json") as f:
+        assert json.load(f)["vectorized_runs"] == 2 * len(alphas)
+      with open(vec / cell / "config.json") as f:
+        counts.add(json.load(f)["resolved"]["max_client_examples"])
+  assert len(counts) > 1  # the runs were padded to a common n_max
+  def table(folder):  # the results table without its seconds columns (timings differ)
+    return [line.split(" | ")[:-2] for line in (folder / "results.md").read_text().splitlines()
+            if line.startswith(f"| {algorithm} |")]
+
+  assert table(vec) == table(seq) and len(table(seq)) >= len(alphas)
+
+
+def test_vectorised_groups_and_refusals(tmp_path):
+  todo = [("fedavg", 0.1, 0), ("fedavg", 0.1, 1), ("fedavg", 0.5, 0), ("fedsnd", 0.1, 0)]
+  os.makedirs(tmp_path / "fedavg" / "alpha=0.5" / "seed=0")  # interrupted: resumes alone
+  assert sweep.groups(todo, str(tmp_path), ["seeds"]) == [todo[:2], [todo[2]], [todo[3]]]
+  assert sweep.groups(todo, str(tmp_path), []) == [[cell] for cell in todo]
+  with pytest.raises(InputError, match="vectorize"):
+    sweep.sweep(tiny.get_config(), str(tmp_path / "x"), ["fedavg"], [0.1], [0], vectorize=["alphas"])
+  a, b = tiny.get_config(), tiny.get_config()
+  b.client_lr = 0.5
+  with pytest.raises(InputError, match="client_lr"):
+    runner.run_vectorized([a, b], [str(tmp_path / "a"), str(tmp_path / "b")])
+  assert not (tmp_path / "a").exists()
