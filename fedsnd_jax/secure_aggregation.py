@@ -182,7 +182,8 @@ def secure_mean(bits: int = 16, value_range: float = 0.1, dropout: float = 0.0) 
               jax.ShapeDtypeStruct((num,), jnp.uint32), jax.ShapeDtypeStruct((num, num), jnp.uint32),
               jax.ShapeDtypeStruct((num,), jnp.uint32))
     pair, self_seed, alive, pair_hat, self_hat = jax.pure_callback(
-        lambda s: protocol_seeds(int(s), num, dropped), shapes, round_seed)
+        lambda s: protocol_seeds(int(s), num, dropped), shapes, round_seed,
+        vmap_method="sequential")  # vectorised runs: one host call per run
     updates, treedef = jax.tree.flatten(tree_math.updates(models, reference))
     quantised = [quantise(x, value_range, bits) for x in updates]
     total = unmasked_sum(masked_uploads(quantised, pair, self_seed), alive, pair_hat, self_hat)

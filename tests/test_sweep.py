@@ -148,3 +148,15 @@ def test_vectorised_groups_and_refusals(tmp_path):
   with pytest.raises(InputError, match="client_lr"):
     runner.run_vectorized([a, b], [str(tmp_path / "a"), str(tmp_path / "b")])
   assert not (tmp_path / "a").exists()
+
+
+def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path):
+  # Its host-side protocol (a pure_callback) runs once per run under the run axis.
+  configs = []
+  for seed in (0, 1):
+    c = tiny.get_config()
+    c.rounds, c.secure_aggregation, c.seed = 1, True, seed
+    configs.append(c)
+  alone = [runner.run(c, str(tmp_path / f"alone{c.seed}"))["final_accuracy"] for c in configs]
+  together = runner.run_vectorized(configs, [str(tmp_path / f"vec{c.seed}") for c in configs])
+  assert [s["final_accuracy"] for s in together] == alone
