@@ -32,7 +32,8 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int = 2):
     process = jax.process_index()
     self._writes = process == 0
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, read_only=not self._writes)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep if self._writes else None, create=False,
+                                           read_only=not self._writes)
     if self._writes:
       os.makedirs(directory, exist_ok=True)
     if jax.process_count() > 1:  # no barriers with the other processes: each manager works alone

@@ -4,12 +4,12 @@
 
 writes into `workdir` metrics.jsonl (one record per evaluated round), TensorBoard events, resumable
 `checkpoints/` and summary.json, with no config system involved. In a multi-process run (`jax.distributed`,
-client_map=sharded) every process runs this loop alike and process 0 alone writes. A second run in the same
-workdir is refused while the first is alive (a lock file naming its holder; a dead holder's lock is taken over).
-A round whose
-training loss or parameters are not finite stops the run: its state is not checkpointed (the last finite
-checkpoint stays), summary.json says `"diverged": true`, and `Diverged` is raised; so does a round whose
-evaluated loss is not finite (parameters so large that the logits overflow).
+client_map=sharded) every process runs this loop alike and process 0 alone writes; all processes must see the
+same workdir (a shared file system across machines). A second run in the same workdir is refused while the first
+is alive (a lock file naming its holder; a dead holder's lock is taken over). A round whose training loss or
+parameters are not finite stops the run: its state is not checkpointed (the last finite checkpoint stays),
+summary.json says `"diverged": true`, and `run` raises `Diverged`; so does a round whose evaluated loss is not
+finite (parameters so large that the logits overflow). `run_many` runs R runs vectorised together the same way.
 """
 
 import contextlib
@@ -23,6 +23,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fedsnd_jax import checkpoint, evaluation, metrics, privacy
 from fedsnd_jax.algorithm import FederatedAlgorithm, RoundOutput
@@ -162,18 +163,41 @@ def run_many(algorithm: FederatedAlgorithm, model: Model, train_data: FederatedD
   checkpoints must be of one round). A run that diverges gets its summary (`"diverged": true`) and drops out
   while the others go on. Seconds per round are the vectorised round's, all runs together.
   """
+  assert stacked or len(workdirs) == 1, "several workdirs need stacked (vectorised) runs"
   primary = jax.process_index() == 0  # in a multi-process run the others compute alike and write nothing
   with contextlib.ExitStack() as locks:
+    refusal = None
     if primary:
-      for workdir in workdirs:
-        locks.enter_context(locked_workdir(workdir))
-        if on_start is not None:
-          on_start(workdir)
+      try:
+        for workdir in workdirs:  # every lock first, then the writing: a refusal leaves no cell half-started
+          locks.enter_context(locked_workdir(workdir))
+        for workdir in workdirs:
+          if on_start is not None:
+            on_start(workdir)
+      except InputError as e:
+        refusal = e
+    _agree("process 0 refused the run", refusal)
     lanes = [_Lane(i, w, s, e, dict(info), stacked, primary)
              for i, (w, s, e, info) in enumerate(zip(workdirs, seeds, eval_sets, infos or [{}] * len(workdirs),
                                                      strict=True))]
     return _run_lanes(algorithm, model, train_data, lanes, rounds, eval_every, checkpoint_every, target_accuracy,
                       accountant, target_epsilon, stop_after, stacked)
+
+
+def _agree(what: str, error: InputError | None, value: int = 0) -> None:
+  """Raises `error` (or an InputError naming `what`) in every process of a multi-process run if any process has
+  an error or sees another `value` than process 0: one process stopping alone would leave the others waiting in
+  the next collective."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  flags = np.asarray(multihost_utils.process_allgather(np.array([error is not None, value], np.int32)))
+  if error is not None:
+    raise error
+  if flags[:, 0].any() or (flags[:, 1] != flags[0, 1]).any():
+    raise InputError("workdir", f"{what} (per process: error {flags[:, 0].tolist()}, value "
+                     f"{flags[:, 1].tolist()}); every process must see the same workdir")
 
 
 class _Lane:
@@ -224,6 +248,8 @@ def _run_lanes(algorithm, model, train_data, lanes, rounds, eval_every, checkpoi
     keys = [jax.random.key(lane.seed) for lane in lanes]
     state = algorithm.init(jnp.stack(keys) if stacked else keys[0])
     latest = {lane.ckpt.latest_round() for lane in lanes}
+    _agree("the processes would resume from different rounds", None,
+           -1 if None in latest or len(latest) > 1 else next(iter(latest)))
     if len(latest) > 1:
       raise InputError("workdir", "runs vectorised together resume together, but their newest checkpoints are "
                        f"of rounds {sorted(latest, key=str)}: run them one by one")
@@ -310,7 +336,7 @@ def _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, chec
     if not lane.log["records"]:
       print(f"no round was run ({stopped.get('stopped', 'nothing to do')})", flush=True)
       continue
-    print(f"{lane.workdir if len(lanes) > 1 else ''}final accuracy {summary['final_accuracy']:.4f} (best "
+    print(f"{lane.workdir + ': ' if len(lanes) > 1 else ''}final accuracy {summary['final_accuracy']:.4f} (best "
           f"{summary['best_accuracy']:.4f}, last-5 mean {summary['last5_mean_accuracy']:.4f}); rounds to "
           f"{target_accuracy:.2f}: {summary['rounds_to_target']}; {summary['total_wall_s']:.1f} s", flush=True)
   return [lane.summary for lane in lanes]

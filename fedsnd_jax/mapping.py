@@ -5,9 +5,9 @@
            bounded by the chunk, not by C.
   loop     one jitted per-client function called in a Python loop (the FedJAX-style reference).
   sharded  vmap with the client axis sharded over the `clients` axis of a device mesh (all devices of all
-           processes); shared arguments are replicated. C is padded to a multiple of the device count. The
-           clients' results are gathered to every device; each process goes on with its own copy, so the
-           server phase runs alike in every process (on data every process holds whole).
+           processes); shared arguments are replicated. C is padded to a multiple of the device count. Over
+           several processes the clients' results are gathered to every device and each process goes on with
+           its own copy, so the server phase runs alike in every process (on data every process holds whole).
 
 The algorithm code is the same for every strategy.
 """
@@ -86,19 +86,21 @@ def _sharded(fn, mesh):
   clients = NamedSharding(mesh, PartitionSpec(MESH_AXIS))
   replicated = NamedSharding(mesh, PartitionSpec())
   devices = mesh.devices.size
+  # One process keeps the results split by client (no gather); several gather them to every process.
+  alone = jax.process_count() == 1
 
   @jax.jit
   def run(shared, per_client):
     out = jax.vmap(lambda *pc: fn(*shared, *pc))(*per_client)
-    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated), out)  # gathered everywhere
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, clients if alone else replicated), out)
 
   def mapped(shared, per_client):
     num = jax.tree.leaves(per_client)[0].shape[0]
     padded = -(-num // devices) * devices
     per_client = jax.tree.map(lambda a: _global(_pad_clients(a, padded), clients), per_client)
     out = run(jax.tree.map(lambda a: _global(a, replicated), shared), per_client)
-    # This process's copy: the server phase runs on local arrays, the same in every process.
-    return jax.tree.map(lambda a: a.addressable_data(0)[:num], out)
+    # Several processes: this process's copy, so the server phase runs on local arrays, alike in every process.
+    return jax.tree.map(lambda a: (a if alone else a.addressable_data(0))[:num], out)
 
   return mapped
 

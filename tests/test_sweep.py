@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import runner, sweep
+from experiments import report, runner, sweep
 from experiments.configs import tiny
 from fedsnd_jax.errors import InputError
 
@@ -100,11 +100,6 @@ def test_bad_cell_is_caught_before_any_run(tmp_path):
   assert not os.path.exists(tmp_path / "fedavg")
 
 
-def _records(folder):
-  with open(folder / "metrics.jsonl") as f:
-    return [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedsnd"])
 def test_vectorised_sweep_equals_cell_by_cell(tmp_path, algorithm):
   # Epochs (not fixed steps) over Dirichlet partitions: the runs' n_max differ, so the stacked index tables are
@@ -120,7 +115,7 @@ def test_vectorised_sweep_equals_cell_by_cell(tmp_path, algorithm):
   for alpha in alphas:
     for seed in (0, 1):
       cell = f"{algorithm}/alpha={alpha:g}/seed={seed}"
-      want, got = _records(seq / cell), _records(vec / cell)
+      want, got = report.read_metrics(str(seq / cell)), report.read_metrics(str(vec / cell))
       for key in ("test_accuracy", "test_loss", "val_accuracy", "train_loss"):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, atol=1e-6,
                                    err_msg=f"{cell} {key}")
