@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fedsnd_jax import checkpoint, evaluation, metrics, privacy
+from fedsnd_jax import checkpoint, evaluation, metrics, privacy, tree_math
 from fedsnd_jax.algorithm import FederatedAlgorithm, RoundOutput
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
@@ -258,7 +258,7 @@ def _run_lanes(algorithm, model, train_data, lanes, rounds, eval_every, checkpoi
       for lane, (_, log) in zip(lanes, restored, strict=True):
         lane.log = log
       states = [s for s, _ in restored]
-      state = jax.tree.map(lambda *xs: jnp.stack(xs), *states) if stacked else states[0]
+      state = tree_math.stack(states) if stacked else states[0]
       print(f"resuming {', '.join(lane.workdir for lane in lanes)} from round {latest.pop()}", flush=True)
     for lane in lanes:
       lane.open(lane.log["records"])

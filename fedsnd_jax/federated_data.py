@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedsnd_jax import tree_math
 from fedsnd_jax.partition import Partition
 
 
@@ -59,7 +60,7 @@ def stack(datas: list[FederatedData]) -> FederatedData:
     raise ValueError(f"runs to stack need training sets and client counts of one shape, got {sorted(shapes)}")
   padded = [d._replace(index=jnp.pad(d.index, ((0, 0), (0, widest - d.max_count))),
                        own_max_count=jnp.asarray(d.max_count, jnp.int32)) for d in datas]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
+  return tree_math.stack(padded)
 
 
 def with_empty_client(data: FederatedData) -> FederatedData:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fedsnd_jax import tree_math
+
 CLIENT_MAPS = ("vmap", "chunked", "loop", "sharded")
 MESH_AXIS = "clients"
 
@@ -62,7 +64,7 @@ def map_clients(fn: Callable, strategy: str, chunk_size: int = 8) -> Callable:
     def looped(shared, per_client):
       num = jax.tree.leaves(per_client)[0].shape[0]
       outs = [one(shared, jax.tree.map(lambda a, i=i: a[i], per_client)) for i in range(num)]
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      return tree_math.stack(outs)
 
     return looped
   if strategy == "sharded":

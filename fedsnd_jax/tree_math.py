@@ -24,6 +24,11 @@ def stacked(params, num: int):
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (num, *a.shape)).copy(), params)
 
 
+def stack(trees):
+  """[N, P]: a list of N pytrees of one structure, stacked leaf by leaf."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def gather(stacked_tree, ids):
   """[C, P]: the rows `ids` [C] of a [K, P] pytree."""
   return jax.tree.map(lambda a: a[ids], stacked_tree)
