@@ -8,7 +8,8 @@ import pytest
 from fedsnd_jax import algorithms, checkpoint, models
 
 # Small server budgets so FedND/FedSND rounds take milliseconds; the other algorithms keep their defaults.
-SMALL = {"fedsnd": dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4, noise_warm_start=True),
+SMALL = {"fedsnd": dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4,
+                        noise_warm_start="client"),
          "moon": dict(projection_dim=8)}
 
 

@@ -91,6 +91,54 @@ def test_synthesis_lowers_teacher_ce(projection):
     np.testing.assert_allclose(jnp.linalg.norm(x.reshape(12, -1), axis=1), 4.0, rtol=1e-5)  # √16
 
 
+def test_synthesis_is_adam_on_the_inputs_and_stops_at_the_ce_threshold():
+  model = models.build_model("mlp", SHAPE, 3)
+  params = model.init(jax.random.key(0))
+  space = noise.noise_space(model, SHAPE)
+  targets = noise.balanced_targets(12, 3)
+  x0 = jax.random.normal(jax.random.key(1), (12, *SHAPE))
+  ce = lambda x: jnp.mean(losses.cross_entropy(model.apply(params, x), targets))
+  opt = optax.adam(0.1)
+  x, state = x0, opt.init(x0)  # the reference: 20 plain Adam steps on the inputs
+  for _ in range(20):
+    updates, state = opt.update(jax.grad(ce)(x), state, x)
+    x = x + updates
+  run = lambda init, steps, stop: noise.synthesize(space, params, None, targets, steps=steps, optimizer=opt,
+                                                   init=init, stop_ce=stop)
+  full, stats = run(x0, 20, 0.0)
+  np.testing.assert_allclose(full, x, rtol=1e-5, atol=1e-6)
+  assert int(stats.steps) == 20
+  # A threshold half-way: it stops at the first iterate whose CE is at or below it, one step after the last above.
+  tau = 0.5 * (float(stats.ce_initial) + float(stats.ce_final))
+  stopped, early = run(x0, 20, tau)
+  taken = int(early.steps)
+  assert 0 < taken < 20 and float(early.ce_final) <= tau
+  np.testing.assert_array_equal(stopped, run(x0, taken, 0.0)[0])
+  assert float(run(x0, taken - 1, 0.0)[1].ce_final) > tau
+  # Under vmap each model stops on its own: a start that already fits takes no step and is left as it is.
+  batched, bstats = jax.vmap(lambda init: run(init, 20, tau))(jnp.stack([full, x0]))
+  assert bstats.steps.tolist() == [0, taken]
+  np.testing.assert_array_equal(batched[0], full)
+  np.testing.assert_allclose(batched[1], stopped, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,rows", [("client", 3), ("round", 2)])
+def test_warm_start_starts_from_the_kept_noise(mode, rows, federation, run_rounds):
+  """With a threshold no CE is above, synthesis takes no step, so a warm-started round's noise is exactly the
+  noise it started from: what round 1 kept (its Gaussian start) for a client (`client`: one row per client) or
+  a position in the round (`round`: one row per position) is unchanged after round 2."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation(3, 2)
+  alg = algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start=mode, noise_stop_ce=1e6))
+  one, outs = run_rounds(alg, data, 1)
+  two, _ = run_rounds(alg, data, 1, state=one)
+  seen = np.asarray(one.algorithm.seen)
+  assert one.algorithm.noise.shape == (rows, 6, *SHAPE) and seen.sum() == 2
+  assert float(outs[0].diagnostics["noise_steps_taken"]) == 0.0
+  assert float(jnp.std(one.algorithm.noise[seen])) > 0.5  # a Gaussian start was kept
+  np.testing.assert_array_equal(np.asarray(two.algorithm.noise)[seen], np.asarray(one.algorithm.noise)[seen])
+
+
 def test_text_noise_lives_in_embedding_space():
   model = models.build_model("text_mean", (7,), 3, vocab_size=50)
   params = model.init(jax.random.key(0))
@@ -195,7 +243,7 @@ def test_distillation_never_steps_batch_norm_statistics():
 def test_fedsnd_round_does_not_retrace_and_warm_start_keeps_noise(federation, run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  hp = dict(SMALL, noise_warm_start=True, noise_projection=True)
+  hp = dict(SMALL, noise_warm_start="client", noise_projection=True)
   alg = algorithms.build("fedsnd", model, fed, hp, max_traces=1)
   state, _ = run_rounds(alg, data, 1)
   seen_after_one = np.asarray(state.algorithm.seen)

@@ -54,7 +54,7 @@ def test_workdir_contract(tmp_path):
 
 def _fedsnd_tiny():
   config = tiny.get_config()
-  config.algorithm, config.fedsnd.noise_warm_start, config.validation_fraction = "fedsnd", True, 0.2
+  config.algorithm, config.fedsnd.noise_warm_start, config.validation_fraction = "fedsnd", "client", 0.2
   f = config.fedsnd
   f.noise_samples, f.noise_steps, f.distill_steps, f.distill_batch = 8, 5, 3, 8
   return config
@@ -69,7 +69,7 @@ def test_fedsnd_end_to_end(tmp_path):
   assert summary["algorithm"] == "fedsnd" and 0 <= summary["final_accuracy"] <= 1
   assert summary["final_val_accuracy"] == records[-1]["val_accuracy"]
   with open(tmp_path / "config.json") as f:
-    assert json.load(f)["fedsnd"]["noise_warm_start"] is True
+    assert json.load(f)["fedsnd"]["noise_warm_start"] == "client"
 
 
 def _scaffold_tiny():

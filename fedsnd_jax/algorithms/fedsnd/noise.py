@@ -65,12 +65,14 @@ def project(x, norm):
 
 
 class SynthesisStats(NamedTuple):
-  """Per-model diagnostics: teacher CE on its targets before and after, accuracy, mean sample norm."""
+  """Per-model diagnostics: teacher CE on its targets before and after, accuracy, mean sample norm, and how many
+  optimiser steps ran (fewer than G when `stop_ce` stopped them)."""
 
   ce_initial: jax.Array
   ce_final: jax.Array
   accuracy: jax.Array
   norm: jax.Array
+  steps: jax.Array
 
 
 def bn_statistics_loss(space: NoiseSpace, params, x):
@@ -85,14 +87,16 @@ def bn_statistics_loss(space: NoiseSpace, params, x):
 
 def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer, l2: float = 0.0,
                projection: bool = False, init=None, adversarial: float = 0.0, student_params=None,
-               temperature: float = 1.0, bn_prior: float = 0.0):
+               temperature: float = 1.0, bn_prior: float = 0.0, stop_ce: float = 0.0):
   """Optimises pseudo-samples so that the model predicts the targets on them.
 
   minimise_x  mean CE(f(x; w_k), ỹ) + β·mean‖x‖² + b·R_BN(x) − a·T²·mean KL(σ(f(x; w_k)/T) ‖ σ(f(x; w_s)/T))
   for G optimiser steps, from x ~ N(0, s²) (or `init`); with `projection` every sample is rescaled to the
   norm of a real sample after every step. R_BN (b = `bn_prior`, BatchNorm models) is
   `bn_statistics_loss`. The last term (a = `adversarial`, w_s = `student_params`) seeks hard samples on
-  which the student disagrees with the teacher.
+  which the student disagrees with the teacher. Steps stop early once the teacher's mean CE on its targets is at
+  or below `stop_ce` (tested before each step, so a warm start that already fits takes no step); under vmap
+  each model stops on its own (a finished model's samples are left as they are while the others go on).
 
   Args:
     space: the noise space.
@@ -103,6 +107,7 @@ def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer
     l2: β. projection: keep ‖x_i‖ at `space.norm`. init: [Q, *shape] start instead of Gaussian.
     adversarial, student_params, temperature: the hard-sample term.
     bn_prior: weight of the BatchNorm-statistics prior.
+    stop_ce: early-exit threshold on the mean CE (0: always G steps).
 
   Returns:
     (x [Q, *shape], SynthesisStats).
@@ -125,17 +130,26 @@ def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer
       loss -= adversarial * temperature**2 * jnp.mean(kl)
     return loss, ce
 
-  def step(carry, _):
-    x, opt_state = carry
-    (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(x)
-    updates, opt_state = optimizer.update(grads, opt_state, x)
-    x = x + updates
-    return (project(x, norm) if projection else x, opt_state), ce
+  def running(carry):
+    step, _, _, done, _ = carry
+    return (step < steps) & ~done
 
-  (x, _), ces = jax.lax.scan(step, (x, optimizer.init(x)), None, length=steps)
+  def step(carry):
+    i, x, opt_state, _, ce_initial = carry
+    (_, ce), grads = jax.value_and_grad(objective, has_aux=True)(x)
+    done = (ce <= stop_ce) if stop_ce > 0 else jnp.bool_(False)
+    updates, new_state = optimizer.update(grads, opt_state, x)
+    new_x = x + updates
+    new_x = project(new_x, norm) if projection else new_x
+    keep = lambda old, new: jax.tree.map(lambda a, b: jnp.where(done, a, b), old, new)
+    ce_initial = jnp.where(i == 0, ce, ce_initial)
+    return i + jnp.where(done, 0, 1), keep(x, new_x), keep(opt_state, new_state), done, ce_initial
+
+  start = (jnp.int32(0), x, optimizer.init(x), jnp.bool_(False), jnp.float32(jnp.nan))
+  taken, x, _, _, ce_initial = jax.lax.while_loop(running, step, start)
   logits = space.apply(params, x)
   ce_final = jnp.mean(losses.cross_entropy(logits, targets))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
   sample_norm = jnp.mean(jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1)))
-  ce_initial = ces[0] if steps > 0 else ce_final
-  return x, SynthesisStats(ce_initial, ce_final, accuracy, sample_norm)
+  ce_initial = jnp.where(jnp.isnan(ce_initial), ce_final, ce_initial)
+  return x, SynthesisStats(ce_initial, ce_final, accuracy, sample_norm, taken)

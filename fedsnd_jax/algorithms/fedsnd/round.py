@@ -24,6 +24,7 @@ from fedsnd_jax.models import Model
 from fedsnd_jax.shapes import Params
 
 NOISE_TARGETS = ("balanced", "histogram")
+WARM_STARTS = ("none", "client", "round")
 DISTILL_TARGETS = ("clients", "global")
 
 
@@ -41,10 +42,14 @@ class Hyperparameters(NamedTuple):
       label (ours; the terms fade while a model under-fits).
     temperature: T, of the client's and the server's distillation.
     noise_samples: Q pseudo-samples per uploaded model.
-    noise_steps: G Adam steps on the inputs; noise_lr: its learning rate.
+    noise_steps: G Adam steps on the inputs (at most); noise_lr: its learning rate.
+    noise_stop_ce: stop a model's synthesis early once its mean CE on its targets is ≤ this (0 = never): with a
+      warm start that already fits, few or no steps run. Steps taken are logged as `noise_steps_taken`.
     noise_l2: β of the L2 prior on the inputs.
     noise_projection: rescale every sample to a real sample's norm after every step (§2.6).
-    noise_warm_start: start each client's noise from what it had at its last participation.
+    noise_warm_start: where synthesis starts: none (Gaussian) | client (the noise made for the same client at its
+      last participation; Gaussian the first time) | round (the previous round's noise at the same position in
+      the round: for cross-device runs, where a client rarely comes back).
     noise_targets: balanced (default) | histogram (drawn from the client's label histogram, uploaded).
     adversarial: weight of the hard-sample term (maximise teacher–global-model disagreement).
     bn_prior: weight of the BatchNorm-statistics prior (DeepInversion; BatchNorm models only).
@@ -72,10 +77,11 @@ class Hyperparameters(NamedTuple):
   temperature: float = 2.0
   noise_samples: int = 64
   noise_steps: int = 100
+  noise_stop_ce: float = 0.0
   noise_lr: float = 0.05
   noise_l2: float = 0.0
   noise_projection: bool = False
-  noise_warm_start: bool = False
+  noise_warm_start: str = "none"
   noise_targets: str = "balanced"
   adversarial: float = 0.0
   bn_prior: float = 0.0
@@ -97,7 +103,8 @@ class Hyperparameters(NamedTuple):
 
 
 class NoiseMemory(NamedTuple):
-  """Per-client warm-start noise: noise [K, Q, *shape], seen [K] bool (participated before)."""
+  """Warm-start noise: noise [M, Q, *shape], seen [M] bool (made before). A row is a client (M = K, warm start
+  `client`) or a position in the round (M = C, warm start `round`)."""
 
   noise: jax.Array
   seen: jax.Array
@@ -105,14 +112,15 @@ class NoiseMemory(NamedTuple):
 
 def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool = True) -> None:
   for field, allowed in (("self_distill", SELF_DISTILL_MODES), ("noise_targets", NOISE_TARGETS),
+                         ("noise_warm_start", WARM_STARTS),
                          ("teacher_weighting", distillation.TEACHER_WEIGHTINGS),
                          ("distill_target", DISTILL_TARGETS)):
     value = getattr(hp, field)
     require(value in allowed, f"fedsnd.{field}", f"unknown value {value!r}; allowed: {', '.join(allowed)}")
   check_range(hp, "fedsnd", positive=("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr",
                                       "distill_lr_decay", "consensus_threshold", "distill_agreement"),
-              non_negative=("lambda_mutual", "lambda_prev", "noise_steps", "noise_l2", "adversarial", "bn_prior",
-                            "distill_steps", "distill_rounds"))
+              non_negative=("lambda_mutual", "lambda_prev", "noise_steps", "noise_stop_ce", "noise_l2",
+                            "adversarial", "bn_prior", "distill_steps", "distill_rounds"))
   if server_side:
     require(federation.clients_per_round >= 2, "clients_per_round",
             f"the server distils on the other clients' noise, so it needs ≥ 2, got {federation.clients_per_round}")
@@ -290,12 +298,13 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
   space = noise.noise_space(model, federation.input_shape)
   num_classes, q = federation.num_classes, hp.noise_samples
 
+  rows = {"client": federation.num_clients, "round": federation.clients_per_round}.get(hp.noise_warm_start)
+
   def init_state(params):
     del params
-    if not hp.noise_warm_start:
+    if rows is None:
       return None
-    return NoiseMemory(jnp.zeros((federation.num_clients, q, *space.shape), jnp.float32),
-                       jnp.zeros((federation.num_clients,), bool))
+    return NoiseMemory(jnp.zeros((rows, q, *space.shape), jnp.float32), jnp.zeros((rows,), bool))
 
   def synthesis(ctx: RoundContext, carry: ServerCarry):
     ids, uploads = ctx.ids, ctx.uploads
@@ -308,19 +317,22 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
       labels = jnp.tile(noise.balanced_targets(q, num_classes), (ids.shape[0], 1))
     init = jax.vmap(lambda p, k: space.init_scale(p) * jax.random.normal(k, (q, *space.shape)))(uploads.params,
                                                                                                   keys)
-    if hp.noise_warm_start:
-      memory = ctx.state
-      init = jnp.where(memory.seen[ids].reshape((-1,) + (1,) * (init.ndim - 1)), memory.noise[ids], init)
+    if rows is not None:
+      memory, at = ctx.state, ids if hp.noise_warm_start == "client" else jnp.arange(ids.shape[0])
+      seen = memory.seen.at[at].get(mode="fill", fill_value=False)  # Poisson's extra slots: never seen
+      init = jnp.where(seen.reshape((-1,) + (1,) * (init.ndim - 1)), memory.noise.at[at].get(mode="clip"), init)
     optimizer = optax.adam(hp.noise_lr)
     pool, stats = jax.vmap(lambda p, k, y, x0: noise.synthesize(
         space, p, k, y, steps=hp.noise_steps, optimizer=optimizer, l2=hp.noise_l2,
         projection=hp.noise_projection, init=x0, adversarial=hp.adversarial, student_params=ctx.params,
-        temperature=hp.temperature, bn_prior=hp.bn_prior))(uploads.params, keys, labels, init)
+        temperature=hp.temperature, bn_prior=hp.bn_prior, stop_ce=hp.noise_stop_ce))(uploads.params, keys, labels,
+                                                                                       init)
     state = carry.state
-    if hp.noise_warm_start:
-      state = NoiseMemory(ctx.state.noise.at[ids].set(pool), ctx.state.seen.at[ids].set(True))
+    if rows is not None:
+      state = NoiseMemory(memory.noise.at[at].set(pool, mode="drop"), memory.seen.at[at].set(True, mode="drop"))
     diagnostics = {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
                    "teacher_noise_accuracy": jnp.mean(stats.accuracy), "noise_norm": jnp.mean(stats.norm),
+                   "noise_steps_taken": jnp.mean(stats.steps.astype(jnp.float32)),
                    "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params))}
     return carry._replace(state=state, work=(pool, labels, histograms)), diagnostics
 
