@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import leaderboard, tuning
+from benchmarks import leaderboard, server_cost, tuning
 from experiments import runner
 
 
@@ -90,3 +90,29 @@ def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_p
   assert leaderboard.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
   (tmp_path / "summary.json").write_text("{}")
   assert not leaderboard.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
+
+
+def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike():
+  tuned = {"digits": {"fedsnd": {"overrides": {"algorithm": "fedsnd", "epochs×": 2, "fedsnd.lambda_prev": 0.3}}}}
+  base, runs = server_cost.plan("digits", tuned)
+  assert base.local_epochs == 2 * tuning.setting_config("digits").local_epochs
+  assert base.fedsnd.lambda_prev == tuning.setting_config("digits").fedsnd.lambda_prev  # server study only
+  assert [r[0] for r in runs][0] == "fedavg" and runs[-1][0] == "fedavg_again"
+  assert any(o.get("fedsnd.noise_warm_start") == "client" for _, _, o in runs)  # all 20 clients come back
+  for _, _, overrides in runs:
+    runner.validate_config(tuning.apply(base, overrides))
+
+
+def test_server_cost_table_and_pareto_front_by_hand():
+  def row(name, alg, val, client, server):
+    return {"name": name, "overrides": {"algorithm": alg}, "val_final": val, "val_last5": val, "client_s": client,
+            "server_s": server, "steps": None if alg == "fedavg" else 10.0}
+  rows = [row("FedAvg", "fedavg", 0.80, 1.0, 0.0), row("big", "fedsnd", 0.820, 1.5, 8.0),
+          row("cheap", "fedsnd", 0.816, 1.5, 0.4), row("worse", "fedsnd", 0.810, 1.5, 1.0),
+          row("cheapest", "fedsnd", 0.790, 1.5, 0.1), row("FedAvg (again)", "fedavg", 0.80, 1.0, 0.2)]
+  lines = server_cost.table("digits", rows).splitlines()
+  # FedAvg's round: mean(1.0, 1.2) = 1.1 s; "cheap" is 0.4 points below the best at (1.5 + 0.4) / 1.1 = 1.73×.
+  assert "| cheap | 81.60 | 81.60 | 1.50 | 0.40 | 10.0 | 1.73 | yes |" in lines
+  assert any(line.startswith("| big |") and line.endswith("| 8.64 | no |") for line in lines)
+  assert any(line.startswith("| cheapest |") and line.endswith("| no |") for line in lines)  # 3 points below
+  assert [r["name"] for r in server_cost.pareto(rows)] == ["cheapest", "cheap", "big"]
