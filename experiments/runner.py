@@ -307,10 +307,6 @@ def _check_workdir(workdir: str, config: dict) -> None:
           "use another --workdir or the same config to resume")
 
 
-def _save_partition(workdir: str, exp: Experiment) -> None:
-  np.savez_compressed(os.path.join(workdir, "partition.npz"),
-                      index=np.asarray(exp.train_data.index), counts=exp.partition.sizes,
-                      histograms=exp.partition.histograms)
 
 
 def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
@@ -364,9 +360,12 @@ def run_vectorized(configs: list, workdirs: list[str]) -> list[dict]:
   algorithm = build_algorithm(c, exps[0].model, federation(c, ds.input_shape, ds.num_classes, schedule),
                               dp_aggregator or robust_aggregator, transform, runs=len(configs))
   starts = {workdir: _on_start(one, exp) for workdir, one, exp in zip(workdirs, configs, exps, strict=True)}
+  model, eval_sets = exps[0].model, [e.eval_sets for e in exps]
+  data = federated_data.stack([e.train_data for e in exps])
+  del exps  # each run's own training set: only the stacked copy stays on the device
   return experiment.run_many(
-      algorithm, exps[0].model, federated_data.stack([e.train_data for e in exps]), [e.eval_sets for e in exps],
-      workdirs=workdirs, rounds=c.rounds, seeds=[one.seed for one in configs], eval_every=c.eval_every,
+      algorithm, model, data, eval_sets, workdirs=workdirs, rounds=c.rounds, seeds=[one.seed for one in configs],
+      eval_every=c.eval_every,
       checkpoint_every=c.checkpoint_every, target_accuracy=c.target_accuracy,
       infos=[{**_info(one), "vectorized_runs": len(configs)} for one in configs],
       on_start=lambda workdir: starts[workdir](workdir), accountant=accountant,
@@ -390,9 +389,11 @@ def _on_start(c, exp: Experiment):
               "input_shape": list(exp.dataset.input_shape),
               "num_classes": exp.dataset.num_classes}
 
-  def on_start(workdir):
+  index, sizes, histograms = np.asarray(exp.train_data.index), exp.partition.sizes, exp.partition.histograms
+
+  def on_start(workdir):  # holds host copies only, not `exp`: a vectorised run frees each run's device data
     _check_workdir(workdir, config)
     metrics.write_json_atomic(os.path.join(workdir, "config.json"), {**config, "resolved": resolved})
-    _save_partition(workdir, exp)
+    np.savez_compressed(os.path.join(workdir, "partition.npz"), index=index, counts=sizes, histograms=histograms)
 
   return on_start
