@@ -262,6 +262,8 @@ def _run_lanes(algorithm, model, train_data, lanes, rounds, eval_every, checkpoi
       print(f"resuming {', '.join(lane.workdir for lane in lanes)} from round {latest.pop()}", flush=True)
     for lane in lanes:
       lane.open(lane.log["records"])
+    if stacked:
+      print("runs: " + ", ".join(f"[{lane.index}] {lane.workdir}" for lane in lanes), flush=True)
     return _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, checkpoint_every,
                    target_accuracy, accountant, target_epsilon, stop_after)
   finally:
@@ -322,8 +324,9 @@ def _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, chec
       break
     if evaluated:
       per_round = elapsed / (r - start_round)
-      accs = " ".join(f"{lane.log['records'][-1]['test_accuracy']:.4f}" for lane in live)
-      loss = " ".join(f"{lane.log['records'][-1]['test_loss']:.4f}" for lane in live)
+      tag = lambda lane: f"[{lane.index}] " if lane.stacked else ""
+      accs = " ".join(f"{tag(lane)}{lane.log['records'][-1]['test_accuracy']:.4f}" for lane in live)
+      loss = " ".join(f"{tag(lane)}{lane.log['records'][-1]['test_loss']:.4f}" for lane in live)
       print(f"round {r}/{rounds} | acc {accs} | loss {loss} | {per_round:.2f} s/round | "
             f"ETA {format_eta(per_round * (rounds - r))}", flush=True)
     if r == stop_after:

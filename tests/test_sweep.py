@@ -145,7 +145,7 @@ def test_vectorised_groups_and_refusals(tmp_path):
   assert not (tmp_path / "a").exists()
 
 
-def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path):
+def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path, capsys):
   # Its host-side protocol (a pure_callback) runs once per run under the run axis, each with its own round seed:
   # with a client dropping out, wrong seeds would unmask wrongly (or drop another client).
   configs = []
@@ -155,7 +155,11 @@ def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path):
     configs.append(c)
   for c in configs:
     runner.run(c, str(tmp_path / f"alone{c.seed}"))
+  capsys.readouterr()
   runner.run_vectorized(configs, [str(tmp_path / f"vec{c.seed}") for c in configs])
+  printed = capsys.readouterr().out.splitlines()  # each run's accuracy is labelled with its index in the header
+  assert f"runs: [0] {tmp_path / 'vec0'}, [1] {tmp_path / 'vec1'}" in printed
+  assert any(line.startswith("round 2/2 | acc [0] ") and " [1] " in line for line in printed)
   for seed in (0, 1):
     want = report.read_metrics(str(tmp_path / f"alone{seed}"))
     got = report.read_metrics(str(tmp_path / f"vec{seed}"))
