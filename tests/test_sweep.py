@@ -165,3 +165,25 @@ def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path, capsys):
     got = report.read_metrics(str(tmp_path / f"vec{seed}"))
     for key in ("test_loss", "train_loss"):
       np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
+
+
+def test_vectorised_runs_resume_together_and_refuse_different_rounds(tmp_path):
+  configs = []
+  for seed in (0, 1):
+    c = tiny.get_config()
+    c.rounds, c.seed = 2, seed
+    configs.append(c)
+  dirs = [str(tmp_path / f"vec{c.seed}") for c in configs]
+  runner.run_vectorized(configs, dirs)
+  for c in configs:
+    c.rounds = 3
+  runner.run_vectorized(configs, dirs)  # resumes both from round 2
+  for c, d in zip(configs, dirs, strict=True):
+    runner.run(c, str(tmp_path / f"alone{c.seed}"))
+    want, got = report.read_metrics(str(tmp_path / f"alone{c.seed}")), report.read_metrics(d)
+    assert [r["round"] for r in got] == [1, 2, 3]
+    np.testing.assert_allclose([r["test_loss"] for r in got], [r["test_loss"] for r in want], rtol=1e-5)
+  for c in configs:
+    c.rounds = 4
+  with pytest.raises(InputError, match="resume together"):  # a checkpoint of round 3 in one, none in the other
+    runner.run_vectorized(configs, [dirs[0], str(tmp_path / "fresh")])
