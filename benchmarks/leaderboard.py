@@ -28,6 +28,7 @@ from absl import app, flags, logging
 
 from benchmarks import tuning
 from experiments import report, runner
+from experiments.configs import default
 from fedsnd_jax import algorithms, experiment
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "moon", "fedntd", "fedgen", "fedftg", "fedsnd")
@@ -40,10 +41,23 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, int]:
   return (entry["overrides"], len(entry["evidence"])) if entry else (tuning.GRIDS[algorithm][0], 0)
 
 
+# Values a field had before it took names: a run saved with the old value ran what the new name means.
+FORMER_VALUES = {"fedsnd.noise_warm_start": {False: "none", True: "client"}}
+
+
+def _flat(config: dict) -> dict:
+  """{"a": 1, "s": {"b": 2}} -> {"a": 1, "s.b": 2} (sections are one level deep), former values renamed."""
+  flat = {}
+  for k, v in config.items():
+    flat.update({f"{k}.{f}": w for f, w in v.items()} if isinstance(v, dict) else {k: v})
+  return {k: FORMER_VALUES.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in flat.items()}
+
+
 def stale(folder: str, config) -> bool:
   """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
-  sections do not change the run, nor, for a finished run, do fields added to the config since it ran (a new
-  field's default keeps the old behaviour); an unfinished run must match exactly to resume."""
+  sections do not change the run, nor, for a finished run, do fields added to the config since it ran, at
+  the library's default (which keeps the old behaviour), also inside a section; an unfinished run must match
+  exactly to resume."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     return False
@@ -51,8 +65,10 @@ def stale(folder: str, config) -> bool:
     saved = json.load(f)
   ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
   finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
-  return any((k in saved or not finished) and saved.get(k) != v
-             for k, v in json.loads(config.to_json()).items() if k not in ignored)
+  saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
+  defaults = _flat(json.loads(default.get_config().to_json()))
+  return any(saved[k] != v if k in saved else (not finished or v != defaults.get(k))
+             for k, v in wanted.items() if k.split(".")[0] not in ignored)
 
 
 def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds) -> list[str]:

@@ -90,6 +90,14 @@ def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_p
   assert leaderboard.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
   (tmp_path / "summary.json").write_text("{}")
   assert not leaderboard.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
+  fedsnd = tuning.apply(config, {"algorithm": "fedsnd"})
+  older = json.loads(fedsnd.to_json())
+  del older["fedsnd"]["noise_stop_ce"]  # a field added inside the section since
+  older["fedsnd"]["noise_warm_start"] = False  # its former value for "none"
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  assert not leaderboard.stale(str(tmp_path), fedsnd)
+  assert leaderboard.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_warm_start": "client"}))
+  assert leaderboard.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_stop_ce": 0.3}))  # not its default
 
 
 def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike():
