@@ -49,7 +49,8 @@ def main(argv):
         if eps_text != "inf":
           c.dp_clip_norm, c.dp_local = _CLIP.value, mode == "local"
           c.dp_noise_multiplier = sigma = privacy.noise_for_epsilon(
-              float(eps_text), c.rounds, c.num_clients, c.clients_per_round, c.dp_delta, local=c.dp_local)
+              float(eps_text), c.rounds, c.num_clients, c.clients_per_round, c.dp_delta, local=c.dp_local,
+              sampling=c.client_sampling, kind=c.dp_accountant)
         workdir = os.path.join(_WORKDIR.value, name, f"eps={eps_text}", f"seed={seed}")
         if not os.path.exists(os.path.join(workdir, "summary.json")):
           try:

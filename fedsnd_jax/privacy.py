@@ -208,12 +208,17 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clie
     ValueError: no σ in [0.01, 10⁴] reaches it (e.g. the clipped count's own noise already spends more).
   """
   overflow = cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
+  bracket = dp_accounting.ExplicitBracketInterval(1e-2, 1e4)
+  if kind == "pld":  # PLD near σ = 0.01 takes tens of GB: search below RDP's answer (PLD's ε is the tighter)
+    rdp = noise_for_epsilon(target_epsilon, rounds, num_clients, clients_per_round, delta, count_stddev, local,
+                            sampling, "rdp")
+    bracket = dp_accounting.LowerEndpointAndGuess(rdp / 2, rdp)
   try:
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: make_accountant(kind, poisson_accounted(sampling, local)),
         lambda sigma: dp_accounting.SelfComposedDpEvent(
             round_event(num_clients, clients_per_round, sigma, count_stddev, local, sampling), rounds),
-        target_epsilon, delta - rounds * overflow, dp_accounting.ExplicitBracketInterval(1e-2, 1e4)))
+        target_epsilon, delta - rounds * overflow, bracket))
   except ValueError:
     raise ValueError(f"no noise multiplier in [0.01, 1e4] reaches ε = {target_epsilon} after {rounds} rounds "
                      f"(count_stddev = {count_stddev})") from None

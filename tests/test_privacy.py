@@ -151,3 +151,12 @@ def test_noise_for_epsilon_calibrates_with_dp_accounting():
   eps = privacy.Accountant(100, 10, sigma, 1e-5).epsilon(20)
   assert 2.99 < eps <= 3.0
   assert privacy.Accountant(100, 10, 0.95 * sigma, 1e-5).epsilon(20) > 3.0  # the smallest such σ, within 5 %
+
+
+def test_noise_for_epsilon_with_pld_calibrates_below_rdp():
+  # PLD searched near RDP's σ: a bracket down to σ = 0.01 made dp-accounting's PLD take > 20 GB (q = 0.2).
+  kw = dict(sampling="poisson", kind="pld")
+  sigma = privacy.noise_for_epsilon(3.0, 10, 50, 10, 1e-5, **kw)
+  assert 2.99 < privacy.Accountant(50, 10, sigma, 1e-5, **kw).epsilon(10) <= 3.0
+  assert privacy.Accountant(50, 10, 0.95 * sigma, 1e-5, **kw).epsilon(10) > 3.0
+  assert sigma < privacy.noise_for_epsilon(3.0, 10, 50, 10, 1e-5, sampling="poisson", kind="rdp")
