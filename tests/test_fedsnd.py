@@ -204,6 +204,23 @@ def test_distillation_lowers_student_teacher_kl(weighting):
   assert float(diag["kl_after"]) < 0.7 * float(diag["kl_before"])
 
 
+def test_students_starting_kl_reuses_their_teacher_probabilities():
+  # A student starts as its own upload, whose tempered softmax on the pool is already computed: kl_before from it
+  # equals the forward pass it replaces.
+  space, teachers, pool, labels = _pool_setup()
+  hp = Hyperparameters(distill_steps=1, distill_batch=8)
+  pooled, order = noise_pool(space, teachers, pool, labels, jnp.array([0, 1, 2]), hp)
+  _, diag = distill_clients(space, pooled, order, jnp.array([0, 1, 2]), jax.random.key(2), hp)
+  by_forward = []
+  for j in range(3):
+    targets = distillation.soft_targets(pooled.probs, pooled.owners, j, "none")
+    valid = (pooled.owners != j).astype(jnp.float32)
+    by_forward.append(distillation.mean_kl(space, jax.tree.map(lambda a, j=j: a[j], pooled.teachers), pooled.x,
+                                           targets, valid, hp.temperature))
+  np.testing.assert_allclose(float(diag["kl_before"]), np.mean(by_forward), rtol=1e-5)
+  assert float(diag["kl_before"]) > 0.01
+
+
 def test_global_target_lowers_kl():
   space, teachers, pool, labels = _pool_setup()
   hp = Hyperparameters(distill_steps=15, distill_batch=8, distill_lr=0.01, distill_target="global")

@@ -75,9 +75,11 @@ def sample_batches(key, owners, student, steps: int, batch_size: int, trusted=No
   return jax.random.categorical(key, logits, shape=(steps, batch_size)).astype(jnp.int32)
 
 
-def mean_kl(space: NoiseSpace, params, pool, targets, weights, temperature: float):
-  """T²·Σ_i weights_i·KL(targets_i ‖ σ(f(x̃_i; w)/T)) / Σ weights (eval mode). weights: [CQ]."""
-  kl = losses.kl_divergence(targets, space.apply(params, pool), temperature)
+def mean_kl(space: NoiseSpace, params, pool, targets, weights, temperature: float, probs=None):
+  """T²·Σ_i weights_i·KL(targets_i ‖ σ(f(x̃_i; w)/T)) / Σ weights (eval mode). weights: [CQ]. probs: [CQ, NC]
+  σ(f(x̃; w)/T) when already known (a teacher's row of `teacher_probs`): no forward pass then."""
+  logits = space.apply(params, pool) if probs is None else temperature * jnp.log(jnp.maximum(probs, 1e-30))
+  kl = losses.kl_divergence(targets, logits, temperature)
   return temperature**2 * jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 

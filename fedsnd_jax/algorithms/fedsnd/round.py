@@ -230,8 +230,10 @@ def consensus(pool: NoisePool, threshold: float):
   return scores >= median - threshold * spread, scores
 
 
-def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperparameters, step_scale):
-  """Distils `params` on the pool without the noise of position `student` (−1: on all of it).
+def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperparameters, step_scale,
+                 start_probs=None):
+  """Distils `params` on the pool without the noise of position `student` (−1: on all of it). start_probs:
+  [CQ, NC] σ(f(x̃; params)/T) when known (`params` is an uploaded model: its row of `pool.probs`).
 
   Returns:
     (params, KL before, KL after, how often the soft target's argmax is the sample's label).
@@ -252,7 +254,7 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
   if pool.trusted is not None:
     valid = valid & pool.trusted[pool.owners]
   valid = valid.astype(jnp.float32)
-  before = distillation.mean_kl(space, params, pool.x, targets, valid, hp.temperature)
+  before = distillation.mean_kl(space, params, pool.x, targets, valid, hp.temperature, start_probs)
   after = distillation.mean_kl(space, new, pool.x, targets, valid, hp.temperature)
   right = jnp.sum((jnp.argmax(targets, -1) == pool.labels) * valid) / jnp.sum(valid)
   return new, before, after, right
@@ -266,7 +268,7 @@ def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters
   sorted_ids = ids[order]
 
   def student(j, params, cid):
-    return _distill_one(space, pool, j, params, jax.random.fold_in(key, cid), hp, step_scale)
+    return _distill_one(space, pool, j, params, jax.random.fold_in(key, cid), hp, step_scale, pool.probs[j])
 
   new, before, after, right = jax.vmap(student)(jnp.arange(sorted_ids.shape[0]), pool.teachers, sorted_ids)
   inverse = jnp.argsort(order)
