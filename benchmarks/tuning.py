@@ -66,6 +66,9 @@ DEFAULT_CANDIDATES = {
     "paper": {"fedsnd.lambda_mutual": 1.0, "fedsnd.confidence_gate": False, "fedsnd.distill_agreement": 1.0},
     "agreement_0.9": {"fedsnd.distill_agreement": 0.9},
     "agreement_0.8": {"fedsnd.distill_agreement": 0.8},
+    # The cheap server of benchmarks/server_cost.py (RESULTS §3): warm start from the previous round's noise at the
+    # same position (the same client when every client takes part), 10 synthesis and 5 distillation steps.
+    "fast_server": {"fedsnd.noise_warm_start": "round", "fedsnd.noise_steps": 10, "fedsnd.distill_steps": 5},
 }
 
 def setting_config(name: str, rounds: int = 0):

@@ -49,7 +49,8 @@ class Hyperparameters(NamedTuple):
     noise_projection: rescale every sample to a real sample's norm after every step (§2.6).
     noise_warm_start: where synthesis starts: none (Gaussian) | client (the noise made for the same client at its
       last participation; Gaussian the first time) | round (the previous round's noise at the same position in
-      the round: for cross-device runs, where a client rarely comes back).
+      the round: for cross-device runs, where a client rarely comes back; with every client in every round the
+      two are the same, positions being sorted client ids).
     noise_targets: balanced (default) | histogram (drawn from the client's label histogram, uploaded).
     adversarial: weight of the hard-sample term (maximise teacher–global-model disagreement).
     bn_prior: weight of the BatchNorm-statistics prior (DeepInversion; BatchNorm models only).
