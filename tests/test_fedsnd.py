@@ -139,6 +139,18 @@ def test_warm_start_starts_from_the_kept_noise(mode, rows, federation, run_round
   np.testing.assert_array_equal(np.asarray(two.algorithm.noise)[seen], np.asarray(one.algorithm.noise)[seen])
 
 
+def test_warm_start_round_is_client_when_every_client_takes_part(federation, run_rounds, assert_close):
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation(3, 3)
+  a, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start="round")), data, 2)
+  b, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start="client")), data, 2)
+  c, _ = run_rounds(algorithms.build("fednd", model, fed, SMALL), data, 2)
+  assert_close(a.params, b.params)
+  assert_close(a.algorithm.noise, b.algorithm.noise)
+  assert c.algorithm is None  # a cold start keeps no noise; the warm one's second round started from it:
+  assert float(jnp.max(jnp.abs(jax.tree.leaves(a.params)[0] - jax.tree.leaves(c.params)[0]))) > 0
+
+
 def test_text_noise_lives_in_embedding_space():
   model = models.build_model("text_mean", (7,), 3, vocab_size=50)
   params = model.init(jax.random.key(0))
