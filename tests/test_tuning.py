@@ -33,9 +33,13 @@ def test_every_candidate_is_a_valid_config(setting):
 
 def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
   tuned = {"xdevice_a0.1": {"fedavg": {"overrides": {"algorithm": "fedavg", "lr×": 2.0}, "evidence": [{}, {}]}}}
-  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedavg") == ({"algorithm": "fedavg", "lr×": 2.0}, 2)
-  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], 0)
-  assert set(leaderboard.ALGORITHMS) <= set(tuning.GRIDS)
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedavg") == ({"algorithm": "fedavg", "lr×": 2.0}, "best of 2")
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], "paper default")
+  # FedSND at its library defaults takes tuned FedAvg's client settings, nothing of FedSND's own tuning.
+  tuned["xdevice_a0.1"]["fedsnd"] = {"overrides": {"algorithm": "fedsnd", "epochs×": 2}, "evidence": [{}]}
+  overrides, how = leaderboard.chosen(tuned, "xdevice_a0.1", leaderboard.DEFAULTS)
+  assert overrides == {"algorithm": "fedsnd", "lr×": 2.0} and how.startswith("library defaults")
+  assert set(leaderboard.ALGORITHMS) - {leaderboard.DEFAULTS} <= set(tuning.GRIDS)
 
 
 def test_leaderboard_table_by_hand():
@@ -47,8 +51,8 @@ def test_leaderboard_table_by_hand():
   fedavg = [run(0.6, [0.5, 0.6], 1.0, 0.0), run(0.8, [0.7, 0.8], 1.0, 0.0)]  # target: mean final 70 %
   fedsnd = [run(0.75, [0.4, 0.75], 1.0, 3.0), run(0.65, [0.6, 0.65], 1.0, 3.0)]
   fedsnd[1][0]["diverged"] = True
-  rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "tuned": configs}
-          for name, runs, configs in (("fedavg", fedavg, 4), ("fedsnd", fedsnd, 0))}
+  rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "setting": how}
+          for name, runs, how in (("fedavg", fedavg, "best of 4"), ("fedsnd", fedsnd, "paper default"))}
   lines = leaderboard.table("s", rows).splitlines()
   assert "rounds to 70.0 %" in lines[2]
   # FedAvg reaches 70 % at round 1 in seed 1 only; FedSND at round 2 in seed 0 only: 2 × (1 + 3) s.
