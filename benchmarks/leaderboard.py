@@ -7,9 +7,10 @@ Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.jso
 `benchmarks.tuning` on the validation split at tuning seed 100) where that setting was tuned, else with the first
 candidate of its grid (its paper's defaults); the "setting" column says which, and how many configurations the
 tuning compared. The row `fedsnd_defaults` is FedSND at the library defaults of its own section, at tuned FedAvg's
-client settings: whether those defaults are safe (issue 13) is read off it against FedAvg's row. Runs land in `--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an
-interrupted leaderboard resumes; a folder that ran another configuration of the algorithm (its tuning changed
-since) runs again.
+client settings: whether those defaults are safe (issue 13) is read off it against FedAvg's row (where FedSND's
+tuning kept exactly that, the row reuses FedSND's runs). Runs land in `--workdir/<setting>/<algorithm>/seed=<s>/`
+and are skipped when finished, so an interrupted leaderboard resumes; a folder that ran another configuration of
+the algorithm (its tuning changed since) runs again.
 
 Per setting, one table: test accuracy final and last-5 mean (mean ± population std over seeds), rounds to
 target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
@@ -141,7 +142,10 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> None:
     rows = {}
     for algorithm in algorithms:
       overrides, how = chosen(tuned, setting, algorithm)
-      folders = run_cells(workdir, setting, algorithm, overrides, seeds)
+      if algorithm == DEFAULTS and overrides == chosen(tuned, setting, "fedsnd")[0]:  # tuning kept the defaults
+        folders, how = run_cells(workdir, setting, "fedsnd", overrides, seeds), how + ": the fedsnd row's runs"
+      else:
+        folders = run_cells(workdir, setting, algorithm, overrides, seeds)
       rows[algorithm] = {"summaries": [report.read_summary(f) for f in folders],
                          "metrics": [report.read_metrics(f) for f in folders], "setting": how}
       partial = table(setting, rows)

@@ -42,6 +42,22 @@ def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
   assert set(leaderboard.ALGORITHMS) - {leaderboard.DEFAULTS} <= set(tuning.GRIDS)
 
 
+def test_leaderboard_defaults_row_reuses_fedsnds_runs_only_when_they_ran_the_same(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(leaderboard, "run_cells", lambda w, s, algorithm, overrides, seeds: calls.append(
+      (algorithm, overrides)) or [str(tmp_path)])
+  monkeypatch.setattr(leaderboard.report, "read_summary", lambda f: {
+      "final_accuracy": 0.5, "last5_mean_accuracy": 0.5, "mean_client_time_s": 1.0, "mean_server_time_s": 0.0})
+  monkeypatch.setattr(leaderboard.report, "read_metrics", lambda f: [{"round": 1, "test_accuracy": 0.5}])
+  fedavg = {"overrides": {"algorithm": "fedavg", "epochs×": 2}, "evidence": [{}]}
+  for fedsnd, expected in (({"algorithm": "fedsnd", "epochs×": 2}, "fedsnd"),
+                           ({"algorithm": "fedsnd", "fedsnd.lambda_prev": 0.3}, leaderboard.DEFAULTS)):
+    calls.clear()
+    tuned = {"s": {"fedavg": fedavg, "fedsnd": {"overrides": fedsnd, "evidence": [{}]}}}
+    leaderboard.leaderboard(str(tmp_path), ["s"], [leaderboard.DEFAULTS], [0], tuned)
+    assert calls == [(expected, {"algorithm": "fedsnd", "epochs×": 2})]
+
+
 def test_leaderboard_table_by_hand():
   def run(final, accuracies, client_s, server_s):
     summary = {"final_accuracy": final, "last5_mean_accuracy": final, "mean_client_time_s": client_s,
