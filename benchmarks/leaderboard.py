@@ -45,7 +45,7 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, str]:
   """(the algorithm's overrides in a setting, what they are: "best of N" tuned, else "paper default")."""
   if algorithm == DEFAULTS:
     fedavg, how = chosen(tuned, setting, "fedavg")
-    return {**fedavg, "algorithm": "fedsnd"}, f"library defaults, FedAvg's client settings ({how})"
+    return {**fedavg, "algorithm": "fedsnd"}, "library defaults"
   entry = tuned.get(setting, {}).get(algorithm)
   return (entry["overrides"], f"best of {len(entry['evidence'])}") if entry else (tuning.GRIDS[algorithm][0],
                                                                                   "paper default")
@@ -143,7 +143,7 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> None:
     for algorithm in algorithms:
       overrides, how = chosen(tuned, setting, algorithm)
       if algorithm == DEFAULTS and overrides == chosen(tuned, setting, "fedsnd")[0]:  # tuning kept the defaults
-        folders, how = run_cells(workdir, setting, "fedsnd", overrides, seeds), how + ": the fedsnd row's runs"
+        folders, how = run_cells(workdir, setting, "fedsnd", overrides, seeds), how + " (= fedsnd's runs)"
       else:
         folders = run_cells(workdir, setting, algorithm, overrides, seeds)
       rows[algorithm] = {"summaries": [report.read_summary(f) for f in folders],
