@@ -74,8 +74,8 @@ def validate_config(c) -> None:
   require(jax.process_count() == 1 or c.client_map in ("auto", "sharded"), "client_map",
           f"a run of {jax.process_count()} processes shares its clients out with client_map=sharded (or auto), "
           f"not {c.client_map}")
-  require(c.conv_impl == "auto" or c.conv_impl in models.CONV_IMPLS, "conv_impl",
-          f"unknown conv_impl {c.conv_impl!r}; allowed: auto, {', '.join(models.CONV_IMPLS)}")
+  require(c.conv_impl in models.CONV_IMPLS, "conv_impl",
+          f"unknown conv_impl {c.conv_impl!r}; allowed: {', '.join(models.CONV_IMPLS)}")
   require(c.server_opt in SERVER_OPTIMIZERS, "server_opt",
           f"unknown server_opt {c.server_opt!r}; allowed: {', '.join(SERVER_OPTIMIZERS)}")
   require(c.client_sampling in SAMPLINGS, "client_sampling",
@@ -252,8 +252,12 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
 
 
 def resolve_conv_impl(c) -> str:
-  """The config's conv_impl with `auto` replaced by the backend's default."""
-  return models.default_conv_impl(jax.default_backend()) if c.conv_impl == "auto" else c.conv_impl
+  """What the config's conv_impl runs on this backend (`auto` may differ between a CPU client's top-level steps
+  and loop bodies: `models.default_conv_impl`)."""
+  if c.conv_impl != "auto":
+    return c.conv_impl
+  step, other = (models.default_conv_impl(jax.default_backend(), top) for top in (True, False))
+  return other if step == other else f"{step} in top-level client steps, {other} elsewhere"
 
 
 def resolve_client_map(c) -> str:
@@ -280,7 +284,7 @@ def prepare(c) -> Experiment:
                                  min_size=c.min_size, shards_per_client=c.shards_per_client,
                                  num_classes=ds.num_classes)
   model = models.build_model(c.model, ds.input_shape, ds.num_classes, dropout=c.dropout,
-                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm, conv_impl=resolve_conv_impl(c),
+                             vocab_size=ds.vocab_size, batch_norm=c.batch_norm, conv_impl=c.conv_impl,
                              **algorithms.model_options(c.algorithm, hyperparameters(c)))
   train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
   num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,

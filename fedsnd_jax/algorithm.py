@@ -323,21 +323,32 @@ def _traced_at_most(fn, max_traces: int | None):
 
 
 def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, client_map: str,
-                      chunk_size: int, max_traces: int | None = None, upload_transform=None):
+                      chunk_size: int, max_traces: int | None = None, upload_transform=None, traced: bool = False):
   """Returns client_phase((params, shared, data), (ids [C], keys [C], own)) -> stacked ClientOutput.
 
   Every client starts from the received params; its loss sees ClientContext(params, shared, own[c]),
   `own` being per-client state stacked [C, ...] (or None). `upload_transform(received, trained, key)`, if
-  given, is what each client does to its trained params before uploading them (local DP noise).
+  given, is what each client does to its trained params before uploading them (local DP noise). The `loop` map
+  drives each client's steps from the host (`client.make_stepped_client_update`, `mapping.threaded_loop`)
+  unless the phase is `traced` inside a larger program (vectorised runs), where it loops over jitted clients.
   """
-  update = client.make_client_update(loss_fn, client_opt, **schedule._asdict(), calibrate=model.calibrate)
+  if client_map == "loop" and not traced:
+    update = client.make_stepped_client_update(loss_fn, client_opt, **schedule._asdict(),
+                                               calibrate=model.calibrate,
+                                               check=lambda fn: _traced_at_most(fn, max_traces))
+    transform = upload_transform and jax.jit(_traced_at_most(upload_transform, max_traces))
+  else:
+    update = client.make_client_update(loss_fn, client_opt, **schedule._asdict(), calibrate=model.calibrate)
+    transform = upload_transform
 
   def one(params, shared, data, cid, key, own):
     out = update(params, client.ClientContext(params, shared, own), cid, key, data)
-    if upload_transform is None:
+    if transform is None:
       return out
-    return out._replace(params=upload_transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
+    return out._replace(params=transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
 
+  if client_map == "loop" and not traced:
+    return mapping.threaded_loop(one)
   return mapping.map_clients(_traced_at_most(one, max_traces), client_map, chunk_size)
 
 
@@ -419,7 +430,7 @@ def build_rounds(plugin: Algorithm, model: models.Model, *, num_clients: int, cl
   server_opt = models.freeze_statistics(server_opt or optax.sgd(1.0))
   aggregator = aggregator or aggregation.weighted_mean()
   client_phase = make_client_phase(model, plugin.client_loss, client_opt, schedule, client_map, chunk_size,
-                                   max_traces, upload_transform)
+                                   max_traces, upload_transform, traced=bool(runs))
   over_runs = jax.vmap if runs else (lambda fn: fn)
   if runs:
     client_phase = jax.jit(jax.vmap(client_phase))

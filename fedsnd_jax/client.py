@@ -1,13 +1,15 @@
 """Client local training as a pure function: `lax.scan` over on-device batches (DESIGN §3)."""
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from fedsnd_jax import losses
+from fedsnd_jax import losses, models
 from fedsnd_jax.data import normalize
 from fedsnd_jax.federated_data import FederatedData, client_batches
 from fedsnd_jax.shapes import Params
@@ -62,8 +64,32 @@ def supervised_loss(model) -> LossFn:
   return loss_fn
 
 
+def masked_step(loss_fn: LossFn, optimizer, context, x_all, y_all, mean, std, carry, inputs):
+  """One local step on a masked batch: (params, opt_state), (idx [B], mask [B], key) -> carry, (loss sum over
+  the valid examples, their count)."""
+  (params, opt_state), (idx_s, mask_s, key_s) = carry, inputs
+  x, y = normalize(x_all[idx_s], mean, std), y_all[idx_s]
+
+  def objective(p):
+    return losses.masked_mean(loss_fn(p, x, y, key_s, context), mask_s)
+
+  loss, grads = jax.value_and_grad(objective)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  valid = jnp.sum(mask_s)
+  return (optax.apply_updates(params, updates), opt_state), (loss.astype(jnp.float32) * valid, valid)
+
+
+def local_step(loss_fn: LossFn, optimizer, context, x_all, y_all, mean, std, carry, inputs):
+  """`masked_step`, except that a fully masked step (a client smaller than the largest one) leaves params and
+  optimiser untouched: on an unbatched client it runs no gradient at all (`cond`); under vmap it lowers to a
+  select of both branches."""
+  step = functools.partial(masked_step, loss_fn, optimizer, context, x_all, y_all, mean, std)
+  skip = (carry, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
+  return jax.lax.cond(jnp.any(inputs[1]), lambda c: step(c, inputs), lambda c: skip, carry)
+
+
 def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean, std, idx, mask, key):
-  """Runs S masked local steps; a step whose batch is fully masked leaves params and optimiser untouched.
+  """Runs S masked local steps (`local_step`) in one `lax.scan`.
 
   Args:
     loss_fn: per-example loss, see `LossFn`.
@@ -72,39 +98,32 @@ def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean,
     context: the ClientContext passed to every `loss_fn` call.
     x_all: [N, ...] training inputs; y_all: [N] labels; mean, std: [ch] normalisation.
     idx: [S, B] int32 example indices; mask: [S, B] bool.
-    key: PRNG key for dropout (one per step is derived from it).
+    key: PRNG key for dropout (step s uses the s-th of split(key, S)).
 
   Returns:
     (params, mean loss over valid examples).
   """
-
-  def step(carry, inputs):
-    idx_s, mask_s, key_s = inputs
-
-    def train(carry):
-      params, opt_state = carry
-      x, y = normalize(x_all[idx_s], mean, std), y_all[idx_s]
-
-      def objective(p):
-        return losses.masked_mean(loss_fn(p, x, y, key_s, context), mask_s)
-
-      loss, grads = jax.value_and_grad(objective)(params)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), loss.astype(jnp.float32)
-
-    # A fully masked step (a client smaller than the largest one) is skipped: on an unbatched client
-    # (the `loop` map) `cond` runs no gradient at all; under vmap it lowers to a select of both branches.
-    carry, loss = jax.lax.cond(jnp.any(mask_s), train, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
-    valid = jnp.sum(mask_s)
-    return carry, (loss * valid, valid)
-
+  step = functools.partial(local_step, loss_fn, optimizer, context, x_all, y_all, mean, std)
   keys = jax.random.split(key, idx.shape[0])
-  (params, _), (loss_sums, valids) = jax.lax.scan(step, (params, optimizer.init(params)),
-                                                  (idx, mask, keys))
+  (params, _), (loss_sums, valids) = jax.lax.scan(step, (params, optimizer.init(params)), (idx, mask, keys))
   return params, jnp.sum(loss_sums) / jnp.maximum(jnp.sum(valids), 1)
 
 
 CALIBRATION_SIZE = 256
+
+
+def _schedule(key, client_id, data: FederatedData, schedule: dict):
+  """(idx [S, B], mask [S, B], train key) of one client's round."""
+  batch_key, train_key = jax.random.split(key)
+  idx, mask = client_batches(batch_key, data.index[client_id], data.counts[client_id], **schedule,
+                             own_max_count=data.own_max_count)
+  return idx, mask, train_key
+
+
+def _calibrated(calibrate, params, key, client_id, data: FederatedData):
+  """BatchNorm statistics set from CALIBRATION_SIZE of the client's examples drawn with replacement."""
+  pick = jax.random.randint(jax.random.fold_in(key, 1), (CALIBRATION_SIZE,), 0, data.counts[client_id])
+  return calibrate(params, normalize(data.x[data.index[client_id][pick]], data.mean, data.std))
 
 
 def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps: int,
@@ -116,18 +135,55 @@ def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps
   statistics from CALIBRATION_SIZE of its examples drawn with replacement. Pure and vmappable over
   (client_id, key).
   """
+  schedule = dict(batch_size=batch_size, num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
 
   def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
-    batch_key, train_key = jax.random.split(key)
-    count = data.counts[client_id]
-    idx, mask = client_batches(batch_key, data.index[client_id], count, batch_size=batch_size,
-                               num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps,
-                               own_max_count=data.own_max_count)
+    idx, mask, train_key = _schedule(key, client_id, data, schedule)
     new_params, loss = train_steps(loss_fn, optimizer, params, context, data.x, data.y, data.mean,
                                    data.std, idx, mask, train_key)
     if calibrate is not None:
-      pick = jax.random.randint(jax.random.fold_in(key, 1), (CALIBRATION_SIZE,), 0, count)
-      new_params = calibrate(new_params, normalize(data.x[data.index[client_id][pick]], data.mean, data.std))
-    return ClientOutput(new_params, count, loss)
+      new_params = _calibrated(calibrate, new_params, key, client_id, data)
+    return ClientOutput(new_params, data.counts[client_id], loss)
+
+  return client_update
+
+
+def make_stepped_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps: int,
+                               local_epochs: int, local_steps: int, calibrate=None, check=lambda fn: fn):
+  """`make_client_update`'s client, driven from the host: each local step is its own jitted call.
+
+  The same steps, keys and masks as the scanned client (its results equal it up to float rounding: XLA
+  compiles a step alone and inside a loop body differently). Every call is traced with
+  `models.top_level_step()` on, so a model with `conv_impl=auto` runs XLA's convolution here on CPU, which is
+  10–20× faster outside a loop body (`models.default_conv_impl`; a `cond` branch is such a body, so fully masked
+  steps are skipped on the host: they cost nothing). Not traceable: `mapping.threaded_loop` runs these clients,
+  several at once.
+  `check` wraps each function before it is jitted (the round driver's trace counting).
+  """
+  schedule = dict(batch_size=batch_size, num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
+
+  def start(params, client_id, key, data):
+    idx, mask, train_key = _schedule(key, client_id, data, schedule)
+    keys = jax.random.split(train_key, num_steps)
+    return idx, mask, keys, jnp.any(mask, axis=1), (params, optimizer.init(params)), jnp.zeros(2)
+
+  def step(carry, sums, context, data, idx, mask, keys, s):
+    with models.top_level_step():
+      carry, (loss_sum, valid) = masked_step(loss_fn, optimizer, context, data.x, data.y, data.mean, data.std,
+                                             carry, (idx[s], mask[s], keys[s]))
+    return carry, sums + jnp.stack([loss_sum, valid.astype(jnp.float32)])
+
+  def finish(params, sums, key, client_id, data):
+    if calibrate is not None:
+      params = _calibrated(calibrate, params, key, client_id, data)
+    return ClientOutput(params, data.counts[client_id], sums[0] / jnp.maximum(sums[1], 1))
+
+  start, step, finish = (jax.jit(check(fn)) for fn in (start, step, finish))
+
+  def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
+    idx, mask, keys, live, carry, sums = start(params, client_id, key, data)
+    for s in np.flatnonzero(jax.device_get(live)):  # (waits for this client's schedule only)
+      carry, sums = step(carry, sums, context, data, idx, mask, keys, s)
+    return finish(carry[0], sums, key, client_id, data)
 
   return client_update

@@ -3,7 +3,10 @@
   vmap     all clients at once in one compiled program.
   chunked  vmap over chunks of `chunk_size` clients, chunks one after another (`lax.map`): memory is
            bounded by the chunk, not by C.
-  loop     one jitted per-client function called in a Python loop (the FedJAX-style reference).
+  loop     one client at a time, FedJAX-style. As the round's client phase (`threaded_loop`): each local step
+           is its own jitted call, clients spread over one worker thread per CPU core (XLA runs calls of
+           different threads at once); inside a traced program (vectorised runs): one jitted per-client
+           function called in a Python loop.
   sharded  vmap with the client axis sharded over the `clients` axis of a device mesh (all devices of all
            processes); shared arguments are replicated. C is padded to a multiple of the device count. Over
            several processes the clients' results are gathered to every device and each process goes on with
@@ -12,6 +15,8 @@
 The algorithm code is the same for every strategy.
 """
 
+import concurrent.futures
+import os
 from collections.abc import Callable
 
 import jax
@@ -70,6 +75,35 @@ def map_clients(fn: Callable, strategy: str, chunk_size: int = 8) -> Callable:
   if strategy == "sharded":
     return _sharded(fn, client_mesh())
   raise ValueError(f"unknown client_map {strategy!r}; allowed: {', '.join(CLIENT_MAPS)}")
+
+
+def worker_threads() -> int:
+  """The CPU cores this process may use (the `loop` map's worker threads)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threaded_loop(one: Callable, workers: int = 0) -> Callable:
+  """Maps a host-driven client function one(*shared, *per_client) over the clients with `workers` threads
+  (0: `worker_threads()`); results are stacked in client order, so they do not depend on the threads. The first
+  client runs alone, so every jitted piece inside is traced and compiled once, before the threads start.
+
+  Measured on 2 CPU cores (cnn2 SGD steps of batch 32, XLA's convolution, 2026-11-28): one thread 2,642–3,007
+  examples/s, two threads 4,137–4,320; one thread dispatching two clients' steps in turn gained nothing
+  (2,619–2,686): XLA:CPU runs a call on the thread that makes it.
+  """
+
+  def looped(shared, per_client):
+    num = jax.tree.leaves(per_client)[0].shape[0]
+
+    def client(i):
+      return one(*shared, *jax.tree.map(lambda a: a[i], per_client))
+
+    first = client(0)
+    with concurrent.futures.ThreadPoolExecutor(min(workers or worker_threads(), max(num - 1, 1))) as pool:
+      rest = list(pool.map(client, range(1, num)))
+    return tree_math.stack([first, *rest])
+
+  return looped
 
 
 def _pad_clients(a, padded: int):

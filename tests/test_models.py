@@ -113,4 +113,21 @@ def test_model_conv_impls_share_params_and_outputs(name, shape):
 
 def test_conv_impl_default_per_backend():
   assert M.default_conv_impl("cpu") == M.default_conv_impl("gpu") == "im2col"
-  assert M.default_conv_impl("tpu") == "xla"
+  assert M.default_conv_impl("tpu") == M.default_conv_impl("cpu", top_level_step=True) == "xla"
+  assert M.default_conv_impl("gpu", top_level_step=True) == "im2col"
+
+
+def test_auto_conv_is_xlas_only_in_a_top_level_step_on_cpu():
+  model = M.build_model("cnn2", (28, 28, 1), 10, conv_impl="auto")
+  params = model.init(jax.random.key(0))
+  x = jnp.zeros((2, 28, 28, 1))
+
+  def convolutions(fn):
+    return str(jax.make_jaxpr(fn)(params, x)).count("conv_general_dilated")
+
+  def step(p, x):
+    with M.top_level_step():
+      return model.apply(p, x)
+
+  assert convolutions(model.apply) == 0 and convolutions(step) == 2  # (this suite runs on CPU)
+  assert not M._TOP_LEVEL_STEP.get()  # the mark ends with its block
