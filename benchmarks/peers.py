@@ -5,13 +5,10 @@ r"""Our engine against FedJAX on the same FedAvg work, alternating A/B/A/B (issu
 The work: real Fashion-MNIST (Debian's dataset-fashion-mnist), K = 100 clients × 320 examples (a seeded IID
 split of 32,000 training images), every client in every round, 1 local epoch of batch 32, plain SGD at lr 0.05,
 cnn2 (824,458 params, dropout 0.2), FedAvg. FedJAX 0.0.17 (jax 0.5.3, dm-haiku; `benchmarks/peers_fedjax.py`,
-cnn2 written in Haiku) runs in its own venv, built once under --venv and reused, twice: at its defaults, and with
-its `pmap` client backend over one CPU device per core (`--xla_force_host_platform_device_count`: FedJAX's own
-way to train clients side by side, as our `loop` map does with threads); our engine runs in this process at
-the library defaults (`client_map=auto`, `conv_impl=auto`). A block times --rounds warm rounds (a
-first round compiles and is not counted); blocks alternate FedJAX, FedJAX pmap, ours, FedJAX, …; a framework's rate
-is K·n examples / its median round seconds over all its blocks. The last line is `project/fedjax: R.RRx`
-(against FedJAX at its defaults; the table has the pmap ratio too).
+cnn2 written in Haiku) runs in its own venv, built once under --venv and reused; our engine runs in this
+process at the library defaults (`client_map=auto`, `conv_impl=auto`). A block times --rounds warm rounds (a
+first round compiles and is not counted); blocks alternate FedJAX, ours, FedJAX, ours, …; a framework's rate
+is K·n examples / its median round seconds over all its blocks. The last line is `project/fedjax: R.RRx`.
 """
 
 import json
@@ -46,15 +43,12 @@ def work(data_dir: str, num_clients: int, per_client: int, seed: int = 0):
   return x, y, partition(y, num_clients, "iid", seed=seed), dataset.mean, dataset.std
 
 
-def fedjax_block(python: str, npz: str, rounds: int, pmap: bool = False) -> list[float]:
-  """Warm round seconds of one FedJAX process (its first round compiles and is dropped); `pmap`: FedJAX's pmap
-  client backend over one CPU device per core."""
+def fedjax_block(python: str, npz: str, rounds: int) -> list[float]:
+  """Warm round seconds of one FedJAX process (its first round compiles and is dropped)."""
   # Our XLA_FLAGS (DESIGN §6) name a flag jaxlib 0.5.3 does not know, and it aborts on unknown flags.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  if pmap:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={mapping.worker_threads()}"
-  out = subprocess.run([python, WORKER, npz, str(rounds), *(["pmap"] if pmap else [])], check=True,
-                       capture_output=True, text=True, env={**env, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run([python, WORKER, npz, str(rounds)], check=True, capture_output=True, text=True,
+                       env={**env, "JAX_PLATFORMS": "cpu"})
   records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   return [r["seconds"] for r in records if r["round"] > 0]
 
@@ -93,24 +87,20 @@ def main(argv):
   np.savez(flag.npz, x=normalised, y=y, index=np.stack(part.client_indices))
   ours_block = ours(x, y, part, mean, std)
   examples = flag.clients * flag.examples
-  times = {"fedjax": [], "fedjax_pmap": [], "project": []}
+  times = {"fedjax": [], "project": []}
   for repeat in range(flag.repeats):
-    for name in times:
+    for name in ("fedjax", "project"):
       start = time.perf_counter()
-      block = ours_block(flag.rounds) if name == "project" else fedjax_block(python, flag.npz, flag.rounds,
-                                                                             pmap=name == "fedjax_pmap")
+      block = fedjax_block(python, flag.npz, flag.rounds) if name == "fedjax" else ours_block(flag.rounds)
       times[name] += block
       print(f"peers: block {repeat + 1}/{flag.repeats} {name}: {examples / statistics.median(block):,.0f} "
             f"examples/s ({time.perf_counter() - start:.0f} s)", flush=True)
   rate = {name: examples / statistics.median(seconds) for name, seconds in times.items()}
   print(f"\nFedAvg, cnn2, {flag.clients} clients × {flag.examples} Fashion-MNIST examples, 1 epoch of batch 32, "
         f"SGD lr 0.05; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; median of {len(times['project'])} "
-        f"warm rounds each\n\n| framework | examples/s | median round s | project / it |\n|---|---|---|---|")
-  labels = {"fedjax": "FedJAX 0.0.17, defaults", "fedjax_pmap": "FedJAX 0.0.17, pmap over "
-            f"{mapping.worker_threads()} CPU devices", "project": "this project, library defaults"}
-  for name, label in labels.items():
-    print(f"| {label} | {rate[name]:,.0f} | {statistics.median(times[name]):.2f} | "
-          f"{rate['project'] / rate[name]:.2f} |")
+        f"warm rounds each\n\n| framework | examples/s | median round s |\n|---|---|---|")
+  for name in ("fedjax", "project"):
+    print(f"| {name} | {rate[name]:,.0f} | {statistics.median(times[name]):.2f} |")
   print(f"\nproject/fedjax: {rate['project'] / rate['fedjax']:.2f}x")
 
 

@@ -1,13 +1,11 @@
 """FedJAX 0.0.17's FedAvg on the peer benchmark's work; `benchmarks.peers` runs this in FedJAX's own venv.
 
-  <fedjax venv>/bin/python benchmarks/peers_fedjax.py DATA.npz ROUNDS [BACKEND]
+  <fedjax venv>/bin/python benchmarks/peers_fedjax.py DATA.npz ROUNDS
 
 DATA.npz holds x [N, 28, 28, 1] float32 (normalised), y [N] int32 and index [K, n] (every client's examples).
 Every round all K clients train 1 epoch of batch 32 with plain SGD at lr 0.05 (FedJAX's own
 `federated_averaging`, server SGD at lr 1); the network is cnn2 written in Haiku (824,458 params, dropout 0.2).
-BACKEND is FedJAX's `for_each_client` backend (default: FedJAX's own choice; `pmap` runs clients on every
-local device: CPU devices come from XLA's --xla_force_host_platform_device_count). Prints one JSON line per
-round: {"round": r, "seconds": s}, round 0 including compilation.
+Prints one JSON line per round: {"round": r, "seconds": s}, round 0 including compilation.
 """
 
 import json
@@ -31,8 +29,7 @@ def cnn2(batch, is_train=True):
   return hk.Linear(10)(x)
 
 
-def main(path: str, rounds: int, backend: str | None = None) -> None:
-  fedjax.set_for_each_client_backend(backend)
+def main(path: str, rounds: int) -> None:
   data = np.load(path)
   x, y = data["x"], data["y"]
   clients = {str(k).encode(): {"x": x[idx], "y": y[idx]} for k, idx in enumerate(data["index"])}
@@ -57,4 +54,4 @@ def main(path: str, rounds: int, backend: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+  main(sys.argv[1], int(sys.argv[2]))
