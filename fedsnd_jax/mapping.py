@@ -32,12 +32,12 @@ MESH_AXIS = "clients"
 def default_client_map(backend: str) -> str:
   """`loop` on CPU, `vmap` elsewhere.
 
-  Measured on 2 CPU cores (benchmarks/throughput.py, cnn2 with im2col convolutions, batch 32, 10 local
-  steps, 100 clients): loop 2,781 examples/s, chunked(10) 2,293 (0.82×), vmap 2,110 (0.76×); nothing
-  vectorised beat the loop for the CNN (for the MLP chunked reached 1.19×, vmap 0.87–1.22×); chunks of 1–2
-  clients tie it within noise (A/B 0.94–1.19×) but, vmapped, cannot skip a short client's padding steps.
-  On an H100 at 100 clients vmap ran cnn2 (im2col) 3.3–4.5× and the MLP 53× faster than the loop, cnn2 at
-  0.98× of one model's step at batch 3,200.
+  Measured on 2 CPU cores (2026-11-28, sixth session; the round driver's client phase, 20 clients × 10 SGD steps
+  of batch 32 on Fashion-MNIST, conv_impl=auto): cnn2 loop 4,541 examples/s (host-stepped, two threads), vmap
+  2,633 (0.58×); the MLP loop 81k, vmap 92k (1.13×, within a few ms a round). Before the loop drove steps from
+  the host (benchmarks/throughput.py, 100 clients): loop 2,781, chunked(10) 2,293, vmap 2,110. On an H100 at
+  100 clients vmap ran cnn2 (im2col) 3.3–4.5× and the MLP 53× faster than the (scanned) loop, cnn2 at 0.98× of
+  one model's step at batch 3,200.
   """
   return "loop" if backend == "cpu" else "vmap"
 
