@@ -171,9 +171,12 @@ def round_table(conv_impl: str) -> list[str]:
 def main(argv):
   del argv
   device = jax.devices()[0]
-  conv_impl = models.default_conv_impl(jax.default_backend()) if _CONV.value == "auto" else _CONV.value
-  print(f"device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
-        f"jax {jax.__version__}; conv_impl {conv_impl}; batch {BATCH}/client, {_STEPS.value} local steps\n")
+  conv_impl, backend = _CONV.value, jax.default_backend()
+  resolved = (f" ({models.default_conv_impl(backend, True)} in top-level client steps, "
+              f"{models.default_conv_impl(backend)} elsewhere)" if conv_impl == "auto" else "")
+  print(f"device: {device.device_kind} ({backend}, {jax.device_count()} device(s)); "
+        f"jax {jax.__version__}; conv_impl {conv_impl}{resolved}; batch {BATCH}/client, "
+        f"{_STEPS.value} local steps\n")
   print("| model | clients | strategy | examples/s | vs loop | vs ceiling | compile s | peak MiB (so far) | gap |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name in _MODELS.value:
