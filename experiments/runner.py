@@ -251,13 +251,15 @@ def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
   return rest, (ds.x_train[val], ds.y_train[val])
 
 
-def resolve_conv_impl(c) -> str:
-  """What the config's conv_impl runs on this backend (`auto` may differ between a CPU client's top-level steps
-  and loop bodies: `models.default_conv_impl`)."""
+def resolve_conv_impl(c, vectorised: bool = False) -> str:
+  """What the config's conv_impl runs on this backend (`auto`: XLA's convolution in the host-stepped client steps
+  of the CPU `loop` map, which vectorised runs do not use, and `models.default_conv_impl` elsewhere)."""
   if c.conv_impl != "auto":
     return c.conv_impl
   step, other = (models.default_conv_impl(jax.default_backend(), top) for top in (True, False))
-  return other if step == other else f"{step} in top-level client steps, {other} elsewhere"
+  if step == other or vectorised or resolve_client_map(c) != "loop":
+    return other
+  return f"{step} in top-level client steps, {other} elsewhere"
 
 
 def resolve_client_map(c) -> str:
@@ -363,7 +365,8 @@ def run_vectorized(configs: list, workdirs: list[str]) -> list[dict]:
   dp_aggregator, transform, accountant = privacy_mechanism(c)
   algorithm = build_algorithm(c, exps[0].model, federation(c, ds.input_shape, ds.num_classes, schedule),
                               dp_aggregator or robust_aggregator, transform, runs=len(configs))
-  starts = {workdir: _on_start(one, exp) for workdir, one, exp in zip(workdirs, configs, exps, strict=True)}
+  starts = {workdir: _on_start(one, exp, vectorised=True)
+            for workdir, one, exp in zip(workdirs, configs, exps, strict=True)}
   model, eval_sets = exps[0].model, [e.eval_sets for e in exps]
   data = federated_data.stack([e.train_data for e in exps])
   del exps  # each run's own training set: only the stacked copy stays on the device
@@ -382,13 +385,13 @@ def _info(c) -> dict:
           "num_clients": c.num_clients, "clients_per_round": c.clients_per_round, "seed": c.seed}
 
 
-def _on_start(c, exp: Experiment):
+def _on_start(c, exp: Experiment, vectorised: bool = False):
   """What a run writes first, its lock held: config.json (with the values `auto` resolved to) and partition.npz,
   after checking a resumed workdir holds the same config."""
   config = c.to_dict()
   resolved = {"num_steps": exp.num_steps, "max_client_examples": exp.train_data.max_count,
               "num_params": models.num_params(jax.eval_shape(exp.model.init, jax.random.key(0))),
-              "backend": jax.default_backend(), "conv_impl": resolve_conv_impl(c),
+              "backend": jax.default_backend(), "conv_impl": resolve_conv_impl(c, vectorised),
               "client_map": resolve_client_map(c),
               "input_shape": list(exp.dataset.input_shape),
               "num_classes": exp.dataset.num_classes}

@@ -1,4 +1,5 @@
-"""Client local training as a pure function: `lax.scan` over on-device batches (DESIGN §3)."""
+"""Client local training over on-device batches (DESIGN §3): a pure function (`lax.scan` over the local steps), or
+driven from the host one jitted step at a time (`make_stepped_client_update`, the CPU `loop` map)."""
 
 import functools
 from collections.abc import Callable

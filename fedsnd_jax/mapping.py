@@ -3,8 +3,8 @@
   vmap     all clients at once in one compiled program.
   chunked  vmap over chunks of `chunk_size` clients, chunks one after another (`lax.map`): memory is
            bounded by the chunk, not by C.
-  loop     one client at a time, FedJAX-style. As the round's client phase (`threaded_loop`): each local step
-           is its own jitted call, clients spread over one worker thread per CPU core (XLA runs calls of
+  loop     per client, FedJAX-style. As the round's client phase (`threaded_loop`): each local step is its
+           own jitted call, and on CPU one client per core trains at once (worker threads: XLA runs calls of
            different threads at once); inside a traced program (vectorised runs): one jitted per-client
            function called in a Python loop.
   sharded  vmap with the client axis sharded over the `clients` axis of a device mesh (all devices of all
@@ -78,14 +78,20 @@ def map_clients(fn: Callable, strategy: str, chunk_size: int = 8) -> Callable:
 
 
 def worker_threads() -> int:
-  """The CPU cores this process may use (the `loop` map's worker threads)."""
+  """The `loop` map's worker threads: on CPU the cores this process may use (its affinity mask: cpusets count, CFS
+  quotas do not), elsewhere 1 (an accelerator trains one client at a time, which bounds memory as `loop` always
+  did)."""
+  if jax.default_backend() != "cpu":
+    return 1
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def threaded_loop(one: Callable, workers: int = 0) -> Callable:
   """Maps a host-driven client function one(*shared, *per_client) over the clients with `workers` threads
   (0: `worker_threads()`); results are stacked in client order, so they do not depend on the threads. The first
-  client runs alone, so every jitted piece inside is traced and compiled once, before the threads start.
+  client runs alone, so every jitted piece inside is traced and compiled once, before the threads start. jax's
+  thread-local settings (`jax.default_matmul_precision`, `jax.debug_nans`, … as context managers) reach that
+  first client only: set them globally (`jax.config.update`) for a `loop` run.
 
   Measured on 2 CPU cores (cnn2 SGD steps of batch 32, XLA's convolution, 2026-11-28): one thread 2,642–3,007
   examples/s, two threads 4,137–4,320; one thread dispatching two clients' steps in turn gained nothing

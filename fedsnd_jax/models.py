@@ -51,7 +51,7 @@ class Model(NamedTuple):
 
 CONV_IMPLS = ("auto", "xla", "im2col")
 
-# Set while a client's local step is traced as its own top-level program (`client.stepped_client_update`).
+# Set while a client's local step is traced as its own top-level program (`client.make_stepped_client_update`).
 _TOP_LEVEL_STEP = contextvars.ContextVar("top_level_step", default=False)
 
 
@@ -75,7 +75,7 @@ def default_conv_impl(backend: str, top_level_step: bool = False) -> str:
   3,144 and 2,410. At top level XLA's convolution is the faster one once two steps run at once (2-core CPU,
   cnn2 SGD steps of batch 32, 2026-11-28: one thread 2,642–3,007 examples/s with XLA's, 3,171–3,306 with
   im2col; two threads 4,137–4,857 against 3,391–3,639), which is how the CPU `loop` map runs clients
-  (`client.stepped_client_update`, one worker thread per core). On an H100 (jax 0.11.2,
+  (`client.make_stepped_client_update`, one worker thread per core). On an H100 (jax 0.11.2,
   benchmarks/throughput.py, cnn2, 10 local steps) a vmapped XLA convolution becomes a grouped convolution: vmap
   over 100 clients ran 358k examples/s with it and 742k with im2col (2.1×; 1,000 clients: 351k vs 805k), and
   the per-client loop ran 2–4× faster with im2col too.

@@ -6,13 +6,19 @@ from fedsnd_jax import platform
 
 
 def test_flag_is_appended_to_user_flags():
-  assert platform.with_cpu_flag("--xla_foo=1", (0, 10)) == f"--xla_foo=1 {platform.CPU_FLAG}"
-  assert platform.with_cpu_flag("", (0, 11)) == platform.CPU_FLAG
+  assert platform.with_cpu_flag("--xla_foo=1", (0, 10, 2)) == f"--xla_foo=1 {platform.CPU_FLAG}"
+  assert platform.with_cpu_flag("", (0, 10, 7)) == platform.CPU_FLAG
+
+
+def test_fusion_names_only_for_the_jaxlib_they_were_measured_on():
+  # An unknown value aborts the process: elsewhere every YNN fusion is turned off, a value all jaxlibs ≥ 0.10 know.
+  for version in ((0, 10), (0, 10, 1), (0, 11, 2), (1, 0, 0)):
+    assert platform.with_cpu_flag("", version) == platform.ALL_OFF_FLAG
 
 
 def test_flag_is_not_duplicated_nor_overridden():
   user = "--xla_cpu_experimental_ynn_fusion_type=dot"
-  assert platform.with_cpu_flag(user, (0, 10)) == user
+  assert platform.with_cpu_flag(user, (0, 10, 2)) == user
 
 
 def test_old_jaxlib_gets_no_unknown_flag():

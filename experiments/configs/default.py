@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   c.model = "mlp"  # mlp | cnn2 | simple_cnn | resnet8 | resnet18 | text_mean | text_conv
   c.dropout = 0.2
-  c.conv_impl = "auto"  # auto (im2col on CPU and GPU, xla elsewhere) | xla | im2col; cnn2 and simple_cnn
+  # auto (XLA's convolution in the CPU loop's top-level steps, else im2col on CPU/GPU, XLA's on TPU) | xla | im2col
+  c.conv_impl = "auto"
   c.batch_norm = False  # BatchNorm after each conv (cnn2, simple_cnn); needed for bn_prior
   # Local training: SGD with momentum and weight decay (NIID-Bench's client optimiser).
   c.local_epochs = 2
