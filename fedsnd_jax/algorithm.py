@@ -332,7 +332,8 @@ def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: Local
   drives each client's steps from the host (`client.make_stepped_client_update`, `mapping.threaded_loop`)
   unless the phase is `traced` inside a larger program (vectorised runs), where it loops over jitted clients.
   """
-  if client_map == "loop" and not traced:
+  stepped = client_map == "loop" and not traced
+  if stepped:
     update = client.make_stepped_client_update(loss_fn, client_opt, **schedule._asdict(),
                                                calibrate=model.calibrate,
                                                check=lambda fn: _traced_at_most(fn, max_traces))
@@ -347,7 +348,7 @@ def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: Local
       return out
     return out._replace(params=transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
 
-  if client_map == "loop" and not traced:
+  if stepped:
     return mapping.threaded_loop(one)
   return mapping.map_clients(_traced_at_most(one, max_traces), client_map, chunk_size)
 
