@@ -78,12 +78,37 @@ def map_clients(fn: Callable, strategy: str, chunk_size: int = 8) -> Callable:
 
 
 def worker_threads() -> int:
-  """The `loop` map's worker threads: on CPU the cores this process may use (its affinity mask: cpusets count, CFS
-  quotas do not), elsewhere 1 (an accelerator trains one client at a time, which bounds memory as `loop` always
-  did)."""
+  """The `loop` map's worker threads: on CPU the cores this process may use — its affinity mask, capped by a
+  cgroup CFS quota where one is set (a container limited to 2 CPUs on a 64-core host gets 2) — elsewhere 1 (an
+  accelerator trains one client at a time, which bounds memory as `loop` always did)."""
   if jax.default_backend() != "cpu":
     return 1
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  quota = cfs_quota_cpus()
+  return min(cores, quota) if quota else cores
+
+
+def cfs_quota_cpus(root: str = "/sys/fs/cgroup") -> int | None:
+  """CPUs the cgroup's CFS quota allows, rounded up (cgroup v2 `cpu.max`, else v1 `cpu/cpu.cfs_quota_us` over
+  `cpu.cfs_period_us`); None where no quota is set or the files are absent."""
+  def read(name: str) -> list[str] | None:
+    try:
+      with open(os.path.join(root, name)) as f:
+        return f.read().split()
+    except OSError:
+      return None
+
+  v2 = read("cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
+  if v2:
+    quota, period = v2[0], v2[1]
+  else:
+    v1_quota, v1_period = read("cpu/cpu.cfs_quota_us"), read("cpu/cpu.cfs_period_us")  # "-1": no quota
+    if not (v1_quota and v1_period):
+      return None
+    quota, period = v1_quota[0], v1_period[0]
+  if quota in ("max", "-1"):
+    return None
+  return max(1, -(-int(quota) // int(period)))
 
 
 def threaded_loop(one: Callable, workers: int = 0) -> Callable:

@@ -1,5 +1,6 @@
 """Client training, mapping strategies, aggregation and the round driver on tiny shapes."""
 
+import os
 import time
 
 import jax
@@ -44,6 +45,27 @@ def test_threaded_loop_stacks_in_client_order_whatever_finishes_first():
 
   out = mapping.threaded_loop(one, workers=3)((jnp.float32(10.0),), (jnp.arange(4.0),))
   np.testing.assert_array_equal(out["v"], [10.0, 11.0, 12.0, 13.0])
+
+
+@pytest.mark.parametrize("files, cpus", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2: 1.5 CPUs, rounded up
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cfs_quota_cpus_reads_cgroup_v2_and_v1(tmp_path, files, cpus):
+  for name, text in files.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  assert mapping.cfs_quota_cpus(str(tmp_path)) == cpus
+
+
+def test_worker_threads_capped_by_a_cfs_quota(monkeypatch):
+  monkeypatch.setattr(mapping, "cfs_quota_cpus", lambda: 1)
+  assert mapping.worker_threads() == 1
+  monkeypatch.setattr(mapping, "cfs_quota_cpus", lambda: None)
+  assert mapping.worker_threads() == len(os.sched_getaffinity(0))
 
 
 def test_one_client_one_full_batch_step_is_centralised_sgd(tiny, federation, assert_close):
