@@ -30,8 +30,7 @@ from absl import app, flags, logging
 
 from benchmarks import tuning
 from experiments import report, runner
-from experiments.configs import default
-from fedsnd_jax import algorithms, experiment
+from fedsnd_jax import experiment
 
 # FedSND at the library defaults of its own section, at tuned FedAvg's client settings: issue 13's first target
 # ("never more than 0.5 points below tuned FedAvg") is read off this row.
@@ -42,43 +41,19 @@ BEGIN, END = "<!-- leaderboard:begin -->", "<!-- leaderboard:end -->"
 
 
 def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, str]:
-  """(the algorithm's overrides in a setting, what they are: "best of N" tuned, else "paper default")."""
+  """(the algorithm's overrides in a setting, what they are): the winner of its tuning ("best of N"; "one-stage"
+  where it was tuned before the two-stage protocol, at the setting's own client settings), else its first
+  candidate, the paper's defaults (at tuned FedAvg's client settings where FedAvg is tuned)."""
   if algorithm == DEFAULTS:
     fedavg, how = chosen(tuned, setting, "fedavg")
     return {**fedavg, "algorithm": "fedsnd"}, "library defaults"
   entry = tuned.get(setting, {}).get(algorithm)
-  return (entry["overrides"], f"best of {len(entry['evidence'])}") if entry else (tuning.GRIDS[algorithm][0],
-                                                                                  "paper default")
-
-
-# Values a field had before it took names: a run saved with the old value ran what the new name means.
-FORMER_VALUES = {"fedsnd.noise_warm_start": {False: "none", True: "client"}}
-
-
-def _flat(config: dict) -> dict:
-  """{"a": 1, "s": {"b": 2}} -> {"a": 1, "s.b": 2} (sections are one level deep), former values renamed."""
-  flat = {}
-  for k, v in config.items():
-    flat.update({f"{k}.{f}": w for f, w in v.items()} if isinstance(v, dict) else {k: v})
-  return {k: FORMER_VALUES.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in flat.items()}
-
-
-def stale(folder: str, config) -> bool:
-  """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
-  sections do not change the run, nor, for a finished run, do fields added to the config since it ran, at
-  the library's default (which keeps the old behaviour), also inside a section; an unfinished run must match
-  exactly to resume."""
-  path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    saved = json.load(f)
-  ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
-  finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
-  saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
-  defaults = _flat(json.loads(default.get_config().to_json()))
-  return any(saved[k] != v if k in saved else (not finished or v != defaults.get(k))
-             for k, v in wanted.items() if k.split(".")[0] not in ignored)
+  if entry:
+    return entry["overrides"], f"best of {len(entry['evidence'])}" + (
+        "" if entry.get("protocol") == "two-stage" or algorithm == "fedavg" else ", one-stage")
+  if "fedavg" in tuned.get(setting, {}):
+    return tuning.candidates(tuned, setting, algorithm)[0], "paper default at FedAvg's client settings"
+  return tuning.GRIDS[algorithm][0], "paper default"
 
 
 def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds) -> list[str]:
@@ -89,7 +64,7 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
     folder = os.path.join(workdir, setting, algorithm, f"seed={seed}")
     config = tuning.apply(base, overrides)
     config.seed = seed
-    if stale(folder, config):
+    if tuning.stale(folder, config):
       print(f"[leaderboard] {folder} ran another configuration (the tuning changed): running it again", flush=True)
       shutil.rmtree(folder)
     if not os.path.exists(os.path.join(folder, "summary.json")):

@@ -3,26 +3,30 @@ r"""Tunes every algorithm with the same budget on the validation split, and choo
   python -m benchmarks.tuning --settings=digits,fmnist10_a0.1,fmnist10_a0.5,xdevice_a0.1,xdevice_a0.5 \
       --algorithms=fedavg,fedavgm,fedprox,scaffold,feddyn,moon,fedntd,fedgen,fedftg,fedsnd --workdir=runs/tuning
 
-For every setting × algorithm it runs the first `--budget` configurations of the algorithm's grid (`GRIDS`,
-the same number for every algorithm) at the tuning seed (100; evaluation seeds are 0–2) with 10 % of the
-training set held out, ranks them by the last-5-round mean of validation accuracy, and writes the winners, with
-every candidate's score as evidence, to `--output` (benchmarks/configs/tuned.json), which the leaderboard reads.
+Two stages, the same budget (`--budget` candidates of `GRIDS`) for every algorithm: first FedAvg searches the
+client settings (local learning rate and epochs); then every other algorithm searches its own knob (FedProx's μ,
+FedSND's server schedule, …) at the client settings FedAvg chose, so no method gets local work the others were
+not offered. Every run is at the tuning seed (100; evaluation seeds are 0–2) with 10 % of the training set held
+out; candidates are ranked by the last-5-round mean of validation accuracy, and the winners, with every
+candidate's score as evidence, go to `--output` (benchmarks/configs/tuned.json), which the leaderboard reads.
 
 FedSND's defaults (`--defaults`): every candidate of `DEFAULT_CANDIDATES` runs in every setting; the table gives
 each candidate's validation gain over FedAvg at its tuned setting, and candidates are ranked by their
 worst-case gain over the settings, not the best (DESIGN §2.6: a default must be safe everywhere).
-Each run is one `experiments.train` workdir under `<workdir>/<setting>/<name>/`; finished runs are reused.
+Each run is one `experiments.train` workdir under `<workdir>/<setting>/<name>/`; a finished run of the same
+configuration anywhere in the setting's folder is reused (`stale`), so an interrupted tuning resumes.
 """
 
 import json
 import os
+import shutil
 
 from absl import app, flags, logging
 
 from benchmarks.configs import fmnist_cpu, fmnist_cpu_xdevice
 from experiments import report, runner
 from experiments.configs import default
-from fedsnd_jax import experiment
+from fedsnd_jax import algorithms, experiment
 
 TUNING_SEED = 100
 
@@ -40,15 +44,18 @@ SETTINGS = {
 }
 
 # Each algorithm's candidates, best guess first (a smaller budget keeps the first ones). Values are config
-# overrides (dotted names inside an algorithm's section); "lr×" and "epochs×" scale the setting's own client
-# learning rate and local epochs, which FedAvg's own tuning explores.
-_CLIENT = [{}, {"lr×": 0.5}, {"lr×": 2.0}, {"epochs×": 2}]
+# overrides (dotted names inside an algorithm's section); "lr×" and "epochs×" scale the client learning rate and
+# local epochs. FedAvg's candidates are client settings (stage 1); every other algorithm's apply on top of the
+# client settings FedAvg chose (stage 2; `candidates`).
+FAST_SERVER = {"fedsnd.noise_warm_start": "round", "fedsnd.noise_steps": 10, "fedsnd.distill_steps": 5}
 GRIDS = {
-    "fedavg": [{"algorithm": "fedavg", **g} for g in _CLIENT],
+    "fedavg": [{"algorithm": "fedavg", **g} for g in ({}, {"lr×": 0.5}, {"lr×": 2.0}, {"epochs×": 2})],
     "fedavgm": [{"algorithm": "fedavg", "server_momentum": m, "server_lr": lr}
                 for m, lr in ((0.9, 0.3), (0.5, 1.0), (0.9, 0.1), (0.7, 0.5))],
     "fedprox": [{"algorithm": "fedprox", "fedprox.mu": mu} for mu in (0.01, 0.1, 0.001, 1.0)],
-    "scaffold": [{"algorithm": "scaffold", **g} for g in _CLIENT],
+    # SCAFFOLD has no knob of its own; it diverged at FedAvg's client settings in 3 of 6 evaluation runs (RESULTS
+    # §9), so its candidates trade step size: a smaller client lr, or a global step size (server lr) below 1.
+    "scaffold": [{"algorithm": "scaffold", **g} for g in ({}, {"lr×": 0.5}, {"server_lr": 0.5}, {"lr×": 0.25})],
     "feddyn": [{"algorithm": "feddyn", "feddyn.alpha": a} for a in (0.01, 0.1, 0.001, 0.03)],
     "moon": [{"algorithm": "moon", "moon.mu": mu} for mu in (1.0, 5.0, 0.1, 10.0)],
     "fedntd": [{"algorithm": "fedntd", "fedntd.beta": b} for b in (1.0, 0.3, 3.0, 0.1)],
@@ -56,8 +63,10 @@ GRIDS = {
                for a, b in ((1.0, 1.0), (0.3, 0.3), (3.0, 3.0), (1.0, 0.1))],
     "fedftg": [{"algorithm": "fedftg", **g} for g in (
         {}, {"fedftg.distill_lr": 0.03}, {"fedftg.distill_lr": 0.003}, {"fedftg.beta_tran": 0.0})],
+    # The library defaults first (at FedAvg's client settings: the leaderboard's fedsnd_defaults row), then the
+    # previous-model weight, distillation in the first rounds only, and the cheap server of RESULTS §3.
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
-        {}, {"epochs×": 2}, {"fedsnd.lambda_prev": 0.3}, {"fedsnd.distill_rounds": 3})],
+        {}, {"fedsnd.lambda_prev": 0.3}, {"fedsnd.distill_rounds": 3}, FAST_SERVER)],
 }
 
 # FedSND's candidate defaults: the library's own defaults first, then the alternatives the evidence points at.
@@ -68,7 +77,7 @@ DEFAULT_CANDIDATES = {
     "agreement_0.8": {"fedsnd.distill_agreement": 0.8},
     # The cheap server of benchmarks/server_cost.py (RESULTS §3): warm start from the previous round's noise at the
     # same position (the same client when every client takes part), 10 synthesis and 5 distillation steps.
-    "fast_server": {"fedsnd.noise_warm_start": "round", "fedsnd.noise_steps": 10, "fedsnd.distill_steps": 5},
+    "fast_server": FAST_SERVER,
 }
 
 def setting_config(name: str, rounds: int = 0):
@@ -98,9 +107,76 @@ def label(candidate: dict) -> str:
   return ", ".join(f"{k}={v}" for k, v in candidate.items() if k != "algorithm") or "setting's own"
 
 
+def compose(first: dict, then: dict) -> dict:
+  """Overrides `then` on top of `first`, as one dict: `then` wins, except that the scalings multiply."""
+  out = {**first, **then}
+  for scale in ("lr×", "epochs×"):
+    if scale in first and scale in then:
+      out[scale] = first[scale] * then[scale]
+  return out
+
+
+def candidates(tuned: dict, setting: str, algorithm: str) -> list[dict]:
+  """The algorithm's grid in a setting: FedAvg's as it is (stage 1), every other's at FedAvg's chosen client
+  settings (stage 2; FedAvg must be tuned in the setting first)."""
+  if algorithm == "fedavg":
+    return GRIDS["fedavg"]
+  client = {k: v for k, v in tuned[setting]["fedavg"]["overrides"].items() if k != "algorithm"}
+  return [compose(client, g) for g in GRIDS[algorithm]]
+
+
+# Values a field had before it took names: a run saved with the old value ran what the new name means.
+FORMER_VALUES = {"fedsnd.noise_warm_start": {False: "none", True: "client"}}
+
+
+def _flat(config: dict) -> dict:
+  """{"a": 1, "s": {"b": 2}} -> {"a": 1, "s.b": 2} (sections are one level deep), former values renamed."""
+  flat = {}
+  for k, v in config.items():
+    flat.update({f"{k}.{f}": w for f, w in v.items()} if isinstance(v, dict) else {k: v})
+  return {k: FORMER_VALUES.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in flat.items()}
+
+
+def stale(folder: str, config) -> bool:
+  """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
+  sections do not change the run, nor, for a finished run, do fields added to the config since it ran, at
+  the library's default (which keeps the old behaviour), also inside a section; an unfinished run must match
+  exactly to resume."""
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    saved = json.load(f)
+  ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
+  finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
+  saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
+  defaults = _flat(json.loads(default.get_config().to_json()))
+  return any(saved[k] != v if k in saved else (not finished or v != defaults.get(k))
+             for k, v in wanted.items() if k.split(".")[0] not in ignored)
+
+
+def finished_run(folder: str, config) -> str | None:
+  """A finished run of `config` (`stale` says what counts as the same; the rounds must be equal too) among the
+  runs in `folder`, if there is one."""
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    run_dir = os.path.join(folder, name)
+    if os.path.exists(os.path.join(run_dir, "summary.json")) and not stale(run_dir, config):
+      with open(os.path.join(run_dir, "config.json")) as f:
+        if json.load(f)["rounds"] == config.rounds:
+          return run_dir
+  return None
+
+
 def run(root: str, setting: str, name: str, config) -> dict:
+  """Validation scores of `config` in `<root>/<setting>/<name>`: a finished run of the same configuration under
+  another name is copied there, a folder that ran another configuration is replaced."""
   workdir = os.path.join(root, setting, name)
-  if not os.path.exists(os.path.join(workdir, "summary.json")):
+  same = finished_run(os.path.join(root, setting), config)
+  if same != workdir and os.path.exists(workdir) and (same or stale(workdir, config)):
+    shutil.rmtree(workdir)
+  if same and same != workdir:
+    shutil.copytree(same, workdir)
+  elif not same:
     try:
       runner.run(config, workdir)
     except experiment.Diverged:
@@ -114,15 +190,16 @@ def run(root: str, setting: str, name: str, config) -> dict:
   return row
 
 
-def tune(root: str, setting: str, algorithm: str, budget: int, rounds: int = 0) -> dict:
-  """Runs the first `budget` candidates of the algorithm's grid; the winner, with every score as evidence."""
+def tune(root: str, setting: str, algorithm: str, tuned: dict, budget: int, rounds: int = 0) -> dict:
+  """Runs the first `budget` candidates of the algorithm's grid (`candidates`); the winner, with every score as
+  evidence."""
   base = setting_config(setting, rounds)
   rows = [dict(run(root, setting, f"{algorithm}_{i}", apply(base, g)), candidate=g)
-          for i, g in enumerate(GRIDS[algorithm][:budget])]
+          for i, g in enumerate(candidates(tuned, setting, algorithm)[:budget])]
   best = max(rows, key=lambda r: r["val_last5"])
   print(report.ranking_markdown(f"{setting}: {algorithm} ({len(rows)} configurations)",
                                 [dict(r, name=f"{algorithm}: {label(r['candidate'])}") for r in rows]))
-  return {"overrides": best["candidate"], "val_last5": best["val_last5"],
+  return {"overrides": best["candidate"], "val_last5": best["val_last5"], "protocol": "two-stage",
           "evidence": [{"overrides": r["candidate"], "val_last5": r["val_last5"], "val_final": r["val_final"],
                         "diverged": r["diverged"]} for r in rows]}
 
@@ -156,10 +233,12 @@ def main(argv):
     with open(flag.output) as f:
       record["settings"] = json.load(f)["settings"]
   tuned = record["settings"]
-  algorithms = list(dict.fromkeys(["fedavg", *flag.algorithms] if flag.defaults else flag.algorithms))
+  # FedAvg first: the others run at its client settings (its finished runs are reused: nothing runs twice).
+  names = list(dict.fromkeys(["fedavg", *flag.algorithms]))
   for setting in flag.settings:
-    for algorithm in algorithms:
-      tuned.setdefault(setting, {})[algorithm] = tune(flag.workdir, setting, algorithm, flag.budget, flag.rounds)
+    for algorithm in names:
+      tuned.setdefault(setting, {})[algorithm] = tune(flag.workdir, setting, algorithm, tuned, flag.budget,
+                                                      flag.rounds)
       with open(flag.output, "w") as f:  # after every algorithm, so an interrupted tuning keeps its results
         json.dump(record, f, indent=1)
   if flag.defaults:

@@ -1,6 +1,7 @@
-"""benchmarks.tuning and benchmarks.leaderboard: equal budgets, valid candidates, the table by hand."""
+"""benchmarks.tuning and benchmarks.leaderboard: equal budgets, two stages, run reuse, the table by hand."""
 
 import json
+import os
 
 import pytest
 
@@ -10,6 +11,44 @@ from experiments import runner
 
 def test_every_algorithm_gets_the_same_budget():
   assert len({len(grid) for grid in tuning.GRIDS.values()}) == 1
+
+
+def test_stage_two_runs_every_algorithm_at_fedavgs_client_settings():
+  tuned = {"s": {"fedavg": {"overrides": {"algorithm": "fedavg", "lr×": 2.0, "epochs×": 2}}}}
+  assert tuning.candidates(tuned, "s", "fedavg") == tuning.GRIDS["fedavg"]  # stage 1: the client settings
+  assert tuning.candidates(tuned, "s", "fedprox")[0] == {"algorithm": "fedprox", "lr×": 2.0, "epochs×": 2,
+                                                         "fedprox.mu": 0.01}
+  assert tuning.candidates(tuned, "s", "scaffold")[1] == {"algorithm": "scaffold", "lr×": 1.0, "epochs×": 2}
+  base = tuning.setting_config("digits")
+  c = tuning.apply(base, tuning.candidates(tuned, "s", "scaffold")[3])  # its own lr×0.25 on FedAvg's lr×2
+  assert c.client_lr == pytest.approx(0.5 * base.client_lr) and c.local_epochs == 2 * base.local_epochs
+  with pytest.raises(KeyError):
+    tuning.candidates({}, "s", "fedprox")  # stage 2 needs FedAvg tuned first
+
+
+def test_tuning_reuses_a_finished_run_of_the_same_configuration_and_replaces_a_stale_one(tmp_path, monkeypatch):
+  ran = []
+
+  def fake_run(config, workdir):
+    ran.append(os.path.basename(workdir))
+    os.makedirs(workdir)
+    (tmp_path / "s" / os.path.basename(workdir) / "config.json").write_text(config.to_json())
+    (tmp_path / "s" / os.path.basename(workdir) / "summary.json").write_text("{}")
+
+  monkeypatch.setattr(tuning.runner, "run", fake_run)
+  monkeypatch.setattr(tuning.report, "read_summary", lambda w: {"mean_client_time_s": 1, "mean_server_time_s": 0})
+  monkeypatch.setattr(tuning.report, "val_history", lambda w: [0.5])
+  base = tuning.setting_config("digits")
+  fedavg, fedsnd = tuning.apply(base, {"epochs×": 2}), tuning.apply(base, {"algorithm": "fedsnd", "epochs×": 2})
+  tuning.run(str(tmp_path), "s", "fedavg_3", fedavg)
+  tuning.run(str(tmp_path), "s", "fedsnd_1", fedsnd)  # a grid's old candidate, at index 1
+  tuning.run(str(tmp_path), "s", "fedsnd_0", fedsnd)  # the same configuration, now at index 0: copied
+  assert ran == ["fedavg_3", "fedsnd_1"] and (tmp_path / "s" / "fedsnd_0" / "summary.json").exists()
+  tuning.run(str(tmp_path), "s", "fedsnd_1", tuning.apply(fedsnd, {"fedsnd.lambda_prev": 0.3}))  # replaced
+  assert ran[-1] == "fedsnd_1" and json.loads((tmp_path / "s" / "fedsnd_1" / "config.json").read_text())[
+      "fedsnd"]["lambda_prev"] == 0.3
+  tuning.run(str(tmp_path), "s", "fedsnd_9", tuning.apply(fedsnd, {"rounds": 3}))  # other rounds: not the same
+  assert ran[-1] == "fedsnd_9"
 
 
 @pytest.mark.parametrize("setting", ["digits", "digits_slow"])  # the Fashion-MNIST ones need Debian's package
@@ -34,7 +73,14 @@ def test_every_candidate_is_a_valid_config(setting):
 def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
   tuned = {"xdevice_a0.1": {"fedavg": {"overrides": {"algorithm": "fedavg", "lr×": 2.0}, "evidence": [{}, {}]}}}
   assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedavg") == ({"algorithm": "fedavg", "lr×": 2.0}, "best of 2")
-  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], "paper default")
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedgen") == (
+      {**tuning.GRIDS["fedgen"][0], "lr×": 2.0}, "paper default at FedAvg's client settings")
+  assert leaderboard.chosen({}, "xdevice_a0.1", "fedgen") == (tuning.GRIDS["fedgen"][0], "paper default")
+  tuned["xdevice_a0.1"]["fedprox"] = {"overrides": {"algorithm": "fedprox"}, "evidence": [{}],
+                                      "protocol": "two-stage"}
+  tuned["xdevice_a0.1"]["moon"] = {"overrides": {"algorithm": "moon"}, "evidence": [{}]}  # tuned before two stages
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "fedprox")[1] == "best of 1"
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", "moon")[1] == "best of 1, one-stage"
   # FedSND at its library defaults takes tuned FedAvg's client settings, nothing of FedSND's own tuning.
   tuned["xdevice_a0.1"]["fedsnd"] = {"overrides": {"algorithm": "fedsnd", "epochs×": 2}, "evidence": [{}]}
   overrides, how = leaderboard.chosen(tuned, "xdevice_a0.1", leaderboard.DEFAULTS)
@@ -96,28 +142,28 @@ def test_leaderboard_collects_every_settings_table_in_the_settings_order(tmp_pat
       "Evaluation seeds 0, 1; accuracies in %, mean ± population std.", "", "F", "", "X"]
 
 
-def test_leaderboard_reruns_a_cell_only_when_its_own_configuration_changed(tmp_path):
+def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   config = tuning.apply(tuning.setting_config("digits"), {"algorithm": "fedgen"})
   (tmp_path / "config.json").write_text(config.to_json())
-  assert not leaderboard.stale(str(tmp_path), config)
-  assert not leaderboard.stale(str(tmp_path / "absent"), config)
+  assert not tuning.stale(str(tmp_path), config)
+  assert not tuning.stale(str(tmp_path / "absent"), config)
   other = tuning.apply(config, {"fedsnd.lambda_prev": 0.5, "rounds": 3})  # another section; a resumable field
-  assert not leaderboard.stale(str(tmp_path), other)
-  assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"fedgen.generative_alpha": 3.0}))
-  assert leaderboard.stale(str(tmp_path), tuning.apply(config, {"lr×": 2.0}))
+  assert not tuning.stale(str(tmp_path), other)
+  assert tuning.stale(str(tmp_path), tuning.apply(config, {"fedgen.generative_alpha": 3.0}))
+  assert tuning.stale(str(tmp_path), tuning.apply(config, {"lr×": 2.0}))
   older = {k: v for k, v in json.loads(config.to_json()).items() if k != "client_sampling"}  # before the field
   (tmp_path / "config.json").write_text(json.dumps(older))
-  assert leaderboard.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
+  assert tuning.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
   (tmp_path / "summary.json").write_text("{}")
-  assert not leaderboard.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
+  assert not tuning.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
   fedsnd = tuning.apply(config, {"algorithm": "fedsnd"})
   older = json.loads(fedsnd.to_json())
   del older["fedsnd"]["noise_stop_ce"]  # a field added inside the section since
   older["fedsnd"]["noise_warm_start"] = False  # its former value for "none"
   (tmp_path / "config.json").write_text(json.dumps(older))
-  assert not leaderboard.stale(str(tmp_path), fedsnd)
-  assert leaderboard.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_warm_start": "client"}))
-  assert leaderboard.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_stop_ce": 0.3}))  # not its default
+  assert not tuning.stale(str(tmp_path), fedsnd)
+  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_warm_start": "client"}))
+  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_stop_ce": 0.3}))  # not its default
 
 
 def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike():
