@@ -1,14 +1,17 @@
-r"""Our engine against FedJAX on the same FedAvg work, alternating A/B/A/B (issue 15).
+r"""Our engine against FedJAX and Flower on the same FedAvg work, alternating A/B/C/A/B/C (issue 15).
 
-  python -m benchmarks.peers [--repeats=2] [--rounds=3]
+  python -m benchmarks.peers [--repeats=2] [--rounds=3] [--frameworks=fedjax,flower]
 
 The work: real Fashion-MNIST (Debian's dataset-fashion-mnist), K = 100 clients × 320 examples (a seeded IID
 split of 32,000 training images), every client in every round, 1 local epoch of batch 32, plain SGD at lr 0.05,
-cnn2 (824,458 params, dropout 0.2), FedAvg. FedJAX 0.0.17 (jax 0.5.3, dm-haiku; `benchmarks/peers_fedjax.py`,
-cnn2 written in Haiku) runs in its own venv, built once under --venv and reused; our engine runs in this
+cnn2 (824,458 params, dropout 0.2), FedAvg. Each peer runs in its own venv, built once and reused, as a
+subprocess on the work written to --npz: FedJAX 0.0.17 (jax 0.5.3, dm-haiku; `benchmarks/peers_fedjax.py`, cnn2
+in Haiku; --venv) and Flower 1.42's Ray simulation engine (`benchmarks/peers_flower.py`, clients in PyTorch 2.13
+CPU, cnn2 in Torch, --flower_client_cpus CPUs and threads per client; --flower_venv). Our engine runs in this
 process at the library defaults (`client_map=auto`, `conv_impl=auto`). A block times --rounds warm rounds (a
-first round compiles and is not counted); blocks alternate FedJAX, ours, FedJAX, ours, …; a framework's rate
-is K·n examples / its median round seconds over all its blocks. The last line is `project/fedjax: R.RRx`.
+first round compiles or warms up and is not counted); blocks alternate FedJAX, Flower, ours, FedJAX, Flower,
+ours, …; a framework's rate is K·n examples / its median round seconds over all its blocks. The last lines are
+`project/flower: R.RRx` and `project/fedjax: R.RRx`, for the peers that ran.
 """
 
 import json
@@ -26,12 +29,22 @@ from fedsnd_jax import algorithm, algorithms, data, federated_data, mapping, mod
 from fedsnd_jax.partition import partition
 
 FEDJAX_REQUIREMENTS = ("fedjax==0.0.17", "jax[cpu]==0.5.3", "jaxlib==0.5.3", "dm-haiku==0.0.17")
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers_fedjax.py")
+# flwr 1.42.0 pins ray==2.55.1. torch==2.13.0 takes a local 2.13.0+cpu wheel where pip finds one (192 MB; the
+# venv is ~1.4 GB); from PyPI alone it is the CUDA build with its nvidia-* wheels, which runs on CPU too.
+FLOWER_REQUIREMENTS = ("flwr[simulation]==1.42.0", "torch==2.13.0")
+FRAMEWORKS = ("fedjax", "flower")
+WORKERS = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), f"peers_{name}.py")
+           for name in FRAMEWORKS}
 
 
 def fedjax_python(venv: str) -> str:
   """The venv's python, after building the venv with FEDJAX_REQUIREMENTS if it cannot import them yet."""
   return venvs.venv_python(venv, "import fedjax, haiku", [list(FEDJAX_REQUIREMENTS)], "peers")
+
+
+def flower_python(venv: str) -> str:
+  """The venv's python, after building the venv with FLOWER_REQUIREMENTS if it cannot import them yet."""
+  return venvs.venv_python(venv, "import flwr.simulation, ray, torch", [list(FLOWER_REQUIREMENTS)], "peers")
 
 
 def work(data_dir: str, num_clients: int, per_client: int, seed: int = 0):
@@ -43,12 +56,12 @@ def work(data_dir: str, num_clients: int, per_client: int, seed: int = 0):
   return x, y, partition(y, num_clients, "iid", seed=seed), dataset.mean, dataset.std
 
 
-def fedjax_block(python: str, npz: str, rounds: int) -> list[float]:
-  """Warm round seconds of one FedJAX process (its first round compiles and is dropped)."""
+def peer_block(name: str, python: str, npz: str, rounds: int, *args: str) -> list[float]:
+  """Warm round seconds of one process of the peer `name` (its first round compiles or warms up: dropped)."""
   # Our XLA_FLAGS (DESIGN §6) name a flag jaxlib 0.5.3 does not know, and it aborts on unknown flags.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([python, WORKER, npz, str(rounds)], check=True, capture_output=True, text=True,
-                       env={**env, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run([python, WORKERS[name], npz, str(rounds), *args], check=True, capture_output=True,
+                       text=True, env={**env, "JAX_PLATFORMS": "cpu"})
   records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   return [r["seconds"] for r in records if r["round"] > 0]
 
@@ -80,18 +93,25 @@ def ours(x, y, part, mean, std):
 def main(argv):
   del argv
   flag = flags.FLAGS
-  python = fedjax_python(flag.venv)
+  peers = [name for name in FRAMEWORKS if name in flag.frameworks]
+  if not peers or set(flag.frameworks) - set(FRAMEWORKS):
+    raise app.UsageError(f"--frameworks: some of {','.join(FRAMEWORKS)}")
+  python_of = {"fedjax": lambda: fedjax_python(flag.venv), "flower": lambda: flower_python(flag.flower_venv)}
+  pythons = {name: python_of[name]() for name in peers}
+  args = {"fedjax": (), "flower": (f"--client_cpus={flag.flower_client_cpus}",)}
   x, y, part, mean, std = work(flag.data_dir, flag.clients, flag.examples)
   os.makedirs(os.path.dirname(os.path.abspath(flag.npz)), exist_ok=True)
-  normalised = ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
-  np.savez(flag.npz, x=normalised, y=y, index=np.stack(part.client_indices))
+  np.savez(flag.npz, x=data.normalize(x, mean, std), y=y, index=np.stack(part.client_indices))
   ours_block = ours(x, y, part, mean, std)
   examples = flag.clients * flag.examples
-  times = {"fedjax": [], "project": []}
+  times = {name: [] for name in (*peers, "project")}
   for repeat in range(flag.repeats):
-    for name in ("fedjax", "project"):
+    for name in times:
       start = time.perf_counter()
-      block = fedjax_block(python, flag.npz, flag.rounds) if name == "fedjax" else ours_block(flag.rounds)
+      if name == "project":
+        block = ours_block(flag.rounds)
+      else:
+        block = peer_block(name, pythons[name], flag.npz, flag.rounds, *args[name])
       times[name] += block
       print(f"peers: block {repeat + 1}/{flag.repeats} {name}: {examples / statistics.median(block):,.0f} "
             f"examples/s ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -99,15 +119,20 @@ def main(argv):
   print(f"\nFedAvg, cnn2, {flag.clients} clients × {flag.examples} Fashion-MNIST examples, 1 epoch of batch 32, "
         f"SGD lr 0.05; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; median of {len(times['project'])} "
         f"warm rounds each\n\n| framework | examples/s | median round s |\n|---|---|---|")
-  for name in ("fedjax", "project"):
+  for name in times:
     print(f"| {name} | {rate[name]:,.0f} | {statistics.median(times[name]):.2f} |")
-  print(f"\nproject/fedjax: {rate['project'] / rate['fedjax']:.2f}x")
+  print()
+  for name in reversed(peers):
+    print(f"project/{name}: {rate['project'] / rate[name]:.2f}x")
 
 
 def define_flags():
+  flags.DEFINE_list("frameworks", list(FRAMEWORKS), f"The peers to run, some of {','.join(FRAMEWORKS)}.")
   flags.DEFINE_string("venv", os.path.expanduser("~/.cache/fedsnd-jax/fedjax-venv"), "FedJAX's own venv.")
+  flags.DEFINE_string("flower_venv", os.path.expanduser("~/.cache/fedsnd-jax/flower-venv"), "Flower's own venv.")
+  flags.DEFINE_integer("flower_client_cpus", 1, "Ray CPUs (and PyTorch threads) per Flower client.")
   flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST idx files.")
-  flags.DEFINE_string("npz", "runs/peers/work.npz", "Where the work is written for FedJAX's process.")
+  flags.DEFINE_string("npz", "runs/peers/work.npz", "Where the work is written for the peers' processes.")
   flags.DEFINE_integer("clients", 100, "K.")
   flags.DEFINE_integer("examples", 320, "Examples per client.")
   flags.DEFINE_integer("rounds", 3, "Warm rounds per block.")
