@@ -64,10 +64,11 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
     folder = os.path.join(workdir, setting, algorithm, f"seed={seed}")
     config = tuning.apply(base, overrides)
     config.seed = seed
-    if tuning.stale(folder, config):
-      print(f"[leaderboard] {folder} ran another configuration (the tuning changed): running it again", flush=True)
+    done = tuning.finished(folder, config)
+    if not done and (tuning.stale(folder, config) or os.path.exists(os.path.join(folder, "summary.json"))):
+      print(f"[leaderboard] {folder} ran another configuration or number of rounds: running it again", flush=True)
       shutil.rmtree(folder)
-    if not os.path.exists(os.path.join(folder, "summary.json")):
+    if not done:  # a run cut short resumes
       try:
         final = f"final {runner.run(config, folder)['final_accuracy']:.4f}"
       except experiment.Diverged as e:

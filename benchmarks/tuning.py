@@ -155,16 +155,19 @@ def stale(folder: str, config) -> bool:
              for k, v in wanted.items() if k.split(".")[0] not in ignored)
 
 
+def finished(folder: str, config) -> bool:
+  """Whether `folder` holds a finished run of `config`: the same configuration (`stale`) and the same rounds (a
+  finished run of other rounds is not the run asked for)."""
+  if not os.path.exists(os.path.join(folder, "summary.json")) or stale(folder, config):
+    return False
+  with open(os.path.join(folder, "config.json")) as f:
+    return json.load(f)["rounds"] == config.rounds
+
+
 def finished_run(folder: str, config) -> str | None:
-  """A finished run of `config` (`stale` says what counts as the same; the rounds must be equal too) among the
-  runs in `folder`, if there is one."""
-  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-    run_dir = os.path.join(folder, name)
-    if os.path.exists(os.path.join(run_dir, "summary.json")) and not stale(run_dir, config):
-      with open(os.path.join(run_dir, "config.json")) as f:
-        if json.load(f)["rounds"] == config.rounds:
-          return run_dir
-  return None
+  """A finished run of `config` among the runs in `folder` (`finished`), if there is one."""
+  runs = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  return next((os.path.join(folder, name) for name in runs if finished(os.path.join(folder, name), config)), None)
 
 
 def run(root: str, setting: str, name: str, config) -> dict:

@@ -51,6 +51,32 @@ def test_tuning_reuses_a_finished_run_of_the_same_configuration_and_replaces_a_s
   assert ran[-1] == "fedsnd_9"
 
 
+def test_leaderboard_reruns_a_cell_of_another_configuration_or_other_rounds_and_keeps_a_finished_one(
+    tmp_path, monkeypatch):
+  ran = []
+
+  def fake_run(config, workdir):
+    ran.append((config.algorithm, config.rounds))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json())
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      f.write("{}")
+    return {"final_accuracy": 0.5}
+
+  monkeypatch.setattr(leaderboard.runner, "run", fake_run)
+  digits = tuning.SETTINGS["digits"][0]
+  monkeypatch.setattr(tuning, "SETTINGS", {**tuning.SETTINGS, "short": (digits, {"rounds": 2})})
+  for overrides in ({"algorithm": "fedavg"}, {"algorithm": "fedavg"}, {"algorithm": "fedprox"}):
+    leaderboard.run_cells(str(tmp_path), "short", "x", overrides, [0])
+  assert ran == [("fedavg", 2), ("fedprox", 2)]  # the second call found its cell finished
+  monkeypatch.setattr(tuning, "SETTINGS", {**tuning.SETTINGS, "short": (digits, {"rounds": 3})})
+  leaderboard.run_cells(str(tmp_path), "short", "x", {"algorithm": "fedprox"}, [0])  # the setting's rounds changed
+  assert ran[-1] == ("fedprox", 3)
+  leaderboard.run_cells(str(tmp_path), "short", "x", {"algorithm": "fedprox"}, [0])
+  assert len(ran) == 3
+
+
 @pytest.mark.parametrize("setting", ["digits", "digits_slow"])  # the Fashion-MNIST ones need Debian's package
 def test_every_candidate_is_a_valid_config(setting):
   base = tuning.setting_config(setting)
