@@ -8,9 +8,10 @@ Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.jso
 candidate of its grid (its paper's defaults); the "setting" column says which, and how many configurations the
 tuning compared. The row `fedsnd_defaults` is FedSND at the library defaults of its own section, at tuned FedAvg's
 client settings: whether those defaults are safe (issue 13) is read off it against FedAvg's row (where FedSND's
-tuning kept exactly that, the row reuses FedSND's runs). Runs land in `--workdir/<setting>/<algorithm>/seed=<s>/`
-and are skipped when finished, so an interrupted leaderboard resumes; a folder that ran another configuration of
-the algorithm (its tuning changed since) runs again.
+tuning kept exactly that, the row reuses FedSND's runs); `fedsnd_momentum` is the same at tuned FedAvgM's client
+and server settings, whether FedSND adds to server momentum (no tuning of its own either). Runs land in
+`--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an interrupted leaderboard resumes;
+a folder that ran another configuration of the algorithm (its tuning changed since) or other rounds runs again.
 
 Per setting, one table: test accuracy final and last-5 mean (mean ± population std over seeds), rounds to
 target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
@@ -32,11 +33,14 @@ from benchmarks import tuning
 from experiments import report, runner
 from fedsnd_jax import experiment
 
-# FedSND at the library defaults of its own section, at tuned FedAvg's client settings: issue 13's first target
-# ("never more than 0.5 points below tuned FedAvg") is read off this row.
-DEFAULTS = "fedsnd_defaults"
+# Rows of FedSND at the library defaults of its own section on another row's tuned settings, with no tuning of
+# their own: at tuned FedAvg's client settings (issue 13's first target, "never more than 0.5 points below tuned
+# FedAvg", is read off it), and at tuned FedAvgM's client and server settings (does FedSND add to momentum?).
+DEFAULTS, MOMENTUM = "fedsnd_defaults", "fedsnd_momentum"
+COMPOSED = {DEFAULTS: ("fedavg", "library defaults"),
+            MOMENTUM: ("fedavgm", "library defaults at FedAvgM's server")}
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "moon", "fedntd", "fedgen", "fedftg", "fedsnd",
-              DEFAULTS)
+              DEFAULTS, MOMENTUM)
 BEGIN, END = "<!-- leaderboard:begin -->", "<!-- leaderboard:end -->"
 
 
@@ -44,9 +48,9 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, str]:
   """(the algorithm's overrides in a setting, what they are): the winner of its tuning ("best of N"; "one-stage"
   where it was tuned before the two-stage protocol, at the setting's own client settings), else its first
   candidate, the paper's defaults (at tuned FedAvg's client settings where FedAvg is tuned)."""
-  if algorithm == DEFAULTS:
-    fedavg, how = chosen(tuned, setting, "fedavg")
-    return {**fedavg, "algorithm": "fedsnd"}, "library defaults"
+  if algorithm in COMPOSED:
+    on, how = COMPOSED[algorithm]
+    return {**chosen(tuned, setting, on)[0], "algorithm": "fedsnd"}, how
   entry = tuned.get(setting, {}).get(algorithm)
   if entry:
     return entry["overrides"], f"best of {len(entry['evidence'])}" + (
@@ -118,7 +122,7 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> None:
     rows = {}
     for algorithm in algorithms:
       overrides, how = chosen(tuned, setting, algorithm)
-      if algorithm == DEFAULTS and overrides == chosen(tuned, setting, "fedsnd")[0]:  # tuning kept the defaults
+      if algorithm in COMPOSED and overrides == chosen(tuned, setting, "fedsnd")[0]:  # FedSND's tuning chose it
         folders, how = run_cells(workdir, setting, "fedsnd", overrides, seeds), how + " (= fedsnd's runs)"
       else:
         folders = run_cells(workdir, setting, algorithm, overrides, seeds)

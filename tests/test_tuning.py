@@ -111,7 +111,12 @@ def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
   tuned["xdevice_a0.1"]["fedsnd"] = {"overrides": {"algorithm": "fedsnd", "epochs×": 2}, "evidence": [{}]}
   overrides, how = leaderboard.chosen(tuned, "xdevice_a0.1", leaderboard.DEFAULTS)
   assert overrides == {"algorithm": "fedsnd", "lr×": 2.0} and how.startswith("library defaults")
-  assert set(leaderboard.ALGORITHMS) - {leaderboard.DEFAULTS} <= set(tuning.GRIDS)
+  # ... and on FedAvgM's row, its tuned server optimiser too.
+  tuned["xdevice_a0.1"]["fedavgm"] = {"overrides": {"algorithm": "fedavg", "lr×": 2.0, "server_momentum": 0.9},
+                                      "evidence": [{}], "protocol": "two-stage"}
+  assert leaderboard.chosen(tuned, "xdevice_a0.1", leaderboard.MOMENTUM)[0] == {
+      "algorithm": "fedsnd", "lr×": 2.0, "server_momentum": 0.9}
+  assert set(leaderboard.ALGORITHMS) - set(leaderboard.COMPOSED) <= set(tuning.GRIDS)
 
 
 def test_leaderboard_defaults_row_reuses_fedsnds_runs_only_when_they_ran_the_same(tmp_path, monkeypatch):
