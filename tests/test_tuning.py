@@ -26,14 +26,22 @@ def test_stage_two_runs_every_algorithm_at_fedavgs_client_settings():
     tuning.candidates({}, "s", "fedprox")  # stage 2 needs FedAvg tuned first
 
 
+def finish_run(config, workdir):
+  """What a finished run leaves that the run reuse reads: its config and a summary."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json())
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    f.write("{}")
+  return {"final_accuracy": 0.5}
+
+
 def test_tuning_reuses_a_finished_run_of_the_same_configuration_and_replaces_a_stale_one(tmp_path, monkeypatch):
   ran = []
 
   def fake_run(config, workdir):
     ran.append(os.path.basename(workdir))
-    os.makedirs(workdir)
-    (tmp_path / "s" / os.path.basename(workdir) / "config.json").write_text(config.to_json())
-    (tmp_path / "s" / os.path.basename(workdir) / "summary.json").write_text("{}")
+    finish_run(config, workdir)
 
   monkeypatch.setattr(tuning.runner, "run", fake_run)
   monkeypatch.setattr(tuning.report, "read_summary", lambda w: {"mean_client_time_s": 1, "mean_server_time_s": 0})
@@ -57,12 +65,7 @@ def test_leaderboard_reruns_a_cell_of_another_configuration_or_other_rounds_and_
 
   def fake_run(config, workdir):
     ran.append((config.algorithm, config.rounds))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json())
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      f.write("{}")
-    return {"final_accuracy": 0.5}
+    return finish_run(config, workdir)
 
   monkeypatch.setattr(leaderboard.runner, "run", fake_run)
   digits = tuning.SETTINGS["digits"][0]
