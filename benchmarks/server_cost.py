@@ -28,22 +28,25 @@ TARGET_POINTS = 0.5
 
 
 def variants(warm: str) -> dict[str, dict]:
-  """FedSND server settings, by name: the protocol's own first (Q, G, D: pseudo-samples per model, synthesis
-  steps, distillation steps), then the library's larger server, then the levers. `warm`: the warm start that
-  suits the setting (`client` when every client comes back each round, else `round`)."""
+  """FedSND server settings, by name: the protocol's former server first (Q, G, D: pseudo-samples per model,
+  synthesis steps, distillation steps; Gaussian start), then the former library server, then the levers, each
+  on the former protocol server. `warm`: the warm start that suits the setting (`client` when every client
+  comes back each round, else `round`)."""
   fs = "fedsnd."
-  return {
+  protocol = {fs + "noise_warm_start": "none", fs + "noise_steps": 50, fs + "distill_steps": 10}
+  levers = {
       "protocol server (Q 32, G 50, D 10)": {},
-      "library server (Q 64, G 100, D 20)": {fs + "noise_samples": 64, fs + "noise_steps": 100,
-                                              fs + "distill_steps": 20},
+      "former library server (Q 64, G 100, D 20)": {fs + "noise_samples": 64, fs + "noise_steps": 100,
+                                                     fs + "distill_steps": 20},
       "G 10": {fs + "noise_steps": 10},
       f"warm start ({warm}), G 10": {fs + "noise_warm_start": warm, fs + "noise_steps": 10},
       f"warm start ({warm}), stop at CE 0.3": {fs + "noise_warm_start": warm, fs + "noise_stop_ce": 0.3},
-      f"warm start ({warm}), G 10, D 5": {fs + "noise_warm_start": warm, fs + "noise_steps": 10,
-                                           fs + "distill_steps": 5},
+      f"warm start ({warm}), G 10, D 5 (the library's server since RESULTS §10)": {
+          fs + "noise_warm_start": warm, fs + "noise_steps": 10, fs + "distill_steps": 5},
       "Q 16, D 5": {fs + "noise_samples": 16, fs + "distill_steps": 5},
       "distil in rounds 1-3 only": {fs + "distill_rounds": 3},
   }
+  return {name: {**protocol, **overrides} for name, overrides in levers.items()}
 
 
 def medians(workdir: str) -> dict:

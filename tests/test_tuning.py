@@ -190,7 +190,7 @@ def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   assert tuning.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
   (tmp_path / "summary.json").write_text("{}")
   assert not tuning.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
-  fedsnd = tuning.apply(config, {"algorithm": "fedsnd"})
+  fedsnd = tuning.apply(config, {"algorithm": "fedsnd", "fedsnd.noise_warm_start": "none"})
   older = json.loads(fedsnd.to_json())
   del older["fedsnd"]["noise_stop_ce"]  # a field added inside the section since
   older["fedsnd"]["noise_warm_start"] = False  # its former value for "none"
