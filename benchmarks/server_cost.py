@@ -33,7 +33,6 @@ def variants(warm: str) -> dict[str, dict]:
   on the former protocol server. `warm`: the warm start that suits the setting (`client` when every client
   comes back each round, else `round`)."""
   fs = "fedsnd."
-  protocol = {fs + "noise_warm_start": "none", fs + "noise_steps": 50, fs + "distill_steps": 10}
   levers = {
       "protocol server (Q 32, G 50, D 10)": {},
       "former library server (Q 64, G 100, D 20)": {fs + "noise_samples": 64, fs + "noise_steps": 100,
@@ -46,7 +45,7 @@ def variants(warm: str) -> dict[str, dict]:
       "Q 16, D 5": {fs + "noise_samples": 16, fs + "distill_steps": 5},
       "distil in rounds 1-3 only": {fs + "distill_rounds": 3},
   }
-  return {name: {**protocol, **overrides} for name, overrides in levers.items()}
+  return {name: {**tuning.FORMER_SERVER, **overrides} for name, overrides in levers.items()}
 
 
 def medians(workdir: str) -> dict:
