@@ -304,6 +304,35 @@ def test_agreement_gate_closed_is_no_distillation(federation, run_rounds, assert
   assert float(outs[-1].diagnostics["kl_after"]) < float(outs[-1].diagnostics["kl_before"])
 
 
+def test_full_server_every_round_is_the_cold_larger_server(federation, run_rounds, assert_close):
+  """With full_server_below above any agreement, every round runs the full server: the same run as a cold
+  (Gaussian) start at full_noise_steps / full_distill_steps, whatever the cheap server's warm start and steps."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation(3, 2)
+  regime = dict(SMALL, noise_warm_start="round", noise_steps=1, distill_steps=1, full_server_below=1.01,
+                full_noise_steps=4, full_distill_steps=3)
+  a, outs = run_rounds(algorithms.build("fedsnd", model, fed, regime), data, 3)
+  b, _ = run_rounds(algorithms.build("fedsnd", model, fed, dict(SMALL, noise_warm_start="none", noise_steps=4,
+                                                                 distill_steps=3)), data, 3)
+  assert [float(o.diagnostics["full_server"]) for o in outs] == [1.0, 1.0, 1.0]
+  assert [float(o.diagnostics["noise_steps_taken"]) for o in outs] == [4.0, 4.0, 4.0]
+  assert_close(a.params, b.params)
+
+
+def test_full_server_follows_the_last_rounds_agreement(federation, run_rounds):
+  """The first round runs the full server; every later one does exactly when the previous round's logged
+  teacher agreement was below the threshold, taking full_noise_steps synthesis steps, else noise_steps."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation(3, 2)
+  hp = dict(SMALL, noise_steps=2, full_server_below=0.4, full_noise_steps=5, full_distill_steps=3)
+  _, outs = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 4)
+  agreement = [float(o.diagnostics["teacher_agreement"]) for o in outs]
+  full = [float(o.diagnostics["full_server"]) for o in outs]
+  assert full == [1.0] + [float(a < 0.4) for a in agreement[:-1]]
+  assert 0.0 in full  # both budgets ran
+  assert [float(o.diagnostics["noise_steps_taken"]) for o in outs] == [5.0 if f else 2.0 for f in full]
+
+
 def test_distill_rounds_and_histogram_bytes(federation, run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()

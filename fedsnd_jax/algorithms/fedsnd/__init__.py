@@ -18,9 +18,9 @@ FedSD (client side only) and FedND (server side only) are its ablations; all thr
 import functools
 
 from fedsnd_jax.algorithm import Plugin
-from fedsnd_jax.algorithms.fedsnd.round import Hyperparameters, NoiseMemory, build, validate
+from fedsnd_jax.algorithms.fedsnd.round import Hyperparameters, ServerMemory, build, validate
 
-__all__ = ["FEDND", "FEDSD", "FEDSND", "Hyperparameters", "NoiseMemory"]
+__all__ = ["FEDND", "FEDSD", "FEDSND", "Hyperparameters", "ServerMemory"]
 
 
 

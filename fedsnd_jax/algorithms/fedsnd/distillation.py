@@ -84,7 +84,7 @@ def mean_kl(space: NoiseSpace, params, pool, targets, weights, temperature: floa
 
 
 def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, temperature: float,
-            train_mode: bool = False, step_scale=1.0):
+            train_mode: bool = False, step_scale=1.0, num_steps=None):
   """D optimiser steps of T²·mean KL(targets ‖ σ(f(x̃; w)/T)) on the given pool batches.
 
   Args:
@@ -95,14 +95,15 @@ def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, te
     optimizer: optax transformation (fresh state); BatchNorm statistics stay frozen (`models.freeze_statistics`).
     train_mode: run the student with dropout.
     step_scale: scalar multiplying every update (a decaying distillation step size).
+    num_steps: int32 [] steps to take, at most D (None: all D); the rest are skipped (not vmapped over
+      students, so they cost nothing).
 
   Returns:
     the distilled params.
   """
 
-  def step(carry, inputs):
+  def step(carry, batch, step_key):
     params, opt_state = carry
-    batch, step_key = inputs
 
     def objective(p):
       logits = space.apply(p, pool[batch], train=train_mode, rng=step_key if train_mode else None)
@@ -111,9 +112,15 @@ def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, te
     grads = jax.grad(objective)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     updates = jax.tree.map(lambda u: u * step_scale, updates)
-    return (optax.apply_updates(params, updates), opt_state), None
+    return optax.apply_updates(params, updates), opt_state
+
+  def scanned(carry, inputs):
+    i, batch, step_key = inputs
+    if num_steps is None:
+      return step(carry, batch, step_key), None
+    return jax.lax.cond(i < num_steps, lambda c: step(c, batch, step_key), lambda c: c, carry), None
 
   keys = jax.random.split(key, idx.shape[0])
   optimizer = models.freeze_statistics(optimizer)
-  (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), (idx, keys))
+  (params, _), _ = jax.lax.scan(scanned, (params, optimizer.init(params)), (jnp.arange(idx.shape[0]), idx, keys))
   return params

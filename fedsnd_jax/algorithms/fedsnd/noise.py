@@ -103,7 +103,7 @@ def synthesize(space: NoiseSpace, params, key, targets, *, steps: int, optimizer
     params: the teacher's params w_k.
     key: PRNG key of the Gaussian start.
     targets: [Q] int labels ỹ.
-    steps: G. optimizer: optax transformation over x.
+    steps: G (int, or int32 [] chosen each round). optimizer: optax transformation over x.
     l2: β. projection: keep ‖x_i‖ at `space.norm`. init: [Q, *shape] start instead of Gaussian.
     adversarial, student_params, temperature: the hard-sample term.
     bn_prior: weight of the BatchNorm-statistics prior.

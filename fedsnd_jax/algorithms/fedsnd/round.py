@@ -64,6 +64,12 @@ class Hyperparameters(NamedTuple):
       less than this share of each other's noise (`teacher_agreement`; 1 = every round). Agreement is what
       the server sees, without data, of how much the uploads still know that the others do not; each round's
       decision is logged as `distill_gate`.
+    full_server_below: the regime-aware server budget (ours): the first round, and every round after one whose
+      teacher agreement was below this, run the full server — synthesis from a Gaussian start for
+      `full_noise_steps` steps and `full_distill_steps` distillation steps — and the others the cheap one (the
+      warm start, `noise_steps`, `distill_steps`); 0 = never. Low agreement is the regime where each upload
+      knows what the others do not (near-single-class clients) and fitted noise pays; the decision is logged
+      as `full_server`.
     teacher_weighting: none | class_count (teachers weighted by how much of the sample's target class they
       have seen; uploads label histograms) | confidence.
     distill_target: clients (each uploaded model, the paper) | global (the aggregate, FedDF style).
@@ -95,6 +101,9 @@ class Hyperparameters(NamedTuple):
   distill_lr_decay: float = 1.0
   distill_rounds: int = 0
   distill_agreement: float = 0.85
+  full_server_below: float = 0.0
+  full_noise_steps: int = 50
+  full_distill_steps: int = 10
   teacher_weighting: str = "none"
   distill_target: str = "clients"
   student_train_mode: bool = False
@@ -106,12 +115,19 @@ class Hyperparameters(NamedTuple):
     return self.noise_targets == "histogram" or self.teacher_weighting == "class_count"
 
 
-class NoiseMemory(NamedTuple):
-  """Warm-start noise: noise [M, Q, *shape], seen [M] bool (made before). A row is a client (M = K, warm start
-  `client`) or a position in the round (M = C, warm start `round`)."""
+class ServerMemory(NamedTuple):
+  """What FedSND's server keeps between rounds.
 
-  noise: jax.Array
-  seen: jax.Array
+  Attributes:
+    noise: warm-start noise [M, Q, *shape], and seen: [M] bool (made before); a row is a client (M = K, warm start
+      `client`) or a position in the round (M = C, warm start `round`). None without a warm start.
+    agreement: [] the last distilling round's teacher agreement (0 before the first), for `full_server_below`;
+      None without it.
+  """
+
+  noise: jax.Array | None
+  seen: jax.Array | None
+  agreement: jax.Array | None
 
 
 def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool = True) -> None:
@@ -124,7 +140,8 @@ def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool =
   check_range(hp, "fedsnd", positive=("temperature", "noise_samples", "noise_lr", "distill_batch", "distill_lr",
                                       "distill_lr_decay", "consensus_threshold", "distill_agreement"),
               non_negative=("lambda_mutual", "lambda_prev", "noise_steps", "noise_stop_ce", "noise_l2",
-                            "adversarial", "bn_prior", "distill_steps", "distill_rounds"))
+                            "adversarial", "bn_prior", "distill_steps", "distill_rounds", "full_server_below",
+                            "full_noise_steps", "full_distill_steps"))
   if server_side:
     require(federation.clients_per_round >= 2, "clients_per_round",
             f"the server distils on the other clients' noise, so it needs ≥ 2, got {federation.clients_per_round}")
@@ -235,9 +252,10 @@ def consensus(pool: NoisePool, threshold: float):
 
 
 def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperparameters, step_scale,
-                 start_probs=None):
+                 start_probs=None, num_steps=None):
   """Distils `params` on the pool without the noise of position `student` (−1: on all of it). start_probs:
-  [CQ, NC] σ(f(x̃; params)/T) when known (`params` is an uploaded model: its row of `pool.probs`).
+  [CQ, NC] σ(f(x̃; params)/T) when known (`params` is an uploaded model: its row of `pool.probs`). num_steps:
+  int32 [] this round's distillation steps under the regime-aware budget (None: `distill_steps`).
 
   Returns:
     (params, KL before, KL after, how often the soft target's argmax is the sample's label).
@@ -245,12 +263,12 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
   targets = distillation.soft_targets(pool.probs, pool.owners, student, hp.teacher_weighting, pool.histograms,
                                       pool.labels, pool.trusted)
   batch_key, train_key = jax.random.split(key)
-  idx = distillation.sample_batches(batch_key, pool.owners, student, hp.distill_steps, hp.distill_batch,
-                                    pool.trusted)
+  most = hp.distill_steps if num_steps is None else max(hp.distill_steps, hp.full_distill_steps)
+  idx = distillation.sample_batches(batch_key, pool.owners, student, most, hp.distill_batch, pool.trusted)
   def steps(p):
     return distillation.distill(space, p, pool.x, targets, idx, train_key, optimizer=optax.adam(hp.distill_lr),
                                 temperature=hp.temperature, train_mode=hp.student_train_mode,
-                                step_scale=step_scale)
+                                step_scale=step_scale, num_steps=num_steps)
 
   # A closed gate (scale 0) would step by 0: skip the steps (the predicate is not vmapped, so this stays a cond).
   new = jax.lax.cond(step_scale > 0, steps, lambda p: p, params)
@@ -264,7 +282,7 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
   return new, before, after, right
 
 
-def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters, step_scale=1.0):
+def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters, step_scale=1.0, num_steps=None):
   """Every uploaded model, a student on the other clients' noise (vmapped); teachers stay the uploads.
 
   Every random draw is keyed by client id. Returns ([C, P] students in the given order, diagnostics).
@@ -272,7 +290,8 @@ def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters
   sorted_ids = ids[order]
 
   def student(j, params, cid):
-    return _distill_one(space, pool, j, params, jax.random.fold_in(key, cid), hp, step_scale, pool.probs[j])
+    return _distill_one(space, pool, j, params, jax.random.fold_in(key, cid), hp, step_scale, pool.probs[j],
+                        num_steps)
 
   new, before, after, right = jax.vmap(student)(jnp.arange(sorted_ids.shape[0]), pool.teachers, sorted_ids)
   inverse = jnp.argsort(order)
@@ -280,9 +299,9 @@ def distill_clients(space, pool: NoisePool, order, ids, key, hp: Hyperparameters
       "kl_before": jnp.mean(before), "kl_after": jnp.mean(after), "soft_target_accuracy": jnp.mean(right)}
 
 
-def distill_global(space, pool: NoisePool, start, key, hp: Hyperparameters, step_scale=1.0):
+def distill_global(space, pool: NoisePool, start, key, hp: Hyperparameters, step_scale=1.0, num_steps=None):
   """The aggregate `start` [P], a student on all the noise with every teacher (FedDF style)."""
-  new, before, after, right = _distill_one(space, pool, -1, start, key, hp, step_scale)
+  new, before, after, right = _distill_one(space, pool, -1, start, key, hp, step_scale, num_steps=num_steps)
   return new, {"kl_before": before, "kl_after": after, "soft_target_accuracy": right}
 
 
@@ -305,12 +324,25 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
   num_classes, q = federation.num_classes, hp.noise_samples
 
   rows = {"client": federation.num_clients, "round": federation.clients_per_round}.get(hp.noise_warm_start)
+  regime_budget = hp.full_server_below > 0
 
   def init_state(params):
     del params
-    if rows is None:
+    if rows is None and not regime_budget:
       return None
-    return NoiseMemory(jnp.zeros((rows, q, *space.shape), jnp.float32), jnp.zeros((rows,), bool))
+    noise_rows = (None, None) if rows is None else (jnp.zeros((rows, q, *space.shape), jnp.float32),
+                                                    jnp.zeros((rows,), bool))
+    return ServerMemory(*noise_rows, jnp.float32(0.0) if regime_budget else None)
+
+  def full_server(state: ServerMemory | None):
+    """Whether this round runs the full server (bool []), from the last distilling round's teacher agreement."""
+    return state.agreement < hp.full_server_below if regime_budget else jnp.bool_(False)
+
+  def remember(state: ServerMemory | None, teacher_agreement):
+    return state._replace(agreement=teacher_agreement) if regime_budget else state
+
+  def distill_steps(ctx: RoundContext):
+    return jnp.where(full_server(ctx.state), hp.full_distill_steps, hp.distill_steps) if regime_budget else None
 
   def synthesis(ctx: RoundContext, carry: ServerCarry):
     ids, uploads = ctx.ids, ctx.uploads
@@ -323,20 +355,24 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
       labels = jnp.tile(noise.balanced_targets(q, num_classes), (ids.shape[0], 1))
     init = jax.vmap(lambda p, k: space.init_scale(p) * jax.random.normal(k, (q, *space.shape)))(uploads.params,
                                                                                                   keys)
+    full = full_server(ctx.state)
     if rows is not None:
       memory, at = ctx.state, ids if hp.noise_warm_start == "client" else jnp.arange(ids.shape[0])
-      seen = memory.seen.at[at].get(mode="fill", fill_value=False)  # Poisson's extra slots: never seen
+      seen = memory.seen.at[at].get(mode="fill", fill_value=False) & ~full  # Poisson's extra slots: never seen
       init = jnp.where(seen.reshape((-1,) + (1,) * (init.ndim - 1)), memory.noise.at[at].get(mode="clip"), init)
     optimizer = optax.adam(hp.noise_lr)
+    steps = jnp.where(full, hp.full_noise_steps, hp.noise_steps) if regime_budget else hp.noise_steps
     pool, stats = jax.vmap(lambda p, k, y, x0: noise.synthesize(
-        space, p, k, y, steps=hp.noise_steps, optimizer=optimizer, l2=hp.noise_l2,
+        space, p, k, y, steps=steps, optimizer=optimizer, l2=hp.noise_l2,
         projection=hp.noise_projection, init=x0, adversarial=hp.adversarial, student_params=ctx.params,
         temperature=hp.temperature, bn_prior=hp.bn_prior, stop_ce=hp.noise_stop_ce))(uploads.params, keys, labels,
                                                                                        init)
     state = carry.state
     if rows is not None:
-      state = NoiseMemory(memory.noise.at[at].set(pool, mode="drop"), memory.seen.at[at].set(True, mode="drop"))
-    diagnostics = {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
+      state = state._replace(noise=memory.noise.at[at].set(pool, mode="drop"),
+                             seen=memory.seen.at[at].set(True, mode="drop"))
+    diagnostics = {"full_server": full.astype(jnp.float32)} if regime_budget else {}
+    diagnostics |= {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
                    "teacher_noise_accuracy": jnp.mean(stats.accuracy), "noise_norm": jnp.mean(stats.norm),
                    "noise_steps_taken": jnp.mean(stats.steps.astype(jnp.float32)),
                    "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params))}
@@ -362,18 +398,22 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
     undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
     scale, signals = step_scale(ctx, pool, undistilled)
-    students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp, scale)
+    students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp, scale,
+                                            distill_steps(ctx))
     flags, trusted = consensus_diagnostics(pool, order, ctx.ids)
     weights = carry.weights if trusted is None else carry.weights * trusted
-    return carry._replace(models=students, weights=weights, work=None, eval_models={"no_distill": undistilled}), {
+    return carry._replace(models=students, weights=weights, work=None, eval_models={"no_distill": undistilled},
+                          state=remember(carry.state, signals["teacher_agreement"])), {
         **diagnostics, **signals, **flags}
 
   def distill_aggregate(ctx: RoundContext, carry: ServerCarry):
     pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
     scale, signals = step_scale(ctx, pool, carry.average)
-    new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp, scale)
+    new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp, scale,
+                                      distill_steps(ctx))
     flags, _ = consensus_diagnostics(pool, order, ctx.ids)  # the aggregate came first: teachers only
-    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average}), {
+    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average},
+                          state=remember(carry.state, signals["teacher_agreement"])), {
         **diagnostics, **signals, **flags}
 
   distilling = ((ServerStep("synthesis", synthesis), ServerStep("distill", distill), AGGREGATE)
