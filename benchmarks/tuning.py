@@ -79,6 +79,10 @@ DEFAULT_CANDIDATES = {
     # FedSND on a momentum server: level with tuned FedAvgM cross-device (RESULTS §9); 0.5 / 1.0 is FedAvgM's
     # validation winner in two of the four Fashion-MNIST settings.
     "server_momentum": {"server_momentum": 0.5, "server_lr": 1.0},
+    # Distil every round: cross-device at α 0.1 the agreement gate closes from round ~11 on (RESULTS §11).
+    "always_distil": {"fedsnd.distill_agreement": 1.0},
+    # The regime-aware server budget: the former server while the last round's teacher agreement is below 0.8.
+    "regime_server": {"fedsnd.full_server_below": 0.8},
 }
 
 def setting_config(name: str, rounds: int = 0):
@@ -128,6 +132,8 @@ def candidates(tuned: dict, setting: str, algorithm: str) -> list[dict]:
 
 # Values a field had before it took names: a run saved with the old value ran what the new name means.
 FORMER_VALUES = {"fedsnd.noise_warm_start": {False: "none", True: "client"}}
+# Fields added with a default that changed what runs do: the value a run saved without the field ran with.
+ADDED_CHANGING = {"fedsnd.gate_partial_participation": True}
 
 
 def _flat(config: dict) -> dict:
@@ -141,8 +147,8 @@ def _flat(config: dict) -> dict:
 def stale(folder: str, config) -> bool:
   """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
   sections do not change the run, nor, for a finished run, do fields added to the config since it ran, at
-  the library's default (which keeps the old behaviour), also inside a section; an unfinished run must match
-  exactly to resume."""
+  the library's default where that keeps the old behaviour (else at the value of `ADDED_CHANGING`), also inside
+  a section; an unfinished run must match exactly to resume."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     return False
@@ -152,7 +158,7 @@ def stale(folder: str, config) -> bool:
   finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
   saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
   defaults = _flat(json.loads(default.get_config().to_json()))
-  return any(saved[k] != v if k in saved else (not finished or v != defaults.get(k))
+  return any(saved[k] != v if k in saved else (not finished or v != ADDED_CHANGING.get(k, defaults.get(k)))
              for k, v in wanted.items() if k.split(".")[0] not in ignored)
 
 

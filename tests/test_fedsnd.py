@@ -304,6 +304,20 @@ def test_agreement_gate_closed_is_no_distillation(federation, run_rounds, assert
   assert float(outs[-1].diagnostics["kl_after"]) < float(outs[-1].diagnostics["kl_before"])
 
 
+def test_partial_participation_distils_every_round_unless_gated(federation, run_rounds, assert_close):
+  """With 2 of 3 clients a round the agreement gate is off by default (a gate no agreement passes still
+  distils, the same run as distill_agreement = 1); gate_partial_participation puts it back (no distillation)."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation(3, 2)
+  a, outs = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1e-9)), data, 2)
+  b, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1.0)), data, 2)
+  assert [float(o.diagnostics["distill_gate"]) for o in outs] == [1.0, 1.0]
+  assert_close(a.params, b.params)
+  hp = dict(SMALL, distill_agreement=1e-9, gate_partial_participation=True)
+  _, outs = run_rounds(algorithms.build("fednd", model, fed, hp), data, 2)
+  assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
+
+
 def test_full_server_every_round_is_the_cold_larger_server(federation, run_rounds, assert_close):
   """With full_server_below above any agreement, every round runs the full server: the same run as a cold
   (Gaussian) start at full_noise_steps / full_distill_steps, whatever the cheap server's warm start and steps."""

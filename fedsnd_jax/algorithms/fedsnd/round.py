@@ -64,6 +64,10 @@ class Hyperparameters(NamedTuple):
       less than this share of each other's noise (`teacher_agreement`; 1 = every round). Agreement is what
       the server sees, without data, of how much the uploads still know that the others do not; each round's
       decision is logged as `distill_gate`.
+    gate_partial_participation: apply that gate when fewer clients take part in a round than the federation
+      has (default off: with partial participation every round distils — a round's clients are mostly new
+      ones, and cross-device distilling in the rounds the gate would close still gained 3.2 validation points
+      at α 0.1 over the same round's plain average; RESULTS §11).
     full_server_below: the regime-aware server budget (ours): the first round, and every round after one whose
       teacher agreement was below this, run the full server — synthesis from a Gaussian start for
       `full_noise_steps` steps and `full_distill_steps` distillation steps — and the others the cheap one (the
@@ -101,6 +105,7 @@ class Hyperparameters(NamedTuple):
   distill_lr_decay: float = 1.0
   distill_rounds: int = 0
   distill_agreement: float = 0.85
+  gate_partial_participation: bool = False
   full_server_below: float = 0.0
   full_noise_steps: int = 50
   full_distill_steps: int = 10
@@ -324,6 +329,8 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
   num_classes, q = federation.num_classes, hp.noise_samples
 
   rows = {"client": federation.num_clients, "round": federation.clients_per_round}.get(hp.noise_warm_start)
+  partial = federation.clients_per_round < federation.num_clients
+  gate_at = hp.distill_agreement if hp.gate_partial_participation or not partial else float("inf")
   regime_budget = hp.full_server_below > 0
 
   def init_state(params):
@@ -382,7 +389,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     """The round's distillation step-size factor (0 when the regime-aware gate is closed), and the signals the
     decision is made from, for the round's diagnostics."""
     teacher_agreement = agreement(pool)
-    gate = (teacher_agreement < hp.distill_agreement).astype(jnp.float32)
+    gate = (teacher_agreement < gate_at).astype(jnp.float32)
     scale = gate * jnp.float32(hp.distill_lr_decay) ** ctx.round.astype(jnp.float32)
     return scale, {"teacher_agreement": teacher_agreement, "distill_gate": gate,
                    **regime_signals(space, pool, average)}
