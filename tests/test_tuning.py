@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from benchmarks import leaderboard, server_cost, tuning
+from benchmarks import distill_gain, leaderboard, server_cost, tuning
 from experiments import runner
 
 
@@ -228,3 +228,18 @@ def test_server_cost_table_and_pareto_front_by_hand():
   assert any(line.startswith("| big |") and line.endswith("| 8.64 | no |") for line in lines)
   assert any(line.startswith("| cheapest |") and line.endswith("| no |") for line in lines)  # 3 points below
   assert [r["name"] for r in server_cost.pareto(rows)] == ["cheapest", "cheap", "big"]
+
+
+def test_distill_gain_table_by_hand(tmp_path):
+  def write(name, rows):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / name / "summary.json").write_text("{}")
+
+  rec = lambda a, d, u, gate=1: {"teacher_agreement": a, "val_accuracy": d, "val_accuracy_no_distill": u,
+                                 "distill_gate": gate}
+  write("every", [rec(0.5, 0.60, 0.50), rec(0.9, 0.70, 0.72), rec(0.95, 0.80, 0.76)])
+  write("gated", [rec(0.5, 0.6, 0.5), rec(0.9, 0.7, 0.7, gate=0)])  # did not distil every round: left out
+  write("unfinished", [rec(0.5, 0.6, 0.5)])
+  os.remove(tmp_path / "unfinished" / "summary.json")
+  assert distill_gain.table(str(tmp_path), 0.85).splitlines()[2:] == ["| every | +10.00 (1) | +1.00 (2) |"]
