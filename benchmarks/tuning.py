@@ -132,8 +132,6 @@ def candidates(tuned: dict, setting: str, algorithm: str) -> list[dict]:
 
 # Values a field had before it took names: a run saved with the old value ran what the new name means.
 FORMER_VALUES = {"fedsnd.noise_warm_start": {False: "none", True: "client"}}
-# Fields added with a default that changed what runs do: the value a run saved without the field ran with.
-ADDED_CHANGING = {"fedsnd.gate_partial_participation": True}
 
 
 def _flat(config: dict) -> dict:
@@ -147,8 +145,8 @@ def _flat(config: dict) -> dict:
 def stale(folder: str, config) -> bool:
   """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
   sections do not change the run, nor, for a finished run, do fields added to the config since it ran, at
-  the library's default where that keeps the old behaviour (else at the value of `ADDED_CHANGING`), also inside
-  a section; an unfinished run must match exactly to resume."""
+  the library's default (which keeps the old behaviour), also inside a section; an unfinished run must match
+  exactly to resume."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     return False
@@ -158,7 +156,7 @@ def stale(folder: str, config) -> bool:
   finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
   saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
   defaults = _flat(json.loads(default.get_config().to_json()))
-  return any(saved[k] != v if k in saved else (not finished or v != ADDED_CHANGING.get(k, defaults.get(k)))
+  return any(saved[k] != v if k in saved else (not finished or v != defaults.get(k))
              for k, v in wanted.items() if k.split(".")[0] not in ignored)
 
 

@@ -304,18 +304,18 @@ def test_agreement_gate_closed_is_no_distillation(federation, run_rounds, assert
   assert float(outs[-1].diagnostics["kl_after"]) < float(outs[-1].diagnostics["kl_before"])
 
 
-def test_partial_participation_distils_every_round_unless_gated(federation, run_rounds, assert_close):
-  """With 2 of 3 clients a round the agreement gate is off by default (a gate no agreement passes still
-  distils, the same run as distill_agreement = 1); gate_partial_participation puts it back (no distillation)."""
+def test_partial_participation_ungated_distils_every_round(federation, run_rounds, assert_close):
+  """With 2 of 3 clients a round the agreement gate holds by default (a gate no agreement passes never
+  distils); without gate_partial_participation every round distils, the same run as distill_agreement = 1."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  a, outs = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1e-9)), data, 2)
+  _, outs = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1e-9)), data, 2)
+  assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
+  hp = dict(SMALL, distill_agreement=1e-9, gate_partial_participation=False)
+  a, outs = run_rounds(algorithms.build("fednd", model, fed, hp), data, 2)
   b, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1.0)), data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [1.0, 1.0]
   assert_close(a.params, b.params)
-  hp = dict(SMALL, distill_agreement=1e-9, gate_partial_participation=True)
-  _, outs = run_rounds(algorithms.build("fednd", model, fed, hp), data, 2)
-  assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
 
 
 def test_full_server_every_round_is_the_cold_larger_server(federation, run_rounds, assert_close):

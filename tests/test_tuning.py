@@ -198,10 +198,6 @@ def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   assert not tuning.stale(str(tmp_path), fedsnd)
   assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_warm_start": "client"}))
   assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_stop_ce": 0.3}))  # not its default
-  del older["fedsnd"]["gate_partial_participation"]  # added with a default that changed what runs do:
-  (tmp_path / "config.json").write_text(json.dumps(older))  # a run without it ran gated
-  assert tuning.stale(str(tmp_path), fedsnd)
-  assert not tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.gate_partial_participation": True}))
 
 
 def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike():
