@@ -52,6 +52,10 @@ def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, str]:
     on, how = COMPOSED[algorithm]
     return {**chosen(tuned, setting, on)[0], "algorithm": "fedsnd"}, how
   entry = tuned.get(setting, {}).get(algorithm)
+  if entry and (changed := tuning.drifted(entry, setting)):
+    raise ValueError(f"{setting} {algorithm}: the tuned winner ran with other {', '.join(changed)} than its "
+                     "overrides give today (a library default changed since): pin them in the entry's overrides "
+                     f"or tune again (python -m benchmarks.tuning --settings={setting} --algorithms={algorithm})")
   if entry:
     return entry["overrides"], f"best of {len(entry['evidence'])}" + (
         "" if entry.get("protocol") == "two-stage" or algorithm == "fedavg" else ", one-stage")

@@ -9,6 +9,8 @@ FedSND's server schedule, …) at the client settings FedAvg chose, so no method
 not offered. Every run is at the tuning seed (100; evaluation seeds are 0–2) with 10 % of the training set held
 out; candidates are ranked by the last-5-round mean of validation accuracy, and the winners, with every
 candidate's score as evidence, go to `--output` (benchmarks/configs/tuned.json), which the leaderboard reads.
+Each winner keeps the configuration it ran as (`config`): the leaderboard refuses a winner whose overrides would
+run otherwise today, after a library default changed (`drifted`), rather than table it under the tuning's name.
 
 FedSND's defaults (`--defaults`): every candidate of `DEFAULT_CANDIDATES` runs in every setting; the table gives
 each candidate's validation gain over FedAvg at its tuned setting, and candidates are ranked by their
@@ -142,22 +144,41 @@ def _flat(config: dict) -> dict:
   return {k: FORMER_VALUES.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in flat.items()}
 
 
+def differences(saved: dict, config, exact: bool = False, also_ignored=()) -> list[str]:
+  """The fields in which `config` runs otherwise than `saved` (a config as JSON). Other algorithms' sections do
+  not change the run, nor do fields added to the config since `saved` was written, at the library's default
+  (which keeps the old behaviour), also inside a section — unless `exact`."""
+  ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections(), *also_ignored} - {
+      algorithms.get(config.algorithm).section}
+  saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
+  defaults = _flat(json.loads(default.get_config().to_json()))
+  return [k for k, v in wanted.items() if k.split(".")[0] not in ignored
+          and (saved[k] != v if k in saved else (exact or v != defaults.get(k)))]
+
+
 def stale(folder: str, config) -> bool:
-  """Whether `folder` holds a run (finished or not) of a configuration other than `config`. Other algorithms'
-  sections do not change the run, nor, for a finished run, do fields added to the config since it ran, at
-  the library's default (which keeps the old behaviour), also inside a section; an unfinished run must match
-  exactly to resume."""
+  """Whether `folder` holds a run (finished or not) of a configuration other than `config` (`differences`; an
+  unfinished run must match exactly to resume)."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     return False
   with open(path) as f:
     saved = json.load(f)
-  ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections()} - {algorithms.get(config.algorithm).section}
-  finished = os.path.exists(os.path.join(folder, "summary.json"))  # an unfinished run resumes only if identical
-  saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
-  defaults = _flat(json.loads(default.get_config().to_json()))
-  return any(saved[k] != v if k in saved else (not finished or v != defaults.get(k))
-             for k, v in wanted.items() if k.split(".")[0] not in ignored)
+  return bool(differences(saved, config, exact=not os.path.exists(os.path.join(folder, "summary.json"))))
+
+
+def ran(config) -> dict:
+  """What a config runs, as JSON, without the other algorithms' sections: kept beside a tuned winner."""
+  own = algorithms.get(config.algorithm).section
+  return {k: v for k, v in json.loads(config.to_json()).items() if k == own or k not in algorithms.sections()}
+
+
+def drifted(entry: dict, setting: str) -> list[str]:
+  """The fields in which a tuned entry's overrides, applied today, run otherwise than its winner did when it was
+  chosen (`entry["config"]`): a library default changed since (e.g. FedSND's server, RESULTS §10)."""
+  if "config" not in entry:
+    return []
+  return differences(entry["config"], apply(setting_config(setting), entry["overrides"]), also_ignored=("seed",))
 
 
 def finished(folder: str, config) -> bool:
@@ -207,7 +228,8 @@ def tune(root: str, setting: str, algorithm: str, tuned: dict, budget: int, roun
   best = max(rows, key=lambda r: r["val_last5"])
   print(report.ranking_markdown(f"{setting}: {algorithm} ({len(rows)} configurations)",
                                 [dict(r, name=f"{algorithm}: {label(r['candidate'])}") for r in rows]))
-  return {"overrides": best["candidate"], "val_last5": best["val_last5"], "protocol": "two-stage",
+  return {"overrides": best["candidate"], "config": ran(apply(base, best["candidate"])),  # against later changes
+          "val_last5": best["val_last5"], "protocol": "two-stage",
           "evidence": [{"overrides": r["candidate"], "val_last5": r["val_last5"], "val_final": r["val_final"],
                         "diverged": r["diverged"]} for r in rows]}
 

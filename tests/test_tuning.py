@@ -122,6 +122,28 @@ def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
   assert set(leaderboard.ALGORITHMS) - set(leaderboard.COMPOSED) <= set(tuning.GRIDS)
 
 
+def test_a_tuned_winner_whose_defaults_changed_since_is_refused():
+  # Chosen when FedSND's server was the former one (G 50): the same overrides run the cheap server today.
+  then = tuning.apply(tuning.setting_config("xdevice_a0.1"), {"algorithm": "fedsnd", "fedsnd.noise_steps": 50})
+  entry = {"overrides": {"algorithm": "fedsnd"}, "config": tuning.ran(then), "evidence": [{}]}
+  assert tuning.drifted(entry, "xdevice_a0.1") == ["fedsnd.noise_steps"]
+  with pytest.raises(ValueError, match="fedsnd.noise_steps"):
+    leaderboard.chosen({"xdevice_a0.1": {"fedsnd": entry}}, "xdevice_a0.1", "fedsnd")
+  entry["overrides"]["fedsnd.noise_steps"] = 50  # pinned: runs what was chosen
+  assert leaderboard.chosen({"xdevice_a0.1": {"fedsnd": entry}}, "xdevice_a0.1", "fedsnd")[0] == entry["overrides"]
+  # Another algorithm's section, and the seed, are not part of what ran.
+  then.fedprox.mu, then.seed = 5.0, 0
+  assert not tuning.drifted({**entry, "config": tuning.ran(then)}, "xdevice_a0.1")
+
+
+def test_the_committed_tuning_runs_today_what_it_chose():
+  with open("benchmarks/configs/tuned.json") as f:
+    tuned = json.load(f)["settings"]
+  drift = {(s, a): tuning.drifted(e, s) for s, entries in tuned.items() for a, e in entries.items()}
+  assert all("config" in e for entries in tuned.values() for e in entries.values())
+  assert not any(drift.values()), {k: v for k, v in drift.items() if v}
+
+
 def test_leaderboard_defaults_row_reuses_fedsnds_runs_only_when_they_ran_the_same(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(leaderboard, "run_cells", lambda w, s, algorithm, overrides, seeds: calls.append(
