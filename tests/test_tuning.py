@@ -114,11 +114,11 @@ def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
   tuned["xdevice_a0.1"]["fedsnd"] = {"overrides": {"algorithm": "fedsnd", "epochs×": 2}, "evidence": [{}]}
   overrides, how = leaderboard.chosen(tuned, "xdevice_a0.1", leaderboard.DEFAULTS)
   assert overrides == {"algorithm": "fedsnd", "lr×": 2.0} and how.startswith("library defaults")
-  # ... and on FedAvgM's row, its tuned server optimiser too.
-  tuned["xdevice_a0.1"]["fedavgm"] = {"overrides": {"algorithm": "fedavg", "lr×": 2.0, "server_momentum": 0.9},
-                                      "evidence": [{}], "protocol": "two-stage"}
+  # ... and tuned FedSND on FedAvgM's tuned server optimiser.
+  tuned["xdevice_a0.1"]["fedavgm"] = {"overrides": {"algorithm": "fedavg", "lr×": 2.0, "server_momentum": 0.9,
+                                                    "server_lr": 0.1}, "evidence": [{}], "protocol": "two-stage"}
   assert leaderboard.chosen(tuned, "xdevice_a0.1", leaderboard.MOMENTUM)[0] == {
-      "algorithm": "fedsnd", "lr×": 2.0, "server_momentum": 0.9}
+      "algorithm": "fedsnd", "epochs×": 2, "server_momentum": 0.9, "server_lr": 0.1}
   assert set(leaderboard.ALGORITHMS) - set(leaderboard.COMPOSED) <= set(tuning.GRIDS)
 
 
