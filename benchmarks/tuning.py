@@ -184,10 +184,11 @@ def drifted(entry: dict, setting: str) -> list[str]:
 def finished(folder: str, config) -> bool:
   """Whether `folder` holds a finished run of `config`: the same configuration (`stale`) and the same rounds (a
   finished run of other rounds is not the run asked for)."""
-  if not os.path.exists(os.path.join(folder, "summary.json")) or stale(folder, config):
+  if not os.path.exists(os.path.join(folder, "summary.json")):
     return False
   with open(os.path.join(folder, "config.json")) as f:
-    return json.load(f)["rounds"] == config.rounds
+    saved = json.load(f)
+  return saved["rounds"] == config.rounds and not differences(saved, config)
 
 
 def finished_run(folder: str, config) -> str | None:
