@@ -182,7 +182,7 @@ def drifted(entry: dict, setting: str) -> list[str]:
 
 
 def finished(folder: str, config) -> bool:
-  """Whether `folder` holds a finished run of `config`: the same configuration (`stale`) and the same rounds (a
+  """Whether `folder` holds a finished run of `config`: the same configuration (`differences`) and rounds (a
   finished run of other rounds is not the run asked for)."""
   if not os.path.exists(os.path.join(folder, "summary.json")):
     return False

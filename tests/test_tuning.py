@@ -137,7 +137,7 @@ def test_a_tuned_winner_whose_defaults_changed_since_is_refused():
 
 
 def test_the_committed_tuning_runs_today_what_it_chose():
-  with open("benchmarks/configs/tuned.json") as f:
+  with open(os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "configs", "tuned.json")) as f:
     tuned = json.load(f)["settings"]
   drift = {(s, a): tuning.drifted(e, s) for s, entries in tuned.items() for a, e in entries.items()}
   assert all("config" in e for entries in tuned.values() for e in entries.values())
