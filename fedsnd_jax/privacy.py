@@ -12,15 +12,27 @@ Local DP: every client clips its update and adds N(0, σ²S²·I) before uploadi
 sees only noised updates, so whatever it does with them (FedSND's synthesis and distillation included) is
 post-processing.
 
-Accounting (`Accountant`, dp-accounting's RDP or PLD accountant). Fixed-size sampling: the server samples C of
-K clients without replacement, so with K public the neighbouring relation is "replace one client", under which
-the clipped sum has L2 sensitivity 2S: a round is SampledWithoutReplacementDpEvent(K, C, GaussianDpEvent(σ/2))
-(Wang, Balle, Kasiviswanathan, AISTATS 2019; RDP only: dp-accounting's PLD does not support it), composed with
-GaussianDpEvent(σ_b) for the adaptive clipped count (bits in {0, 1}: sensitivity 1). Poisson sampling
-(`client_sampling=poisson`, each client in with probability q = C/K, the sum divided by the fixed C): "add or
-remove one client", sensitivity S, PoissonSampledDpEvent(q, GaussianDpEvent(σ)), with RDP or PLD (tighter).
-Local DP gets no amplification from sampling (the server knows who uploaded): each upload is
-GaussianDpEvent(σ/2), and a client is charged for every round (the worst case).
+Accounting (`Accountant`, dp-accounting's RDP or PLD accountant). dp-accounting's GaussianDpEvent(z) is the
+unit-sensitivity Gaussian of multiplier z; its PLD accountant doubles the sensitivity under REPLACE_ONE, its RDP
+accountant does not (`gaussian`). Fixed-size sampling: the server samples C of K clients without replacement, so
+with K public the neighbouring relation is "replace one client", under which the clipped sum has L2 sensitivity
+2S: a round is SampledWithoutReplacementDpEvent(K, C, GaussianDpEvent(σ/2)) (Wang, Balle, Kasiviswanathan,
+AISTATS 2019; RDP only: dp-accounting's PLD does not support it), composed with GaussianDpEvent(σ_b) for the
+adaptive clipped count (bits in {0, 1}: sensitivity 1 under either relation; Andrew et al. centre the bits at
+±½, sensitivity ½ under add-or-remove, so ours charges the count more than the paper: conservative). Poisson
+sampling (`client_sampling=poisson`, each client in with probability q = C/K, the sum divided by the fixed C):
+"add or remove one client", sensitivity S, PoissonSampledDpEvent(q, GaussianDpEvent(σ)), with RDP or PLD
+(tighter). A Poisson round has room for a cap of clients (`algorithm.cohort_cap`); with probability p a round
+samples more and leaves some out, which the Poisson analysis does not cover. By coupling the capped run with the
+uncapped one (they differ with probability ≤ T·p over T rounds, on either neighbour), the capped run is
+(ε, δ_M(ε) + (1 + e^ε)·T·p)-DP, δ_M the accountant's: `Accountant` reports the smallest ε whose total is ≤ δ.
+Local DP gets no amplification from sampling (the server knows who uploaded): each upload is the replace-one
+Gaussian (sensitivity 2S, std σS), and a client is charged for every round (the worst case).
+
+What DP covers is the model update. What the runs log besides (`train_loss`, from raw per-client losses, and
+metrics computed with example counts) is not private; under DP the experiment loop leaves it out of
+metrics.jsonl (`experiment.PRIVATE_METRICS`). Example counts themselves are uploaded in the clear, but no
+DP aggregator reads them (uniform weights).
 """
 
 import math
@@ -116,42 +128,81 @@ def local_noise(clip_norm: float, noise_multiplier: float):
 
 
 ACCOUNTANTS = ("rdp", "pld")
+# The fixed-point search for ε under the cohort cap: relative step and most iterations (`_capped_epsilon`).
+EPSILON_SLACK = 1e-6
+EPSILON_ITERATIONS = 50
 
 
-def poisson_accounted(sampling: str, local: bool) -> bool:
-  """Whether rounds are accounted as Poisson-sampled (central DP under Poisson sampling; the add-or-remove
-  relation) rather than under the replace-one relation."""
-  return sampling == "poisson" and not local
+def relation(sampling: str, local: bool) -> dp_accounting.NeighboringRelation:
+  """The neighbouring relation rounds are accounted under: add-or-remove one client for central DP under Poisson
+  sampling, replace one client otherwise (fixed-size sampling with K public; local DP)."""
+  if sampling == "poisson" and not local:
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+  return dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+def gaussian(noise_multiplier: float, sensitivity: float, kind: str,
+             neighbours: dp_accounting.NeighboringRelation) -> dp_accounting.GaussianDpEvent:
+  """The GaussianDpEvent of noise std σ·S on a sum of sensitivity `sensitivity`·S, for accountant `kind`.
+
+  dp-accounting's RDP accountant reads GaussianDpEvent(z) as sensitivity 1 whatever the relation; its PLD
+  accountant as sensitivity 2 under REPLACE_ONE. A replace-one sensitivity of 2S is therefore z = σ/2 for RDP and
+  z = σ for PLD.
+  """
+  doubled = kind == "pld" and neighbours == dp_accounting.NeighboringRelation.REPLACE_ONE
+  return dp_accounting.GaussianDpEvent(noise_multiplier * (2 if doubled else 1) / sensitivity)
 
 
 def round_event(num_clients: int, clients_per_round: int, noise_multiplier: float, count_stddev: float = 0.0,
-                local: bool = False, sampling: str = "fixed") -> dp_accounting.DpEvent:
-  """One round's DpEvent for one client (module docstring).
+                local: bool = False, sampling: str = "fixed", kind: str = "rdp") -> dp_accounting.DpEvent:
+  """One round's DpEvent for one client, for accountant `kind` (module docstring).
 
   Fixed-size sampling and local DP: the replace-one relation (sensitivity 2S). Poisson sampling with rate
   q = C/K (central DP): PoissonSampledDpEvent(q, GaussianDpEvent(σ)) under add-or-remove-one, where the clipped
   sum has sensitivity S (Abadi et al., CCS 2016; McMahan et al., ICLR 2018).
   """
-  poisson = poisson_accounted(sampling, local)
-  gaussian = dp_accounting.GaussianDpEvent(noise_multiplier if poisson else noise_multiplier / 2)
-  if count_stddev > 0:
-    gaussian = dp_accounting.ComposedDpEvent([gaussian, dp_accounting.GaussianDpEvent(count_stddev)])
+  neighbours = relation(sampling, local)
+  replace = neighbours == dp_accounting.NeighboringRelation.REPLACE_ONE
+  event = gaussian(noise_multiplier, 2.0 if replace else 1.0, kind, neighbours)
+  if count_stddev > 0:  # the clipped count: sensitivity 1 under either relation
+    event = dp_accounting.ComposedDpEvent([event, gaussian(count_stddev, 1.0, kind, neighbours)])
   if local:
-    return gaussian
-  if poisson:
-    return dp_accounting.PoissonSampledDpEvent(clients_per_round / num_clients, gaussian)
-  return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
+    return event
+  if not replace:
+    return dp_accounting.PoissonSampledDpEvent(clients_per_round / num_clients, event)
+  return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, event)
 
 
-def make_accountant(kind: str = "rdp", poisson: bool = False) -> dp_accounting.PrivacyAccountant:
+def make_accountant(kind: str, neighbours: dp_accounting.NeighboringRelation) -> dp_accounting.PrivacyAccountant:
   """A fresh dp-accounting accountant: RDP or PLD (PLD does not support sampling without replacement)."""
-  relation = (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if poisson
-              else dp_accounting.NeighboringRelation.REPLACE_ONE)
   if kind == "pld":
-    return dp_accounting.pld.PLDAccountant(neighboring_relation=relation)
+    return dp_accounting.pld.PLDAccountant(neighboring_relation=neighbours)
   if kind == "rdp":
-    return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+    return dp_accounting.rdp.RdpAccountant(neighboring_relation=neighbours)
   raise ValueError(f"unknown accountant {kind!r}; allowed: {', '.join(ACCOUNTANTS)}")
+
+
+def overflow_chance(num_clients: int, clients_per_round: int, sampling: str) -> float:
+  """p: the chance a round's sampled cohort exceeds its cap (Poisson sampling; 0 for fixed-size)."""
+  return cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
+
+
+def _capped_epsilon(accountant: dp_accounting.PrivacyAccountant, delta: float, failure: float) -> float:
+  """The smallest ε (to a relative EPSILON_SLACK) with δ_M(ε) + (1 + e^ε)·failure ≤ δ (module docstring).
+
+  Fixed-point iteration from ε_M(δ): a guess g gives ε = ε_M(δ − (1 + e^g)·failure); once ε ≤ g, δ_M(ε) ≤
+  δ − (1 + e^g)·failure ≤ δ − (1 + e^ε)·failure, so ε holds. ∞ when no ε does.
+  """
+  guess = accountant.get_epsilon(delta)
+  for _ in range(EPSILON_ITERATIONS):
+    budget = delta - (1 + math.exp(min(guess, 700.0))) * failure
+    if budget <= 0:
+      return math.inf
+    epsilon = accountant.get_epsilon(budget)
+    if epsilon <= guess:
+      return float(epsilon)
+    guess = epsilon * (1 + EPSILON_SLACK)
+  return math.inf
 
 
 class Accountant:
@@ -163,9 +214,8 @@ class Accountant:
     delta: δ of the whole run's guarantee.
     count_stddev: σ_b of adaptive clipping's clipped count (0: fixed clipping, nothing else released).
     local: local DP (each upload noised by its client; no amplification by sampling).
-    sampling: "fixed" or "poisson" (`algorithm.round_keys`). A Poisson round that samples more clients than its
-      cap leaves some out, which the Poisson analysis does not cover: the chance of that, summed over the rounds,
-      is taken from δ (ε is reported at δ − rounds·overflow).
+    sampling: "fixed" or "poisson" (`algorithm.round_keys`). Under Poisson sampling the cohort cap's overflow is
+      charged as (1 + e^ε)·rounds·p to δ (module docstring).
     kind: "rdp" or "pld" (PLD needs Poisson sampling or local DP).
 
   Raises:
@@ -175,12 +225,12 @@ class Accountant:
   def __init__(self, num_clients: int, clients_per_round: int, noise_multiplier: float, delta: float,
                count_stddev: float = 0.0, local: bool = False, sampling: str = "fixed", kind: str = "rdp"):
     self.delta = delta
-    self._poisson = poisson_accounted(sampling, local)
+    self._neighbours = relation(sampling, local)
     self._kind = kind
-    self._overflow = cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
-    self._event = (round_event(num_clients, clients_per_round, noise_multiplier, count_stddev, local, sampling)
-                   if noise_multiplier > 0 else None)
-    if self._event is not None and not make_accountant(kind, self._poisson).supports(self._event):
+    self._overflow = overflow_chance(num_clients, clients_per_round, sampling)
+    self._event = (round_event(num_clients, clients_per_round, noise_multiplier, count_stddev, local, sampling,
+                               kind) if noise_multiplier > 0 else None)
+    if self._event is not None and not make_accountant(kind, self._neighbours).supports(self._event):
       raise ValueError(f"dp-accounting's {kind} accountant does not support {type(self._event).__name__} "
                        "(PLD: use Poisson sampling or the rdp accountant)")
     self._cache: dict[int, float] = {}
@@ -192,22 +242,27 @@ class Accountant:
     if self._event is None:
       return math.inf
     if rounds not in self._cache:
-      accountant = make_accountant(self._kind, self._poisson)
+      accountant = make_accountant(self._kind, self._neighbours)
       accountant.compose(self._event, rounds)
-      delta = self.delta - rounds * self._overflow
-      self._cache[rounds] = float(accountant.get_epsilon(delta)) if delta > 0 else math.inf
+      self._cache[rounds] = _capped_epsilon(accountant, self.delta, rounds * self._overflow)
     return self._cache[rounds]
 
 
 def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clients_per_round: int, delta: float,
                       count_stddev: float = 0.0, local: bool = False, sampling: str = "fixed",
                       kind: str = "rdp") -> float:
-  """The smallest σ whose ε after `rounds` rounds is at most `target_epsilon` (dp-accounting's calibration).
+  """The smallest σ whose ε after `rounds` rounds is at most `target_epsilon` (dp-accounting's calibration, at
+  δ − (1 + e^ε)·rounds·p under Poisson sampling's cohort cap).
 
   Raises:
-    ValueError: no σ in [0.01, 10⁴] reaches it (e.g. the clipped count's own noise already spends more).
+    ValueError: no σ in [0.01, 10⁴] reaches it (e.g. the clipped count's own noise already spends more), or the
+      cohort cap's overflow alone spends δ at that ε.
   """
-  overflow = cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
+  budget = delta - (1 + math.exp(min(target_epsilon, 700.0))) * rounds * overflow_chance(
+      num_clients, clients_per_round, sampling)
+  if budget <= 0:
+    raise ValueError(f"ε = {target_epsilon} over {rounds} rounds: the cohort cap's overflow alone exceeds "
+                     f"δ = {delta}")
   bracket = dp_accounting.ExplicitBracketInterval(1e-2, 1e4)
   if kind == "pld":  # PLD near σ = 0.01 takes tens of GB: search below RDP's answer (PLD's ε is the tighter)
     rdp = noise_for_epsilon(target_epsilon, rounds, num_clients, clients_per_round, delta, count_stddev, local,
@@ -215,10 +270,10 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clie
     bracket = dp_accounting.LowerEndpointAndGuess(rdp / 2, rdp)
   try:
     return float(dp_accounting.calibrate_dp_mechanism(
-        lambda: make_accountant(kind, poisson_accounted(sampling, local)),
+        lambda: make_accountant(kind, relation(sampling, local)),
         lambda sigma: dp_accounting.SelfComposedDpEvent(
-            round_event(num_clients, clients_per_round, sigma, count_stddev, local, sampling), rounds),
-        target_epsilon, delta - rounds * overflow, bracket))
+            round_event(num_clients, clients_per_round, sigma, count_stddev, local, sampling, kind), rounds),
+        target_epsilon, budget, bracket))
   except ValueError:
     raise ValueError(f"no noise multiplier in [0.01, 1e4] reaches ε = {target_epsilon} after {rounds} rounds "
                      f"(count_stddev = {count_stddev})") from None

@@ -82,14 +82,31 @@ def test_accountant_is_dp_accounting_on_the_mechanism_run():
   assert privacy.Accountant(100, 10, 0.0, 1e-5).epsilon(3) == float("inf")
 
 
-def test_one_local_release_is_near_the_exact_gaussian_mechanism():
-  # One Gaussian release at multiplier z: RDP's ε upper-bounds the exact (PLD) ε, and is not far above it.
-  z = 2.0
-  rdp = privacy.Accountant(10, 10, noise_multiplier=2 * z, delta=1e-5, local=True).epsilon(1)
-  pld = dp_accounting.pld.PLDAccountant()
-  pld.compose(dp_accounting.GaussianDpEvent(z))
-  exact = pld.get_epsilon(1e-5)
-  assert exact <= rdp <= 1.5 * exact
+def test_local_dp_under_pld_is_the_replace_one_gaussian_of_sensitivity_2s():
+  # A local upload: clipped Δ (‖Δ‖ ≤ S) plus N(0, σ²S²); replacing the client's data moves Δ by up to 2S. So T
+  # rounds are T compositions of the Gaussian mechanism with std σ and sensitivity 2 (units of S).
+  sigma, rounds, delta = 2.0, 10, 1e-5
+  direct = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(standard_deviation=sigma,
+                                                                                sensitivity=2.0)
+  exact = direct.self_compose(rounds).get_epsilon_for_delta(delta)
+  pld = privacy.Accountant(10, 10, sigma, delta, local=True, kind="pld").epsilon(rounds)
+  rdp = privacy.Accountant(10, 10, sigma, delta, local=True, kind="rdp").epsilon(rounds)
+  assert pld == pytest.approx(exact, rel=1e-3)  # 17.86; halving σ twice gave 46.2
+  assert pld <= rdp <= 1.2 * pld  # RDP: α·2²/(2σ²) per round, converted: 19.05
+  # And calibration: PLD's σ for a target ε is below RDP's (it was twice RDP's).
+  pld_sigma = privacy.noise_for_epsilon(8.0, rounds, 10, 10, delta, local=True, kind="pld")
+  assert pld_sigma <= privacy.noise_for_epsilon(8.0, rounds, 10, 10, delta, local=True, kind="rdp")
+  assert privacy.Accountant(10, 10, pld_sigma, delta, local=True, kind="pld").epsilon(rounds) <= 8.0
+
+
+def test_one_local_release_is_the_analytic_gaussian_mechanism():
+  # Balle & Wang (ICML 2018), Thm 8: δ(ε) = Φ(Δ/2σ − εσ/Δ) − e^ε·Φ(−Δ/2σ − εσ/Δ) for sensitivity Δ, std σ.
+  from scipy.stats import norm
+  sigma, delta, sens = 3.0, 1e-5, 2.0
+  eps = privacy.Accountant(10, 10, sigma, delta, local=True, kind="pld").epsilon(1)
+  analytic = lambda e: norm.cdf(sens / (2 * sigma) - e * sigma / sens) - np.exp(e) * norm.cdf(
+      -sens / (2 * sigma) - e * sigma / sens)
+  assert analytic(eps) <= delta * 1.001 and analytic(0.99 * eps) > delta  # ε is (near) the smallest that holds
 
 
 def _dp_tiny(**fields):
