@@ -6,8 +6,10 @@ x_k = w_k − w the updates, μ and σ the coordinate-wise mean and std of the h
 
   sign_flip   x_byz = −s·μ                     (the reversed honest direction; ByzFL's SignFlipping)
   gaussian    x_byz ~ N(0, s²·I)
-  alie        x_byz = μ + z·σ, z = Φ⁻¹((C − q)/C), q = ⌊C/2 + 1⌋ − b for b Byzantine uploads
-              ("A Little Is Enough", Baruch, Baruch, Goldberg, NeurIPS 2019)
+  alie        x_byz = μ + z·σ, z = Φ⁻¹((C − q)/C), q = max(1, ⌊C/2 + 1⌋ − b) for b Byzantine uploads
+              ("A Little Is Enough", Baruch, Baruch, Goldberg, NeurIPS 2019). The paper assumes fewer than half
+              attackers in an aggregation; a sampled round can hold more (q ≤ 0 would make z infinite), so q is
+              bounded below by 1, the paper's value at b = ⌊C/2⌋
   ipm         x_byz = −s·μ with a small s    (inner-product manipulation, Xie, Koyejo, Gupta, UAI 2020)
   label_flip  data poisoning: the Byzantine clients' labels y become NC − 1 − y, and they train honestly
 
@@ -63,7 +65,7 @@ def model_attack(name: str, byzantine: np.ndarray, scale: float):
       malicious = tree_math.normal_like(key, mean, scale)
     elif name == "alie":
       num = bad.shape[0]
-      q = math.floor(num / 2 + 1) - jnp.sum(bad)
+      q = jnp.maximum(math.floor(num / 2 + 1) - jnp.sum(bad), 1)
       z = ndtri((num - q) / num)
       std = jax.tree.map(lambda x, mu: jnp.sqrt(jnp.tensordot(honest, (x - mu[None]) ** 2, axes=1) / count),
                          updates, mean)

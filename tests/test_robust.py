@@ -78,6 +78,19 @@ def test_model_attacks_by_hand():
   np.testing.assert_array_equal(gauss["v"][:2], models["v"][:2])  # honest uploads untouched
 
 
+@pytest.mark.parametrize("bad", [5, 6, 7, 9])
+def test_alie_stays_finite_when_a_round_holds_half_or_more_attackers(bad):
+  # C = 10: q = ⌊6⌋ − b is 1 at b = 5, and would be 0 (z = Φ⁻¹(1) = ∞) at b = 6 and < 0 (NaN) beyond.
+  rng = np.random.default_rng(0)
+  reference = {"v": jnp.zeros(4)}
+  models = {"v": jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)}
+  byzantine = np.arange(10) < bad
+  out = attacks.model_attack("alie", byzantine, 0.0)(models, jnp.arange(10), reference, jax.random.key(0))
+  honest = np.asarray(models["v"])[bad:]
+  z = 1.2815516  # Φ⁻¹(9/10): q bounded below by 1
+  np.testing.assert_allclose(out["v"][0], honest.mean(0) + z * honest.std(0), rtol=1e-5)
+
+
 def test_byzantine_set_is_seeded_and_label_flip_poisons_only_their_data(tiny):
   mask = attacks.byzantine_clients(10, 0.2, seed=3)
   assert mask.sum() == 2 and np.array_equal(mask, attacks.byzantine_clients(10, 0.2, seed=3))
