@@ -104,8 +104,8 @@ def validate_config(c) -> None:
   _validate_robustness(c)
   _validate_secure_aggregation(c, plugin)
   require(c.client_sampling == "fixed" or (c.aggregator == "mean" and not c.secure_aggregation), "client_sampling",
-          "poisson sampling pads rounds with an empty client of weight 0, which only the mean and DP's "
-          "aggregators leave out; use aggregator=mean without secure_aggregation, or client_sampling=fixed")
+          "poisson sampling varies the cohort's size, which a robust rule's f and secure aggregation's threshold "
+          "are not checked against; use aggregator=mean without secure_aggregation, or client_sampling=fixed")
 
 
 def _validate_secure_aggregation(c, plugin) -> None:

@@ -1,17 +1,21 @@
 """Byzantine-robust aggregation rules as `Aggregator`s, jitted over the stacked uploads [C, P].
 
 Every rule works on the updates x_k = w_k − w (w the round's global model) and returns w + rule(x); example
-counts are ignored (a Byzantine client could lie about them). With f the number of Byzantine uploads a rule
+counts are ignored (a Byzantine client could lie about them), except that an upload of weight 0 is left out, as
+if it had not arrived (FedSND's noise consensus drops an upload that way): C below is the number of uploads of
+positive weight, and every rule on C uploads with some of weight 0 equals the rule on the others alone. With f the number of Byzantine uploads a rule
 is built to tolerate among the C of a round, and conventions as in ByzFL (EPFL/INRIA's reference library,
 whose documented outputs the tests reproduce):
 
   median               coordinate-wise median (Yin, Chen, Kannan, Bartlett, ICML 2018)
   trimmed_mean(f)      per coordinate, drop the f largest and f smallest values, average the rest (same)
   krum(f)              the x_i with the least mean squared distance to its C − f − 1 nearest other updates
-                       (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017)
+                       (ByzFL's count; Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017, sum over the
+                       C − f − 2 nearest: the selected update differs only in near-ties)
   multi_krum(f)        the mean of the C − f updates with the best Krum scores
   geometric_median     smoothed Weiszfeld from 0: z ← Σ β_i x_i / Σ β_i, β_i = 1/max(ν, ‖x_i − z‖), T steps
-                       (RFA: Pillutla, Kakade, Harchaoui, IEEE TSP 2022)
+                       (RFA: Pillutla, Kakade, Harchaoui, IEEE TSP 2022; as ByzFL, unweighted and from 0,
+                       where RFA weights the clients by n_i and starts from their weighted mean)
   centered_clipping    v ← v + mean_i (x_i − v)·min(1, τ/‖x_i − v‖), L steps from the previous round's v
                        (Karimireddy, He, Jaggi, ICML 2021); v is the aggregator's state
   nearest_neighbor_mixing(f, rule)  a pre-aggregation: every x_i becomes the mean of its C − f nearest
@@ -48,39 +52,72 @@ def sq_distances(stacked: Params) -> jax.Array:
   return sum(leaf(x) for x in jax.tree.leaves(stacked))
 
 
-def _coordinatewise(rule) -> Aggregator:
+def present(weights) -> jax.Array:
+  """[C] float32: 1 for the uploads a rule counts (weight > 0)."""
+  return (weights > 0).astype(jnp.float32)
+
+
+def _leading(mask, x):
+  return mask.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def median() -> Aggregator:
   def apply(models, weights, state, reference, key):
-    del weights, key
+    del key
+    keep = present(weights) > 0
+    rule = lambda x: jnp.nanmedian(jnp.where(_leading(keep, x), x.astype(jnp.float32), jnp.nan), axis=0)
     return Aggregate(_plus(reference, jax.tree.map(rule, tree_math.updates(models, reference))), state, {})
 
   return Aggregator(lambda params: EmptyState(), apply)
 
 
-def median() -> Aggregator:
-  return _coordinatewise(lambda x: jnp.median(x, axis=0))
-
-
 def trimmed_mean(f: int) -> Aggregator:
-  return _coordinatewise(lambda x: jnp.mean(jnp.sort(x, axis=0)[f:x.shape[0] - f], axis=0))
+  def apply(models, weights, state, reference, key):
+    del key
+    keep = present(weights)
+    count = jnp.sum(keep)
+
+    def rule(x):
+      ordered = jnp.sort(jnp.where(_leading(keep > 0, x), x.astype(jnp.float32), jnp.inf), axis=0)  # absent last
+      rank = jnp.arange(x.shape[0])
+      inner = _leading((rank >= f) & (rank < count - f), x)
+      return jnp.sum(jnp.where(inner, ordered, 0.0), axis=0) / jnp.maximum(count - 2 * f, 1.0)
+
+    return Aggregate(_plus(reference, jax.tree.map(rule, tree_math.updates(models, reference))), state, {})
+
+  return Aggregator(lambda params: EmptyState(), apply)
 
 
-def krum_scores(stacked: Params, f: int) -> jax.Array:
-  """[C] mean squared distance of each update to its C − f − 1 nearest other updates."""
+def _nearest(stacked: Params, keep) -> tuple[jax.Array, jax.Array]:
+  """([C, C] each row's squared distances to the uploads in `keep` (1 = counted), ascending, absent ones +∞;
+  [C, C] the uploads in that order)."""
+  distances = jnp.where(keep[None, :] > 0, sq_distances(stacked), jnp.inf)
+  return jnp.sort(distances, axis=1), jnp.argsort(distances, axis=1, stable=True)
+
+
+def krum_scores(stacked: Params, f: int, weights=None) -> jax.Array:
+  """[C] mean squared distance of each update to its C − f − 1 nearest other updates (+∞ for weight 0)."""
   num = jax.tree.leaves(stacked)[0].shape[0]
-  nearest = jnp.sort(sq_distances(stacked), axis=1)[:, 1:num - f]  # column 0: the distance to itself
-  return jnp.mean(nearest, axis=1)
+  keep = jnp.ones(num) if weights is None else present(weights)
+  count = jnp.sum(keep)
+  ordered, _ = _nearest(stacked, keep)
+  column = jnp.arange(num)[None, :]
+  used = (column >= 1) & (column < count - f)  # column 0: the distance to itself
+  scores = jnp.sum(jnp.where(used, ordered, 0.0), axis=1) / jnp.maximum(count - f - 1, 1.0)
+  return jnp.where(keep > 0, scores, jnp.inf)
 
 
 def _selection(f: int, keep) -> Aggregator:
   """Averages the `keep(C)` updates with the lowest Krum scores."""
 
   def apply(models, weights, state, reference, key):
-    del weights, key
+    del key
     updates = tree_math.updates(models, reference)
-    scores = krum_scores(updates, f)
-    chosen = jnp.argsort(scores)[:keep(scores.shape[0])]
-    selected = jax.tree.map(lambda x: jnp.mean(x[chosen], axis=0), updates)
-    return Aggregate(_plus(reference, selected), state, {"robust_selected_score": jnp.min(scores)})
+    scores = krum_scores(updates, f, weights)
+    rank = jnp.argsort(jnp.argsort(scores))
+    chosen = (rank < keep(jnp.sum(present(weights)))).astype(jnp.float32)
+    return Aggregate(_plus(reference, weighted_average(updates, chosen)), state,
+                     {"robust_selected_score": jnp.min(scores)})
 
   return Aggregator(lambda params: EmptyState(), apply)
 
@@ -99,11 +136,12 @@ def _weighted_sum(stacked, w):
 
 def geometric_median(nu: float = 0.1, steps: int = 3) -> Aggregator:
   def apply(models, weights, state, reference, key):
-    del weights, key
+    del key
     updates = tree_math.updates(models, reference)
+    keep = present(weights)
 
     def step(z, _):
-      beta = 1.0 / jnp.maximum(tree_math.norms(jax.tree.map(lambda x, zz: x - zz[None], updates, z)), nu)
+      beta = keep / jnp.maximum(tree_math.norms(jax.tree.map(lambda x, zz: x - zz[None], updates, z)), nu)
       return weighted_average(updates, beta), None
 
     z, _ = jax.lax.scan(step, jax.tree.map(lambda x: jnp.zeros_like(x[0]), updates), None, length=steps)
@@ -120,14 +158,16 @@ class CenterState(NamedTuple):
 
 def centered_clipping(tau: float, steps: int = 1) -> Aggregator:
   def apply(models, weights, state: CenterState, reference, key):
-    del weights, key
+    del key
     updates = tree_math.updates(models, reference)
+    keep = present(weights)
+    count = jnp.maximum(jnp.sum(keep), 1.0)
 
     def step(v, _):
       diff = jax.tree.map(lambda x, vv: x - vv[None], updates, v)
       factor = jnp.minimum(1.0, tau / jnp.maximum(tree_math.norms(diff), 1e-12))
-      moved = _weighted_sum(diff, factor / factor.shape[0])
-      return jax.tree.map(jnp.add, v, moved), jnp.mean(factor < 1.0)
+      moved = _weighted_sum(diff, keep * factor / count)
+      return jax.tree.map(jnp.add, v, moved), jnp.sum(keep * (factor < 1.0)) / count
 
     v, clipped = jax.lax.scan(step, state.center, None, length=steps)
     return Aggregate(_plus(reference, v), CenterState(v), {"robust_clipped_fraction": clipped[-1]})
@@ -139,9 +179,12 @@ def nearest_neighbor_mixing(f: int, rule: Aggregator) -> Aggregator:
   """Every update replaced by the mean of its C − f nearest updates (itself included), then `rule`."""
 
   def apply(models, weights, state, reference, key):
-    num = weights.shape[0]
-    neighbours = jnp.argsort(sq_distances(models), axis=1, stable=True)[:, :num - f]  # [C, C − f]
-    mixed = jax.tree.map(lambda x: jnp.mean(x[neighbours], axis=1), models)
+    keep = present(weights)
+    count = jnp.sum(keep)
+    _, neighbours = _nearest(models, keep)  # [C, C], nearest first, absent uploads last
+    used = (jnp.arange(keep.shape[0]) < count - f).astype(jnp.float32) / jnp.maximum(count - f, 1.0)
+    mixed = jax.tree.map(lambda x: jnp.tensordot(x[neighbours].astype(jnp.float32), used, axes=([1], [0])
+                                                 ).astype(x.dtype), models)
     return rule.apply(mixed, weights, state, reference, key)
 
   return Aggregator(rule.init, apply, rule.protocol_bytes)

@@ -38,6 +38,25 @@ def test_rules_reproduce_byzfl_on_its_documented_example(rule):
                              BYZFL[rule], rtol=1e-6)
 
 
+@pytest.mark.parametrize("mixing", [False, True])
+@pytest.mark.parametrize("rule", robust.RULES)
+def test_an_upload_of_weight_zero_is_left_out(rule, mixing):
+  # Noise consensus (and Poisson padding) drop an upload by weight 0: the rule on 7 uploads with two of weight 0
+  # equals the rule on the other 5 alone, whatever the dropped rows hold.
+  rng = np.random.default_rng(1)
+  kept = rng.normal(size=(5, 6)).astype(np.float32)
+  dropped = np.full((2, 6), 1e4, np.float32)  # would dominate every rule if counted
+  order = np.array([0, 5, 1, 2, 6, 3, 4])  # dropped rows at positions 1 and 4
+  stacked = np.concatenate([kept, dropped])[order]
+  weights = jnp.asarray((order < 5).astype(np.float32) * 3.0)
+  agg = robust.build(rule, f=1, tau=1.0, mixing=mixing)
+  reference = {"v": jnp.zeros(6)}
+  ours = jax.jit(agg.apply)({"v": jnp.asarray(stacked)}, weights, agg.init(reference), reference, jax.random.key(0))
+  alone = jax.jit(agg.apply)({"v": jnp.asarray(kept)}, jnp.ones(5), agg.init(reference), reference,
+                             jax.random.key(0))
+  np.testing.assert_allclose(ours.params["v"], alone.params["v"], rtol=1e-5, atol=1e-6)
+
+
 def test_nearest_neighbor_mixing_reproduces_byzfl():
   # ByzFL's NNM(1) maps the example to [[2.5, 3.5, 4.5], [2.5, 3.5, 4.5], [5.5, 6.5, 7.5]]; its median is row 0.
   out = _aggregate(robust.build("median", f=1, mixing=True), {"v": jnp.asarray(X)}, {"v": jnp.zeros(3)})
