@@ -3,9 +3,10 @@
 Every rule works on the updates x_k = w_k − w (w the round's global model) and returns w + rule(x); example
 counts are ignored (a Byzantine client could lie about them), except that an upload of weight 0 is left out, as
 if it had not arrived (FedSND's noise consensus drops an upload that way): C below is the number of uploads of
-positive weight, and every rule on C uploads with some of weight 0 equals the rule on the others alone. With f the number of Byzantine uploads a rule
-is built to tolerate among the C of a round, and conventions as in ByzFL (EPFL/INRIA's reference library,
-whose documented outputs the tests reproduce):
+positive weight, and every rule on C uploads with some of weight 0 equals the rule on the others alone.
+
+With f the number of Byzantine uploads a rule is built to tolerate among the C of a round, and conventions as in
+ByzFL (EPFL/INRIA's reference library, whose documented outputs the tests reproduce):
 
   median               coordinate-wise median (Yin, Chen, Kannan, Bartlett, ICML 2018)
   trimmed_mean(f)      per coordinate, drop the f largest and f smallest values, average the rest (same)

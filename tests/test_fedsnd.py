@@ -379,3 +379,21 @@ def test_fedsnd_with_batch_norm_and_prior_runs(federation, run_rounds):
   assert not np.allclose(state.params["batch_stats"]["BatchNorm_0"]["var"], 1.0)
   assert np.all(np.isfinite(jax.tree.leaves(state.params)[0]))
   assert np.isfinite(outs[-1].diagnostics["kl_after"])
+
+
+@pytest.mark.parametrize("weighting", distillation.TEACHER_WEIGHTINGS)
+def test_a_student_left_without_trusted_teachers_keeps_its_params(weighting):
+  from fedsnd_jax.algorithms.fedsnd.round import NoisePool, _distill_one
+
+  model = models.build_model("mlp", (4,), 3)
+  space = noise.noise_space(model, (4,))
+  params = model.init(jax.random.key(0))
+  teachers = jax.tree.map(lambda x: jnp.stack([x, x + 0.1, x - 0.1]), params)
+  x = jax.random.normal(jax.random.key(1), (6, 4))
+  probs = distillation.teacher_probs(space, teachers, x, 2.0)
+  pool = NoisePool(teachers, x, jnp.tile(jnp.arange(3), 2), jnp.repeat(jnp.arange(3), 2), probs,
+                   jnp.array([[3, 0, 1], [0, 2, 2], [1, 1, 1]]), trusted=jnp.array([True, False, False]))
+  hp = Hyperparameters(**SMALL, teacher_weighting=weighting)
+  new, before, after, right = _distill_one(space, pool, 0, params, jax.random.key(2), hp, 1.0)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)  # the only trusted teacher: itself
+  assert all(np.isfinite(float(v)) for v in (before, after, right))

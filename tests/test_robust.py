@@ -51,9 +51,9 @@ def test_an_upload_of_weight_zero_is_left_out(rule, mixing):
   weights = jnp.asarray((order < 5).astype(np.float32) * 3.0)
   agg = robust.build(rule, f=1, tau=1.0, mixing=mixing)
   reference = {"v": jnp.zeros(6)}
-  ours = jax.jit(agg.apply)({"v": jnp.asarray(stacked)}, weights, agg.init(reference), reference, jax.random.key(0))
-  alone = jax.jit(agg.apply)({"v": jnp.asarray(kept)}, jnp.ones(5), agg.init(reference), reference,
-                             jax.random.key(0))
+  key = jax.random.key(0)
+  ours = jax.jit(agg.apply)({"v": jnp.asarray(stacked)}, weights, agg.init(reference), reference, key)
+  alone = jax.jit(agg.apply)({"v": jnp.asarray(kept)}, jnp.ones(5), agg.init(reference), reference, key)
   np.testing.assert_allclose(ours.params["v"], alone.params["v"], rtol=1e-5, atol=1e-6)
 
 
@@ -169,15 +169,36 @@ def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
   np.testing.assert_allclose(scores, [1, 1, 1, 0, 1])
 
 
-def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path):
-  # Honest clients must learn something for a consensus to exist: 30 local steps, α = 1.
+@pytest.mark.parametrize("mode", [dict(distill_rounds=1), dict(distill_target="global")])
+def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path, mode):
+  # Honest clients must learn something for a consensus to exist: 30 local steps, α = 1. The defence holds in
+  # every mode: after distill_rounds (round 2 here distils no more) and when distilling into the aggregate.
   c = _byzantine_tiny(algorithm="fednd", attack="gaussian", byzantine_fraction=0.2, attack_scale=100.0,
                       rounds=2, local_steps=30, alpha=1.0)
-  c.fedsnd.update(dict(noise_samples=20, noise_steps=30, distill_steps=2, distill_batch=8, noise_consensus=True))
+  c.fedsnd.update(dict(noise_samples=20, noise_steps=30, distill_steps=2, distill_batch=8, noise_consensus=True,
+                       **mode))
   summary = runner.run(c, str(tmp_path))
   byzantine = set(np.flatnonzero(attacks.byzantine_clients(10, 0.2, c.seed)).tolist())
-  for record in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")):
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["round"] for r in records] == [1, 2]
+  for record in records:
     ids, trusted = record["consensus_client_ids"], record["consensus_trusted"]
     flagged = {i for i, ok in zip(ids, trusted, strict=True) if not ok}
     assert flagged == byzantine, (record["round"], flagged, record["consensus_scores"])
   assert summary["final_accuracy"] > 0.5  # the flagged uploads were left out of the aggregate
+
+
+def test_untrusted_uploads_neither_vote_nor_are_voted_on_in_teacher_agreement():
+  from fedsnd_jax.algorithms.fedsnd.round import NoisePool, agreement
+
+  # 4 uploads × 2 samples; upload 3 is flagged. Honest teachers name the first sample of each honest owner right
+  # and the second wrong, and the flagged owner's noise right; the flagged teacher is right everywhere.
+  labels = jnp.zeros(8, jnp.int32)
+  owners = jnp.repeat(jnp.arange(4), 2)
+  right, wrong = jnp.array([0.9, 0.1]), jnp.array([0.1, 0.9])
+  honest = jnp.stack([right, wrong, right, wrong, right, wrong, right, right])
+  probs = jnp.stack([honest, honest, honest, jnp.tile(right, (8, 1))])
+  pool = NoisePool(None, None, labels, owners, probs, None, trusted=jnp.array([True, True, True, False]))
+  # Over trusted teachers and trusted noise: each honest teacher is right on 2 of the 4 others' samples.
+  assert float(agreement(pool)) == pytest.approx(0.5)  # counting the flagged upload too gave 0.75
+  assert float(agreement(pool._replace(trusted=None))) == pytest.approx(0.75)

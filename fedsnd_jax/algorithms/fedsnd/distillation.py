@@ -45,7 +45,8 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
       owner are left out by `sample_batches` instead.
 
   Returns:
-    [CQ, NC] rows summing to 1.
+    [CQ, NC] rows summing to 1 (class_count, confidence: rows of 0 where no teacher is left to speak, e.g. the
+    student is the only trusted one; `_distill_one` then takes no step).
   """
   num_teachers = probs.shape[0]
   others = (jnp.arange(num_teachers) != student).astype(jnp.float32)  # [C]
@@ -56,10 +57,11 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
   if weighting == "class_count":
     counts = histograms.astype(jnp.float32)[:, labels] * others[:, None]  # [C, CQ]
     total = jnp.sum(counts, axis=0, keepdims=True)
-    weights = jnp.where(total > 0, counts / jnp.maximum(total, 1.0), others[:, None] / jnp.sum(others))
+    weights = jnp.where(total > 0, counts / jnp.maximum(total, 1.0), others[:, None] / jnp.maximum(jnp.sum(others),
+                                                                                                   1.0))
   elif weighting == "confidence":
     conf = jnp.max(probs, axis=-1) * others[:, None]  # [C, CQ]
-    weights = conf / jnp.sum(conf, axis=0, keepdims=True)
+    weights = conf / jnp.maximum(jnp.sum(conf, axis=0, keepdims=True), 1e-30)
   else:
     raise ValueError(f"unknown teacher weighting {weighting!r}; allowed: {', '.join(TEACHER_WEIGHTINGS)}")
   return jnp.einsum("tp,tpc->pc", weights, probs)

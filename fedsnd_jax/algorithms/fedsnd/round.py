@@ -78,8 +78,11 @@ class Hyperparameters(NamedTuple):
     distill_target: clients (each uploaded model, the paper) | global (the aggregate, FedDF style).
     student_train_mode: students with dropout (default eval mode).
     noise_consensus: score every upload by how often it gives the other clients' noise its target label, and
-      leave out the outliers (below median − threshold·MAD, MAD ≥ 0.05) as teachers, as owners of noise, and
-      from the aggregate (`consensus`). A defence against Byzantine uploads (ours).
+      leave out the outliers (below median − threshold·MAD, MAD ≥ 0.05) as teachers, as owners of noise, from the
+      teacher agreement that opens the regime gate, and from the aggregate (`consensus`), in every mode: with
+      `distill_target=global` (they are left out before aggregating), with the gate closed, and after
+      `distill_rounds` (the server still synthesises noise to score the uploads, and only distils no more). A
+      defence against Byzantine uploads (ours).
     consensus_threshold: that threshold, in robust standard deviations (1.4826·MAD).
   """
 
@@ -125,8 +128,8 @@ class ServerMemory(NamedTuple):
   Attributes:
     noise: warm-start noise [M, Q, *shape], and seen: [M] bool (made before); a row is a client (M = K, warm start
       `client`) or a position in the round (M = C, warm start `round`). None without a warm start.
-    agreement: [] the last distilling round's teacher agreement (0 before the first), for `full_server_below`;
-      None without it.
+    agreement: [] the teacher agreement of the last round that synthesised noise, whether its gate opened or not
+      (0 before the first), for `full_server_below`; None without it.
   """
 
   noise: jax.Array | None
@@ -201,17 +204,24 @@ def _others(pool: NoisePool):
   return (jnp.arange(pool.probs.shape[0])[:, None] != pool.owners[None, :]).astype(jnp.float32)
 
 
-def teacher_scores(pool: NoisePool):
-  """[C]: how often each teacher's argmax on the other clients' noise is that noise's target label."""
+def teacher_scores(pool: NoisePool, samples=None):
+  """[C]: how often each teacher's argmax on the other clients' noise is that noise's target label.
+
+  samples: [CQ] float32 weights of the pool samples counted (None: all)."""
   votes = jnp.argmax(pool.probs, -1) == pool.labels[None, :]  # [C, CQ]
-  others = _others(pool)
+  others = _others(pool) if samples is None else _others(pool) * samples[None, :]
   return jnp.sum(votes * others, axis=1) / jnp.maximum(jnp.sum(others, axis=1), 1.0)
 
 
 def agreement(pool: NoisePool):
-  """How often a teacher's argmax on another client's noise is that noise's target label (every teacher scores
-  the same number of samples, so this is the mean of `teacher_scores`)."""
-  return jnp.mean(teacher_scores(pool))
+  """How often a teacher's argmax on another client's noise is that noise's target label: the mean of
+  `teacher_scores`, over the trusted teachers and their noise only under noise consensus (an untrusted upload
+  neither votes nor is voted on, so it cannot open the regime gate)."""
+  if pool.trusted is None:
+    return jnp.mean(teacher_scores(pool))
+  trusted = pool.trusted.astype(jnp.float32)
+  scores = teacher_scores(pool, trusted[pool.owners])
+  return jnp.sum(scores * trusted) / jnp.maximum(jnp.sum(trusted), 1.0)
 
 
 def regime_signals(space: noise.NoiseSpace, pool: NoisePool, average):
@@ -266,6 +276,11 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
   """
   targets = distillation.soft_targets(pool.probs, pool.owners, student, hp.teacher_weighting, pool.histograms,
                                       pool.labels, pool.trusted)
+  valid, teachers = pool.owners != student, jnp.arange(pool.probs.shape[0]) != student
+  if pool.trusted is not None:
+    valid, teachers = valid & pool.trusted[pool.owners], teachers & pool.trusted
+  usable = jnp.any(valid) & jnp.any(teachers)  # no other trusted noise or teacher: the student keeps its params
+  valid = valid.astype(jnp.float32)
   batch_key, train_key = jax.random.split(key)
   most = hp.distill_steps if num_steps is None else max(hp.distill_steps, hp.full_distill_steps)
   idx = distillation.sample_batches(batch_key, pool.owners, student, most, hp.distill_batch, pool.trusted)
@@ -276,13 +291,10 @@ def _distill_one(space, pool: NoisePool, student: int, params, key, hp: Hyperpar
 
   # A closed gate (scale 0) would step by 0: skip the steps (the predicate is not vmapped, so this stays a cond).
   new = jax.lax.cond(step_scale > 0, steps, lambda p: p, params)
-  valid = pool.owners != student
-  if pool.trusted is not None:
-    valid = valid & pool.trusted[pool.owners]
-  valid = valid.astype(jnp.float32)
+  new = jax.tree.map(lambda n, p: jnp.where(usable, n, p), new, params)
   before = distillation.mean_kl(space, params, pool.x, targets, valid, hp.temperature, start_probs)
   after = distillation.mean_kl(space, new, pool.x, targets, valid, hp.temperature)
-  right = jnp.sum((jnp.argmax(targets, -1) == pool.labels) * valid) / jnp.sum(valid)
+  right = jnp.sum((jnp.argmax(targets, -1) == pool.labels) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
   return new, before, after, right
 
 
@@ -350,7 +362,16 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
   def distill_steps(ctx: RoundContext):
     return jnp.where(full_server(ctx.state), hp.full_distill_steps, hp.distill_steps) if regime_budget else None
 
+  def consensus_diagnostics(pool: NoisePool, order, ids):
+    if not hp.noise_consensus:
+      return {}, None
+    trusted = pool.trusted[jnp.argsort(order)]  # back in the round's order
+    return {"consensus_flagged": jnp.sum(~pool.trusted), "consensus_scores": pool.scores,
+            "consensus_client_ids": ids[order], "consensus_trusted": pool.trusted}, trusted
+
   def synthesis(ctx: RoundContext, carry: ServerCarry):
+    """Noise for every upload, in a NoisePool; under noise consensus the flagged uploads get weight 0 here, before
+    any aggregation or distillation."""
     ids, uploads = ctx.ids, ctx.uploads
     synth_key = jax.random.fold_in(ctx.key, 0)
     keys = jax.vmap(lambda i: jax.random.fold_in(synth_key, i))(ids)
@@ -368,21 +389,24 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
       init = jnp.where(seen.reshape((-1,) + (1,) * (init.ndim - 1)), memory.noise.at[at].get(mode="clip"), init)
     optimizer = optax.adam(hp.noise_lr)
     steps = jnp.where(full, hp.full_noise_steps, hp.noise_steps) if regime_budget else hp.noise_steps
-    pool, stats = jax.vmap(lambda p, k, y, x0: noise.synthesize(
+    made, stats = jax.vmap(lambda p, k, y, x0: noise.synthesize(
         space, p, k, y, steps=steps, optimizer=optimizer, l2=hp.noise_l2,
         projection=hp.noise_projection, init=x0, adversarial=hp.adversarial, student_params=ctx.params,
         temperature=hp.temperature, bn_prior=hp.bn_prior, stop_ce=hp.noise_stop_ce))(uploads.params, keys, labels,
                                                                                        init)
     state = carry.state
     if rows is not None:
-      state = state._replace(noise=memory.noise.at[at].set(pool, mode="drop"),
+      state = state._replace(noise=memory.noise.at[at].set(made, mode="drop"),
                              seen=memory.seen.at[at].set(True, mode="drop"))
+    pool, order = noise_pool(space, uploads.params, made, labels, ids, hp, histograms)
+    flags, trusted = consensus_diagnostics(pool, order, ids)
+    weights = carry.weights if trusted is None else carry.weights * trusted
     diagnostics = {"full_server": full.astype(jnp.float32)} if regime_budget else {}
     diagnostics |= {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
                    "teacher_noise_accuracy": jnp.mean(stats.accuracy), "noise_norm": jnp.mean(stats.norm),
                    "noise_steps_taken": jnp.mean(stats.steps.astype(jnp.float32)),
-                   "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params))}
-    return carry._replace(state=state, work=(pool, labels, histograms)), diagnostics
+                   "data_norm": jnp.mean(jax.vmap(space.norm)(uploads.params)), **flags}
+    return carry._replace(state=state, weights=weights, work=(pool, order)), diagnostics
 
   def step_scale(ctx: RoundContext, pool: NoisePool, average):
     """The round's distillation step-size factor (0 when the regime-aware gate is closed), and the signals the
@@ -393,46 +417,37 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     return scale, {"teacher_agreement": teacher_agreement, "distill_gate": gate,
                    **regime_signals(space, pool, average)}
 
-  def consensus_diagnostics(pool: NoisePool, order, ids):
-    if not hp.noise_consensus:
-      return {}, None
-    trusted = pool.trusted[jnp.argsort(order)]  # back in the round's order
-    return {"consensus_flagged": jnp.sum(~pool.trusted), "consensus_scores": pool.scores,
-            "consensus_client_ids": ids[order], "consensus_trusted": pool.trusted}, trusted
-
   def distill(ctx: RoundContext, carry: ServerCarry):
-    pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
-    undistilled = aggregation.weighted_average(ctx.uploads.params, ctx.uploads.num_examples)
+    pool, order = carry.work
+    undistilled = aggregation.weighted_average(ctx.uploads.params, carry.weights)  # flagged uploads weigh 0
     scale, signals = step_scale(ctx, pool, undistilled)
     students, diagnostics = distill_clients(space, pool, order, ctx.ids, jax.random.fold_in(ctx.key, 1), hp, scale,
                                             distill_steps(ctx))
-    flags, trusted = consensus_diagnostics(pool, order, ctx.ids)
-    weights = carry.weights if trusted is None else carry.weights * trusted
-    return carry._replace(models=students, weights=weights, work=None, eval_models={"no_distill": undistilled},
-                          state=remember(carry.state, signals["teacher_agreement"])), {
-        **diagnostics, **signals, **flags}
+    return carry._replace(models=students, work=None, eval_models={"no_distill": undistilled},
+                          state=remember(carry.state, signals["teacher_agreement"])), {**diagnostics, **signals}
 
   def distill_aggregate(ctx: RoundContext, carry: ServerCarry):
-    pool, order = noise_pool(space, ctx.uploads.params, *carry.work[:2], ctx.ids, hp, carry.work[2])
+    pool, _ = carry.work
     scale, signals = step_scale(ctx, pool, carry.average)
     new, diagnostics = distill_global(space, pool, carry.average, jax.random.fold_in(ctx.key, 1), hp, scale,
                                       distill_steps(ctx))
-    flags, _ = consensus_diagnostics(pool, order, ctx.ids)  # the aggregate came first: teachers only
     return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average},
-                          state=remember(carry.state, signals["teacher_agreement"])), {
-        **diagnostics, **signals, **flags}
+                          state=remember(carry.state, signals["teacher_agreement"])), {**diagnostics, **signals}
 
-  distilling = ((ServerStep("synthesis", synthesis), ServerStep("distill", distill), AGGREGATE)
-                if hp.distill_target == "clients" else
-                (ServerStep("synthesis", synthesis), AGGREGATE, ServerStep("distill", distill_aggregate)))
+  synthesising = ServerStep("synthesis", synthesis)
+  distilling = ((synthesising, ServerStep("distill", distill), AGGREGATE) if hp.distill_target == "clients" else
+                (synthesising, AGGREGATE, ServerStep("distill", distill_aggregate)))
 
   def distills_in(round_index: int) -> bool:
     return hp.distill_rounds == 0 or round_index < hp.distill_rounds
 
   def server_steps(round_index: int):
-    return distilling if distills_in(round_index) else (AGGREGATE,)
+    if distills_in(round_index):
+      return distilling
+    return (synthesising, AGGREGATE) if hp.noise_consensus else (AGGREGATE,)  # consensus outlives distillation
 
   def extra_bytes(round_index: int):  # label histograms, when the server needs them
-    return (num_classes * 4 if hp.uploads_histograms and distills_in(round_index) else 0), 0
+    synthesises = distills_in(round_index) or hp.noise_consensus
+    return (num_classes * 4 if hp.uploads_histograms and synthesises else 0), 0
 
   return Algorithm(loss, init_state, server_steps=server_steps, extra_bytes=extra_bytes)
