@@ -5,8 +5,11 @@ A generator maps noise ε [B, E] and labels y [B] to outputs [B, *out_shape]:
 
   [ε ‖ onehot(y)] → (Dense → BatchNorm → ReLU) per hidden width → Dense → reshape
 
-BatchNorm always normalises by the batch's own statistics (no running averages are kept, so the params are
-the whole state); it has a learnt scale and bias, as in FedGen's generator.
+BatchNorm has a learnt scale and bias, as in FedGen's generator (PyTorch's BatchNorm1d). In train mode it
+normalises by the batch's own statistics and updates running averages (momentum 0.1 in PyTorch's convention);
+in eval mode it normalises by those running averages. Eval mode is what a generator's user must call it in when
+a batch can hold one label only (a client of one class): there the one-hot's contribution is constant across
+the batch, and the batch's own normalisation removes it, so G(ε, y) would not depend on y.
 """
 
 import math
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 from fedsnd_jax.shapes import Params
 
 NOISES = ("uniform", "normal")
+BATCH_NORM_MOMENTUM = 0.9  # flax's decay of the running averages: PyTorch's momentum 0.1
 
 
 class _ConditionalMLP(nn.Module):
@@ -28,13 +32,12 @@ class _ConditionalMLP(nn.Module):
   hidden: Sequence[int]
 
   @nn.compact
-  def __call__(self, eps, labels):
+  def __call__(self, eps, labels, train: bool):
     h = jnp.concatenate([eps, jax.nn.one_hot(labels, self.num_classes, dtype=eps.dtype)], axis=-1)
     for i, width in enumerate(self.hidden):
       h = nn.Dense(width, name=f"Dense_{i}")(h)
-      h = (h - jnp.mean(h, 0)) * jax.lax.rsqrt(jnp.var(h, 0) + 1e-5)
-      h = nn.relu(h * self.param(f"scale_{i}", nn.initializers.ones, (width,))
-                  + self.param(f"bias_{i}", nn.initializers.zeros, (width,)))
+      h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5,
+                               name=f"BatchNorm_{i}")(h))
     return nn.Dense(math.prod(self.out_shape), name="out")(h).reshape((-1, *self.out_shape))
 
 
@@ -42,13 +45,15 @@ class Generator(NamedTuple):
   """A conditional generator as pure functions.
 
   Attributes:
-    init: key -> params.
-    apply: (params, eps [B, E], labels [B] int) -> [B, *out_shape].
+    init: key -> variables {"params": ..., "batch_stats": running means and variances}.
+    apply: (variables, eps [B, E], labels [B] int, train: bool) -> (outputs [B, *out_shape], variables): train
+      mode normalises by the batch and returns the running averages updated; eval mode normalises by them and
+      returns the variables unchanged.
     noise: (key, batch) -> eps [batch, E].
   """
 
   init: Callable[[jax.Array], Params]
-  apply: Callable[[Params, jax.Array, jax.Array], jax.Array]
+  apply: Callable[[Params, jax.Array, jax.Array, bool], tuple[jax.Array, Params]]
   noise: Callable[[jax.Array, int], jax.Array]
 
 
@@ -60,10 +65,13 @@ def conditional_mlp(num_classes: int, out_shape: Sequence[int], *, noise_dim: in
   module = _ConditionalMLP(num_classes, tuple(out_shape), tuple(hidden))
 
   def init(key):
-    return module.init(key, jnp.zeros((2, noise_dim)), jnp.zeros((2,), jnp.int32))["params"]
+    return dict(module.init(key, jnp.zeros((2, noise_dim)), jnp.zeros((2,), jnp.int32), False))
 
-  def apply(params, eps, labels):
-    return module.apply({"params": params}, eps, labels)
+  def apply(variables, eps, labels, train: bool):
+    if not train:
+      return module.apply(variables, eps, labels, False), variables
+    out, updated = module.apply(variables, eps, labels, True, mutable=["batch_stats"])
+    return out, {**variables, **updated}
 
   def draw(key, batch: int):
     if noise == "uniform":

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedsnd_jax import algorithms, generators, models
+from fedsnd_jax import algorithms, client, generators, losses, models
 from fedsnd_jax.algorithms import fedftg, fedgen
 from fedsnd_jax.errors import InputError
 
@@ -74,6 +74,50 @@ def test_fedgen_client_weights_follow_the_schedule_and_the_generator_learns(tiny
   moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.algorithm.generator),
                                                         jax.tree.leaves(start.algorithm.generator), strict=True)]
   assert max(moved) > 1e-4
+
+
+def _trained_generator(generator, steps=20, classes=10):
+  """A generator whose running averages have seen mixed-label batches (as the server's training leaves them)."""
+  variables = generator.init(jax.random.key(0))
+  for i in range(steps):
+    labels = jax.random.randint(jax.random.key(i), (32,), 0, classes)
+    _, variables = generator.apply(variables, generator.noise(jax.random.key(100 + i), 32), labels, True)
+  return variables
+
+
+def test_generator_in_eval_mode_keeps_the_label_of_a_one_class_batch():
+  # A client batch of one class: in train mode BatchNorm removes the (constant) one-hot, so G(ε, 3) = G(ε, 7);
+  # in eval mode the running averages keep it.
+  generator = generators.conditional_mlp(10, (8,), noise_dim=4, hidden=(16,))
+  variables = _trained_generator(generator)
+  eps = generator.noise(jax.random.key(1), 16)
+  three, seven = jnp.full((16,), 3), jnp.full((16,), 7)
+  train = lambda y: generator.apply(variables, eps, y, True)[0]
+  evaluate = lambda y: generator.apply(variables, eps, y, False)[0]
+  assert float(jnp.abs(train(three) - train(seven)).max()) < 1e-4
+  assert float(jnp.abs(evaluate(three) - evaluate(seven)).max()) > 1e-2
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), variables["batch_stats"],
+                       generator.init(jax.random.key(0))["batch_stats"])
+  assert max(jax.tree.leaves(moved)) > 1e-3  # train mode updated the running averages
+
+
+def test_fedgen_clients_see_the_label_on_a_one_class_batch(tiny):
+  # β's term alone: KL(σ(h(G(ε, y))) ‖ σ(f(x))) on a batch of one label must depend on that label.
+  model = _mlp(tiny)
+  params = model.init(jax.random.key(0))
+  features = jax.eval_shape(lambda: model.represent(params, jnp.zeros((1, *tiny.shape)))).shape[1:]
+  generator = generators.conditional_mlp(3, features, noise_dim=32, hidden=(256,))
+  shared = fedgen.FedGenState(_trained_generator(generator, classes=3), None, jnp.float32(0.0), jnp.float32(1.0))
+  loss = fedgen.client_loss(model, generator, 3)
+  x = jax.random.normal(jax.random.key(3), (8, *tiny.shape))
+  ctx = client.ClientContext(params, shared)
+
+  def latent(label):
+    y = jnp.full((8,), label)
+    ce = losses.cross_entropy(model.apply(params, x, train=True, rng=jax.random.key(4)), y)
+    return loss(params, x, y, jax.random.key(4), ctx) - ce
+
+  assert float(jnp.abs(latent(0) - latent(2)).max()) > 1e-4
 
 
 def test_fedftg_class_ensemble_and_hard_samples_by_hand():

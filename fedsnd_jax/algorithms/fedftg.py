@@ -15,7 +15,8 @@ x̂ = G(z, y) in input space, distilling the class-level ensemble of the uploads
     I_d steps of w (SGD) on τ²·mean_i KL(σ(D̃(x̂_i)/τ) ‖ σ(f(x̂_i; w)/τ)), x̂ = G(z, y) after the update.
 
 The generator is `generators.conditional_mlp` (the paper's is convolutional, for CIFAR; an MLP serves every
-input space here, text embeddings included). Settings the paper fixes only for ResNet-18 on CIFAR (its
+input space here, text embeddings included), always in train mode: BatchNorm by the batch's own statistics
+(the authors' code switches it to running averages while the global model distils). Settings the paper fixes only for ResNet-18 on CIFAR (its
 generator and global learning rates) are ours, marked below.
 """
 
@@ -94,8 +95,13 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
 
   def init_state(params):
     del params
-    g = generator.init(jax.random.key(0))  # the server's own generator; the run's seed drives everything else
+    g = generator.init(jax.random.key(0))["params"]  # the server's own; the run's seed drives everything else
     return FedFTGState(g, generator_opt.init(g))
+
+  statistics = generator.init(jax.random.key(0))["batch_stats"]  # train mode never reads them
+
+  def sample(g, z, labels):
+    return generator.apply({"params": g, "batch_stats": statistics}, z, labels, True)[0]
 
   def fine_tune(ctx: RoundContext, carry: ServerCarry):
     histograms = federated_data.label_histograms(ctx.data, ctx.ids, num_classes)
@@ -106,7 +112,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
       return class_ensemble(jax.vmap(lambda p: space.apply(p, x))(teachers), labels, histograms)
 
     def generator_loss(g, w, z, labels):
-      x = generator.apply(g, z, labels)
+      x = sample(g, z, labels)
       teacher = ensemble(x, labels)
       hard, agree = hard_sample_kl(teacher, space.apply(w, x), t)
       fidelity = jnp.mean(losses.cross_entropy(teacher, labels))
@@ -130,7 +136,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
         return (optax.apply_updates(g, updates), g_opt), parts
 
       (g, g_opt), parts = jax.lax.scan(generator_step, (g, g_opt), None, length=hp.generator_steps)
-      x = jax.lax.stop_gradient(generator.apply(g, z, labels))
+      x = jax.lax.stop_gradient(sample(g, z, labels))
       targets = losses.tempered_softmax(ensemble(x, labels), t)
 
       def student_step(carry, _):
