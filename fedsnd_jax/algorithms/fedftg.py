@@ -1,6 +1,5 @@
 """FedFTG: L. Zhang, L. Shen, L. Ding, D. Tao, L.-Y. Duan, "Fine-tuning Global Model via Data-Free Knowledge
-Distillation for Non-IID Federated Learning", CVPR 2022 (no code was released; this follows the paper's
-Algorithm 1 and Eqs. 3–9 as we read them).
+Distillation for Non-IID Federated Learning", CVPR 2022, with a hard-sample term of DFRD's (below).
 
 After FedAvg's aggregation the server fine-tunes the global model w on a conditional generator's hard samples
 x̂ = G(z, y) in input space, distilling the class-level ensemble of the uploads w_k:
@@ -14,10 +13,18 @@ x̂ = G(z, y) in input space, distilling the class-level ensemble of the uploads
       boundary while still inside the ensemble's), L_div `generators.diversity_loss`;
     I_d steps of w (SGD) on τ²·mean_i KL(σ(D̃(x̂_i)/τ) ‖ σ(f(x̂_i; w)/τ)), x̂ = G(z, y) after the update.
 
-The generator is `generators.conditional_mlp` (the paper's is convolutional, for CIFAR; an MLP serves every
-input space here, text embeddings included), always in train mode: BatchNorm by the batch's own statistics
-(the authors' code switches it to running averages while the global model distils). Settings the paper fixes only for ResNet-18 on CIFAR (its
-generator and global learning rates) are ours, marked below.
+Where this is not FedFTG as its authors run it (their code, github.com/ZhangLin-PKU/FedFTG):
+  - The hard-sample term is the masked "transferability" term of DFRD (Luo et al., NeurIPS 2023), not
+    FedFTG's: FedFTG maximises the unmasked model discrepancy, in the authors' code the mean absolute difference
+    of the logits, Σ_k α_{k,y}·mean_c |f(x̂; w_k) − f(x̂; w)|, one generator step per teacher. `beta_tran = 0`
+    (no hard-sample term) is one of the tuning candidates (benchmarks/tuning.py).
+  - The global model distils with a tempered KL; the authors' code uses the soft-label cross-entropy at τ = 1
+    (the same gradient up to a constant factor).
+  - The generator is `generators.conditional_mlp` (the paper's is convolutional, for CIFAR; an MLP serves every
+    input space here, text embeddings included), always in train mode: BatchNorm by the batch's own
+    statistics (the authors' code switches it to running averages while the global model distils).
+  - Settings the paper fixes only for ResNet-18 on CIFAR (its generator and global learning rates) are ours,
+    marked below.
 """
 
 from typing import Any, NamedTuple
