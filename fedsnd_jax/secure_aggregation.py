@@ -14,11 +14,19 @@ clients u (positions 0..C−1), arithmetic in Z_R, R = 2³² (uint32 wraps):
   4. Unmasking: from t shares held by survivors the server reconstructs b_u of every survivor and sk_u of every
      dropped client (hence its s_uv with every survivor v), removes those masks, and is left with
      Σ_{u survived} q_u exactly: pairwise masks between survivors cancel in the sum.
-  5. Decoding: Σ Δ ≈ Σ q·2r/(2^b − 1) − n·r over the n survivors; the aggregate is w + (Σ Δ)/n.
+  5. Decoding: Σ Δ ≈ Σ q·2r/(2^b − 1) − n·r over the n survivors; the aggregate is w + (Σ Δ)/n. The offset
+     is removed in integers (`decode`), so the result carries float32's rounding of Σ Δ itself, not of Σ q
+     (which loses bits once Σ q ≥ 2²⁴, i.e. b ≥ 20 at C = 20).
 
 The cryptographic bookkeeping (keys, Shamir shares, Lagrange reconstruction) runs on the host with exact
 integers (a `jax.pure_callback`); masks are expanded on the device. Masking costs O(C²·P) PRG work per round,
 as it does for the protocol's clients. Example counts are not used (an unweighted mean of the survivors).
+
+What the simulation does not model: seeds of 32 bits for the masks' PRG (JAX's threefry keys; a deployment uses
+128-bit seeds and an AES-CTR PRG), a 61-bit group for key agreement (a deployment uses elliptic-curve
+Diffie–Hellman), deterministic rounding in quantisation (not stochastic), no signatures or consistency checks
+(the threshold t = ⌊2C/3⌋ + 1 protects against an honest-but-curious server only, not an active one), and no
+network: every message arrives except the dropped clients' masked inputs.
 """
 
 import random
@@ -156,6 +164,18 @@ def quantise(x, value_range: float, bits: int):
                    ).astype(jnp.uint32)
 
 
+def decode(total, survivors, value_range: float, bits: int):
+  """Σ Δ from Σ q over n survivors: (2·Σ q − n·(2^b − 1))·r/(2^b − 1), the offset removed in integers.
+
+  With m = ⌊n·(2^b − 1)/2⌋, d = Σ q − m fits int32 (|d| ≤ n·(2^b − 1)/2 + 1 < 2³¹), and
+  2·Σ q − n·(2^b − 1) = 2d − (n·(2^b − 1) mod 2). Computed in uint32 (wrapping), then read as int32.
+  """
+  levels = (1 << bits) - 1
+  offset = survivors.astype(jnp.uint32) * jnp.uint32(levels)  # < 2³² (checked)
+  d = jax.lax.bitcast_convert_type(total - offset // 2, jnp.int32)
+  return (2 * d.astype(jnp.float32) - (offset % 2).astype(jnp.float32)) * (value_range / levels)
+
+
 def secure_mean(bits: int = 16, value_range: float = 0.1, dropout: float = 0.0) -> Aggregator:
   """The aggregator: quantise, mask, drop, unmask, decode (module docstring).
 
@@ -187,9 +207,8 @@ def secure_mean(bits: int = 16, value_range: float = 0.1, dropout: float = 0.0) 
     updates, treedef = jax.tree.flatten(tree_math.updates(models, reference))
     quantised = [quantise(x, value_range, bits) for x in updates]
     total = unmasked_sum(masked_uploads(quantised, pair, self_seed), alive, pair_hat, self_hat)
-    survivors = jnp.sum(alive).astype(jnp.float32)
-    scale = 2 * value_range / ((1 << bits) - 1)
-    mean = [(t.astype(jnp.float32) * scale - survivors * value_range) / survivors for t in total]
+    survivors = jnp.sum(alive)
+    mean = [decode(t, survivors, value_range, bits) / survivors.astype(jnp.float32) for t in total]
     clipped = sum(jnp.sum(jnp.abs(x) > value_range) for x in updates) / sum(x.size for x in updates)
     average = jax.tree.map(lambda r, m: (r + m).astype(r.dtype), reference, jax.tree.unflatten(treedef, mean))
     return Aggregate(average, state, {"secagg_survivors": survivors, "secagg_clipped_fraction": clipped})

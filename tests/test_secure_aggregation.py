@@ -38,6 +38,23 @@ def test_unmasked_sum_is_the_plain_quantised_sum_of_survivors(dropped):
     np.testing.assert_array_equal(np.asarray(t), np.asarray(q)[keep].sum(0, dtype=np.uint32))
 
 
+def test_decoding_is_exact_when_the_quantised_sum_passes_float32s_24_bits():
+  # C = 20, b = 21: Σ q ≈ 20·2²⁰ > 2²⁴. Updates on the quantisation grid, so the only error left is decoding's:
+  # through float32, Σ q lost its last bit and n·r its last digits, ≈ one quantisation step (2r/(2^b − 1)) off.
+  num, bits, r = 20, 21, 0.1
+  levels = (1 << bits) - 1
+  rng = np.random.default_rng(0)
+  q = rng.integers(levels // 2 - 1000, levels // 2 + 1000, (num, 64))
+  updates = (q * (2 * r / levels) - r).astype(np.float64)
+  reference = {"v": jnp.zeros(64)}
+  agg = sa.secure_mean(bits=bits, value_range=r)
+  out = agg.apply({"v": jnp.asarray(updates, jnp.float32)}, jnp.ones(num), agg.init(reference), reference,
+                  jax.random.key(0))
+  exact = (2 * q.sum(0) - num * levels) * (r / levels) / num  # in float64
+  step = 2 * r / levels / num
+  np.testing.assert_allclose(np.asarray(out.params["v"], np.float64), exact, atol=0.01 * step)
+
+
 def test_a_masked_upload_is_indistinguishable_from_uniform():
   num, d = 4, 200_000
   quantised = [jnp.zeros((num, d), jnp.uint32)]  # all-zero updates: whatever shows is the mask
