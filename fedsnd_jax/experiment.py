@@ -32,6 +32,9 @@ from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.models import Model
 
 LOCK_FILE = ".lock"
+# What DP does not cover (privacy.py): the uploads' raw training losses, and what is computed with their example
+# counts (the undistilled aggregate's metrics, FedSND's regime signal on it). Left out of metrics.jsonl under DP.
+PRIVATE_METRICS = ("train_loss", "average_noise_accuracy")
 
 
 class Diverged(RuntimeError):
@@ -312,10 +315,11 @@ def _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, chec
       if evaluated:
         record = {"round": r, **scores, **out.times, **diagnostics, "train_loss": train_loss,
                   "bytes_up": lane.log["bytes_up"], "bytes_down": lane.log["bytes_down"], "wall_s": wall_s}
-        if accountant is not None:
-          record["epsilon"] = accountant.epsilon(r)
-        for name, extra in eval_models.items():  # e.g. the aggregate without distillation
-          record.update(_evaluate(evaluate, extra, lane.eval_sets, suffix=f"_{name}"))
+        if accountant is None:
+          for name, extra in eval_models.items():  # e.g. the aggregate without distillation
+            record.update(_evaluate(evaluate, extra, lane.eval_sets, suffix=f"_{name}"))
+        else:
+          record = {k: v for k, v in record.items() if k not in PRIVATE_METRICS} | {"epsilon": accountant.epsilon(r)}
         lane.log["records"].append(record)
         lane.writer.write(record)
       if (checkpoint_every and r % checkpoint_every == 0) or r == rounds or r == stop_after:

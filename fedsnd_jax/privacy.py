@@ -42,7 +42,7 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 
-from fedsnd_jax import tree_math
+from fedsnd_jax import models, tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator
 from fedsnd_jax.algorithm import cohort_cap
 from fedsnd_jax.shapes import Params
@@ -70,6 +70,17 @@ def clip(stacked: Params, clip_norm) -> tuple[Params, jax.Array]:
   norms = tree_math.norms(stacked)
   factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
   return jax.tree.map(lambda x: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype), stacked), norms
+
+
+def nonnegative_variances(params: Params) -> Params:
+  """BatchNorm models: the running variances (`batch_stats` … `var`) clipped at 0. Noise on an update moves them
+  like any parameter, and at small C a variance goes negative (NaN at evaluation); clipping is post-processing."""
+
+  def fix(path, x):
+    keys = [getattr(k, "key", None) for k in path]
+    return jnp.maximum(x, 0) if models.STATISTICS in keys and keys[-1] == "var" else x
+
+  return jax.tree_util.tree_map_with_path(fix, params)
 
 
 def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClipping | None = None,
@@ -103,7 +114,7 @@ def central_dp(clip_norm: float, noise_multiplier: float, adaptive: AdaptiveClip
     update_key, count_key = jax.random.split(key)
     total = jax.tree.map(lambda x: jnp.tensordot(present, x, axes=1), clipped)
     noisy = jax.tree.map(jnp.add, total, tree_math.normal_like(update_key, total, noise_multiplier * s))
-    average = jax.tree.map(lambda r, t: r + t / num, reference, noisy)
+    average = nonnegative_variances(jax.tree.map(lambda r, t: r + t / num, reference, noisy))
     new_s = s
     if adaptive is not None:
       unclipped = jnp.sum(present * (norms <= s)) + adaptive.count_stddev * jax.random.normal(count_key)
@@ -122,7 +133,7 @@ def local_noise(clip_norm: float, noise_multiplier: float):
     delta = jax.tree.map(lambda u, r: (u - r)[None], upload, received)
     clipped, _ = clip(delta, clip_norm)
     noise = tree_math.normal_like(key, received, noise_multiplier * clip_norm)
-    return jax.tree.map(lambda r, d, n: r + d[0] + n, received, clipped, noise)
+    return nonnegative_variances(jax.tree.map(lambda r, d, n: r + d[0] + n, received, clipped, noise))
 
   return transform
 

@@ -53,6 +53,20 @@ def test_central_noise_has_std_sigma_s_over_c():
   np.testing.assert_allclose(float(jnp.std(out.params["w"])), 1.5 * 2.0 / 4, rtol=0.03)
 
 
+def test_noise_leaves_batch_norm_variances_non_negative():
+  # Small C, large σ: the noise on an update would drive running variances below 0 (NaN at evaluation).
+  reference = {"params": {"w": jnp.zeros(50)},
+               "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(50), "var": jnp.full(50, 0.01)}}}
+  stacked = jax.tree.map(lambda x: jnp.stack([x, x]), reference)
+  agg = privacy.central_dp(clip_norm=1.0, noise_multiplier=5.0)
+  out = agg.apply(stacked, jnp.ones(2), agg.init(reference), reference, jax.random.key(0))
+  assert float(out.params["batch_stats"]["BatchNorm_0"]["var"].min()) >= 0.0
+  assert float(out.params["batch_stats"]["BatchNorm_0"]["mean"].min()) < 0.0  # only variances are clipped
+  assert float(out.params["params"]["w"].min()) < 0.0
+  local = privacy.local_noise(1.0, 5.0)(reference, reference, jax.random.key(1))
+  assert float(local["batch_stats"]["BatchNorm_0"]["var"].min()) >= 0.0
+
+
 def test_adaptive_clip_norm_follows_the_geometric_update():
   reference, stacked = _models([3.0, 0.0, 4.0], [0.3, 0.0, 0.4], [0.0, 0.0, 0.1])  # norms 5, 0.5, 0.1
   agg = privacy.central_dp(1.0, 0.0, privacy.AdaptiveClipping(target_quantile=0.5, count_stddev=0.0,
@@ -156,11 +170,25 @@ def test_uncovered_combinations_are_refused(fields, field):
     runner.validate_config(c)
 
 
-def test_fedsnd_runs_under_local_dp(tmp_path):
+def test_fedsnd_runs_under_local_dp_and_logs_only_what_dp_covers(tmp_path):
   c = _dp_tiny(algorithm="fedsnd", dp_local=True)
   c.fedsnd.update(dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4))
   summary = runner.run(c, str(tmp_path))
   assert summary["epsilon"] == pytest.approx(privacy.Accountant(3, 3, 2.0, 1e-5, local=True).epsilon(4))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert records and all("epsilon" in r and "test_accuracy" in r for r in records)
+  for r in records:  # raw training losses and what example counts weigh are not covered by DP
+    assert not {"train_loss", "average_noise_accuracy", "test_accuracy_no_distill"} & set(r), sorted(r)
+
+
+def test_a_resumed_private_run_reports_the_epsilon_of_an_uninterrupted_one(tmp_path):
+  c = _dp_tiny(client_sampling="poisson", dp_accountant="pld", checkpoint_every=1)
+  whole = runner.run(c, str(tmp_path / "whole"))
+  assert runner.run(c, str(tmp_path / "cut"), stop_after=2) is None
+  resumed = runner.run(c, str(tmp_path / "cut"))
+  assert resumed["epsilon"] == whole["epsilon"] > 0
+  eps = lambda d: [json.loads(line)["epsilon"] for line in open(tmp_path / d / "metrics.jsonl")]
+  assert eps("cut") == eps("whole")
 
 
 def test_noise_for_epsilon_calibrates_with_dp_accounting():
