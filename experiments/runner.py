@@ -132,6 +132,8 @@ def _validate_robustness(c) -> None:
           f"unknown attack {c.attack!r}; allowed: {', '.join(attacks.ATTACKS)}")
   for field in ("aggregator_f", "aggregator_tau", "attack_scale"):
     require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
+  require(c.aggregator != "centered_clipping" or c.aggregator_tau > 0, "aggregator_tau",
+          "centered clipping's radius τ must be > 0 (at 0 the aggregate never moves)")
   require(0 <= c.byzantine_fraction < 0.5, "byzantine_fraction",
           f"must be in [0, 0.5), got {c.byzantine_fraction}")
   require((c.attack == "none") == (c.byzantine_fraction == 0), "attack",

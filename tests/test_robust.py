@@ -149,6 +149,16 @@ def test_median_survives_what_breaks_the_mean(tmp_path):
     (dict(attack="alie", byzantine_fraction=0.5), "byzantine_fraction"),
     (dict(aggregator="median", dp_clip_norm=1.0), "aggregator"),
     (dict(nearest_neighbor_mixing=True), "nearest_neighbor_mixing"),
+    (dict(aggregator="centered_clipping", aggregator_tau=0.0), "aggregator_tau"),
+    (dict(aggregator="centered_clipping", aggregator_tau=float("inf")), "aggregator_tau"),
+    (dict(aggregator="trimmed_mean", aggregator_f=5), "aggregator_f"),  # more than the cohort can trim
+    (dict(attack="gaussian", byzantine_fraction=float("nan")), "byzantine_fraction"),
+    (dict(attack="gaussian", byzantine_fraction=0.2, attack_scale=float("inf")), "attack_scale"),
+    (dict(secure_aggregation=True, secagg_range=float("nan")), "secagg_range"),
+    (dict(secure_aggregation=True, secagg_bits=0), "secagg_bits"),
+    (dict(dp_clip_norm=1.0, dp_noise_multiplier=float("inf")), "dp_noise_multiplier"),
+    (dict(dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_delta=1.0), "dp_delta"),
+    (dict(dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_target_epsilon=float("nan")), "dp_target_epsilon"),
 ])
 def test_bad_robustness_settings_are_refused(fields, field):
   with pytest.raises(InputError, match=f"^{field}: "):
