@@ -58,8 +58,9 @@ MIN_COEFFICIENT = 1e-4
 class Hyperparameters(NamedTuple):
   """Defaults: the authors' MNIST settings, except α = β = 1 where they use 10. Their clients take plain SGD
   steps at lr 0.01; the protocols here take SGD steps at 0.03 (Fashion-MNIST) or 0.05 (digits) with momentum
-  0.9, about 30–50× theirs in effect, and so would weigh the generated terms at 10. With α = β = 10 the model collapsed to one class in round 2
-  (cross-device Fashion-MNIST, α = 0.1, seed 0; measured while clients still used the generator in train mode).
+  0.9, about 30–50× theirs in effect, and so would weigh the generated terms at 10. With α = β = 10 the model
+  collapsed to one class in round 2 (cross-device Fashion-MNIST, α = 0.1, seed 0; measured while clients still
+  used the generator in train mode).
   α and β are tuned per setting (benchmarks/tuning.py)."""
 
   generative_alpha: float = 1.0  # α: the clients' CE on generated features
