@@ -319,7 +319,8 @@ def _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, chec
           for name, extra in eval_models.items():  # e.g. the aggregate without distillation
             record.update(_evaluate(evaluate, extra, lane.eval_sets, suffix=f"_{name}"))
         else:
-          record = {k: v for k, v in record.items() if k not in PRIVATE_METRICS} | {"epsilon": accountant.epsilon(r)}
+          record = {k: v for k, v in record.items() if k not in PRIVATE_METRICS}
+          record["epsilon"] = accountant.epsilon(r)
         lane.log["records"].append(record)
         lane.writer.write(record)
       if (checkpoint_every and r % checkpoint_every == 0) or r == rounds or r == stop_after:
