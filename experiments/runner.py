@@ -59,6 +59,22 @@ def hyperparameters(c):
   return algorithms.hyperparameters(c.algorithm, c[section].to_dict() if section in c else {})
 
 
+def multi_process_problem(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str:
+  """What is wrong with the multi-process flags, as one line naming the flag ('' if nothing): all three or none,
+  at least one process, and an index in [0, num_processes) (otherwise jax.distributed waits for ever)."""
+  given = [coordinator is not None, num_processes is not None, process_id is not None]
+  if not any(given):
+    return ""
+  if not all(given):
+    return ("coordinator_address: a multi-process run needs --coordinator_address, --num_processes and "
+            "--process_id together")
+  if num_processes < 1:
+    return f"num_processes: must be ≥ 1, got {num_processes}"
+  if not 0 <= process_id < num_processes:
+    return f"process_id: must be in [0, {num_processes}), got {process_id}"
+  return ""
+
+
 def validate_config(c) -> None:
   """Checks every field that can be checked without loading data.
 

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.runner import run
+from experiments.runner import multi_process_problem, run
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.experiment import Diverged
 
@@ -44,10 +44,9 @@ def main(argv):
   if not _WORKDIR.value:
     print("error: workdir: --workdir is required", file=sys.stderr)
     sys.exit(2)
-  multi = [_COORDINATOR.value is not None, _NUM_PROCESSES.value is not None, _PROCESS_ID.value is not None]
-  if any(multi) and not all(multi):
-    print("error: coordinator_address: a multi-process run needs --coordinator_address, --num_processes and "
-          "--process_id together", file=sys.stderr)
+  problem = multi_process_problem(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
     sys.exit(2)
   import jax  # pylint: disable=import-outside-toplevel  # after fedsnd_jax, which sets XLA_FLAGS before jax loads
 

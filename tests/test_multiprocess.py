@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import report
+from experiments import report, runner
 from fedsnd_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,3 +69,15 @@ def test_partial_multi_process_flags_exit_2(tmp_path):
   out = subprocess.run([*TRAIN, f"--workdir={tmp_path}", "--num_processes=2"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 2 and "--process_id" in out.stderr and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flags, field", [
+    (("127.0.0.1:1234", 2, None), "coordinator_address"),
+    (("127.0.0.1:1234", 0, 0), "num_processes"),
+    (("127.0.0.1:1234", 2, 2), "process_id"),  # out of range: jax.distributed would wait for ever
+    (("127.0.0.1:1234", 2, -1), "process_id"),
+])
+def test_bad_multi_process_flags_name_the_flag(flags, field):
+  assert runner.multi_process_problem(*flags).startswith(f"{field}: ")
+  assert runner.multi_process_problem(None, None, None) == "" == runner.multi_process_problem("h:1", 2, 1)
+
