@@ -198,6 +198,11 @@ def overflow_chance(num_clients: int, clients_per_round: int, sampling: str) -> 
   return cohort_cap(num_clients, clients_per_round)[1] if sampling == "poisson" else 0.0
 
 
+def _overflow_charge(epsilon: float, failure: float) -> float:
+  """(1 + e^ε)·failure: what the cohort cap's overflow (chance `failure` over the run) costs of δ at ε."""
+  return (1 + math.exp(min(epsilon, 700.0))) * failure
+
+
 def _capped_epsilon(accountant: dp_accounting.PrivacyAccountant, delta: float, failure: float) -> float:
   """The smallest ε (to a relative EPSILON_SLACK) with δ_M(ε) + (1 + e^ε)·failure ≤ δ (module docstring).
 
@@ -206,7 +211,7 @@ def _capped_epsilon(accountant: dp_accounting.PrivacyAccountant, delta: float, f
   """
   guess = accountant.get_epsilon(delta)
   for _ in range(EPSILON_ITERATIONS):
-    budget = delta - (1 + math.exp(min(guess, 700.0))) * failure
+    budget = delta - _overflow_charge(guess, failure)
     if budget <= 0:
       return math.inf
     epsilon = accountant.get_epsilon(budget)
@@ -269,8 +274,8 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clie
     ValueError: no σ in [0.01, 10⁴] reaches it (e.g. the clipped count's own noise already spends more), or the
       cohort cap's overflow alone spends δ at that ε.
   """
-  budget = delta - (1 + math.exp(min(target_epsilon, 700.0))) * rounds * overflow_chance(
-      num_clients, clients_per_round, sampling)
+  budget = delta - _overflow_charge(target_epsilon, rounds * overflow_chance(num_clients, clients_per_round,
+                                                                            sampling))
   if budget <= 0:
     raise ValueError(f"ε = {target_epsilon} over {rounds} rounds: the cohort cap's overflow alone exceeds "
                      f"δ = {delta}")

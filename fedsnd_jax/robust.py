@@ -89,11 +89,9 @@ def trimmed_mean(f: int) -> Aggregator:
   return Aggregator(lambda params: EmptyState(), apply)
 
 
-def _nearest(stacked: Params, keep) -> tuple[jax.Array, jax.Array]:
-  """([C, C] each row's squared distances to the uploads in `keep` (1 = counted), ascending, absent ones +∞;
-  [C, C] the uploads in that order)."""
-  distances = jnp.where(keep[None, :] > 0, sq_distances(stacked), jnp.inf)
-  return jnp.sort(distances, axis=1), jnp.argsort(distances, axis=1, stable=True)
+def _counted_distances(stacked: Params, keep) -> jax.Array:
+  """[C, C] squared distances to the uploads in `keep` (1 = counted); +∞ to the others."""
+  return jnp.where(keep[None, :] > 0, sq_distances(stacked), jnp.inf)
 
 
 def krum_scores(stacked: Params, f: int, weights=None) -> jax.Array:
@@ -101,7 +99,7 @@ def krum_scores(stacked: Params, f: int, weights=None) -> jax.Array:
   num = jax.tree.leaves(stacked)[0].shape[0]
   keep = jnp.ones(num) if weights is None else present(weights)
   count = jnp.sum(keep)
-  ordered, _ = _nearest(stacked, keep)
+  ordered = jnp.sort(_counted_distances(stacked, keep), axis=1)
   column = jnp.arange(num)[None, :]
   used = (column >= 1) & (column < count - f)  # column 0: the distance to itself
   scores = jnp.sum(jnp.where(used, ordered, 0.0), axis=1) / jnp.maximum(count - f - 1, 1.0)
@@ -182,7 +180,7 @@ def nearest_neighbor_mixing(f: int, rule: Aggregator) -> Aggregator:
   def apply(models, weights, state, reference, key):
     keep = present(weights)
     count = jnp.sum(keep)
-    _, neighbours = _nearest(models, keep)  # [C, C], nearest first, absent uploads last
+    neighbours = jnp.argsort(_counted_distances(models, keep), axis=1, stable=True)  # nearest first, absent last
     used = (jnp.arange(keep.shape[0]) < count - f).astype(jnp.float32) / jnp.maximum(count - f, 1.0)
     mixed = jax.tree.map(lambda x: jnp.tensordot(x[neighbours].astype(jnp.float32), used, axes=([1], [0])
                                                  ).astype(x.dtype), models)
