@@ -58,7 +58,7 @@ def work(data_dir: str, num_clients: int, per_client: int, seed: int = 0):
 
 def peer_block(name: str, python: str, npz: str, rounds: int, *args: str) -> list[float]:
   """Warm round seconds of one process of the peer `name` (its first round compiles or warms up: dropped)."""
-  # Our XLA_FLAGS (DESIGN §6) name a flag jaxlib 0.5.3 does not know, and it aborts on unknown flags.
+  # Our XLA_FLAGS (fedsnd_jax/platform.py) name a flag jaxlib 0.5.3 does not know, and it aborts on unknown flags.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([python, WORKERS[name], npz, str(rounds), *args], check=True, capture_output=True,
                        text=True, env={**env, "JAX_PLATFORMS": "cpu"})
