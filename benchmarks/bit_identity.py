@@ -1,0 +1,134 @@
+r"""Every algorithm and every mechanism on the tiny config, for checking that a refactor changes no result.
+
+  python -m benchmarks.bit_identity --workdir=runs/identity_before            # on the old tree
+  python -m benchmarks.bit_identity --workdir=runs/identity_after --against=runs/identity_before
+
+Each case is the tiny config (experiments/configs/tiny.py: 3 digits clients, 3 rounds of 2 local steps) with a
+few fields set, run in this process into `<workdir>/<case>/`. With `--against`, every case's metrics.jsonl and
+summary.json are compared with the other folder's, record by record, leaving out the fields that are times
+(`*_s`); the script prints one line per case (`same`, or the first field that differs) and exits 1 if any case
+differs or is missing. Cases are named, so a renamed config field keeps its case's name.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments import runner
+from experiments.configs import tiny
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the cases run (one folder each).")
+_AGAINST = flags.DEFINE_string("against", None, "A finished --workdir of this script to compare with.")
+_CASES = flags.DEFINE_list("cases", [], "Run only these cases (default: all).")
+
+ROBUST = {"num_clients": 7, "clients_per_round": 7}  # room for f = 1 under every rule
+ATTACKED = {**ROBUST, "byzantine_fraction": 0.3}  # 2 of 7 clients
+
+CASES: dict[str, dict] = {
+    **{name: {"algorithm": name} for name in ("fedavg", "fedsd", "fednd", "fedsnd", "fedprox", "scaffold", "moon",
+                                              "feddyn", "fedntd", "fedgen", "fedftg")},
+    "fedavg_server_adam": {"server_opt": "adam", "server_lr": 0.01},
+    "fedavg_poisson": {"client_sampling": "poisson"},
+    "dp_central": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5},
+    "dp_adaptive": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5, "dp_adaptive_clip": True},
+    "dp_local_fedsnd": {"algorithm": "fedsnd", "dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5, "dp_local": True},
+    "dp_poisson_pld": {"dp_clip_norm": 1.0, "client_sampling": "poisson", "dp_accountant": "pld"},
+    "dp_target_epsilon": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.8, "dp_target_epsilon": 12.0},
+    "secagg": {"secure_aggregation": True},
+    "secagg_dropout": {"num_clients": 5, "clients_per_round": 5, "secure_aggregation": True,
+                       "secagg_dropout": 0.2, "secagg_bits": 12},
+    **{f"robust_{rule}": {**ROBUST, "aggregator": rule}
+       for rule in ("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping")},
+    "robust_median_nnm": {**ROBUST, "aggregator": "median", "nearest_neighbor_mixing": True},
+    **{f"attack_{kind}": {**ATTACKED, "attack": kind} for kind in ("sign_flip", "gaussian", "alie", "ipm",
+                                                                   "label_flip")},
+    "attack_ipm_scaled_krum": {**ATTACKED, "attack": "ipm", "attack_scale": 0.5, "aggregator": "krum"},
+    "attack_gaussian_fedsnd_consensus_median": {**ATTACKED, "attack": "gaussian", "aggregator": "median",
+                                                "algorithm": "fedsnd", "fedsnd.noise_consensus": True},
+}
+# Cases run vectorised (`runner.run_vectorized`) over these seeds.
+VECTORISED = {"vectorised_fedavg": {}, "vectorised_dp_central": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5}}
+VECTORISED_SEEDS = (0, 1)
+
+
+def config(overrides: dict, seed: int = 0):
+  c = tiny.get_config()
+  c.seed = seed
+  for dotted, value in overrides.items():
+    *sections, field = dotted.split(".")
+    target = c
+    for section in sections:
+      target = target[section]
+    target[field] = value
+  return c
+
+
+def run_case(name: str, workdir: str) -> None:
+  if name in VECTORISED:
+    configs = [config(VECTORISED[name], seed) for seed in VECTORISED_SEEDS]
+    runner.run_vectorized(configs, [os.path.join(workdir, name, f"seed={s}") for s in VECTORISED_SEEDS])
+  else:
+    runner.run(config(CASES[name]), os.path.join(workdir, name))
+
+
+def _untimed(record: dict) -> dict:
+  return {k: v for k, v in record.items() if not k.endswith("_s")}
+
+
+def _records(folder: str) -> list[dict]:
+  """The folder's metrics.jsonl records and summary.json (last), without times; a vectorised case's runs in
+  turn."""
+  runs = sorted(d for d in os.listdir(folder) if d.startswith("seed=")) if os.path.isdir(folder) else []
+  out = []
+  for run_folder in [os.path.join(folder, d) for d in runs] or [folder]:
+    with open(os.path.join(run_folder, "metrics.jsonl")) as f:
+      out += [_untimed(json.loads(line)) for line in f]
+    with open(os.path.join(run_folder, "summary.json")) as f:
+      out.append(_untimed(json.load(f)))
+  return out
+
+
+def difference(ours: str, theirs: str) -> str:
+  """'' if both folders hold the same records, else the first difference, in words."""
+  try:
+    a, b = _records(ours), _records(theirs)
+  except FileNotFoundError as e:
+    return f"missing {e.filename}"
+  if len(a) != len(b):
+    return f"{len(a)} records against {len(b)}"
+  for i, (x, y) in enumerate(zip(a, b, strict=True)):
+    for key in sorted(set(x) | set(y)):
+      if x.get(key) != y.get(key):
+        return f"record {i + 1}: {key} = {x.get(key)} against {y.get(key)}"
+  return ""
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  names = _CASES.value or [*CASES, *VECTORISED]
+  unknown = sorted(set(names) - set(CASES) - set(VECTORISED))
+  if unknown:
+    print(f"error: cases: unknown {', '.join(unknown)}", file=sys.stderr)
+    sys.exit(2)
+  differ = 0
+  for name in names:
+    start = time.perf_counter()
+    run_case(name, _WORKDIR.value)
+    verdict = ""
+    if _AGAINST.value:
+      problem = difference(os.path.join(_WORKDIR.value, name), os.path.join(_AGAINST.value, name))
+      differ += bool(problem)
+      verdict = f"  {problem or 'same'}"
+    print(f"{name:42s} {time.perf_counter() - start:6.1f} s{verdict}", flush=True)
+  if _AGAINST.value:
+    print(f"{len(names) - differ} of {len(names)} cases the same")
+  sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
