@@ -25,45 +25,37 @@ _AGAINST = flags.DEFINE_string("against", None, "A finished --workdir of this sc
 _CASES = flags.DEFINE_list("cases", [], "Run only these cases (default: all).")
 
 ROBUST = {"num_clients": 7, "clients_per_round": 7}  # room for f = 1 under every rule
-ATTACKED = {**ROBUST, "byzantine_fraction": 0.3}  # 2 of 7 clients
+ATTACKED = {**ROBUST, "attack.fraction": 0.3}  # 2 of 7 clients
 
 CASES: dict[str, dict] = {
     **{name: {"algorithm": name} for name in ("fedavg", "fedsd", "fednd", "fedsnd", "fedprox", "scaffold", "moon",
                                               "feddyn", "fedntd", "fedgen", "fedftg")},
     "fedavg_server_adam": {"server_opt": "adam", "server_lr": 0.01},
     "fedavg_poisson": {"client_sampling": "poisson"},
-    "dp_central": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5},
-    "dp_adaptive": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5, "dp_adaptive_clip": True},
-    "dp_local_fedsnd": {"algorithm": "fedsnd", "dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5, "dp_local": True},
-    "dp_poisson_pld": {"dp_clip_norm": 1.0, "client_sampling": "poisson", "dp_accountant": "pld"},
-    "dp_target_epsilon": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.8, "dp_target_epsilon": 12.0},
-    "secagg": {"secure_aggregation": True},
-    "secagg_dropout": {"num_clients": 5, "clients_per_round": 5, "secure_aggregation": True,
-                       "secagg_dropout": 0.2, "secagg_bits": 12},
-    **{f"robust_{rule}": {**ROBUST, "aggregator": rule}
+    "dp_central": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5},
+    "dp_adaptive": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5, "dp.adaptive_clip": True},
+    "dp_local_fedsnd": {"algorithm": "fedsnd", "dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5, "dp.local": True},
+    "dp_poisson_pld": {"dp.clip_norm": 1.0, "client_sampling": "poisson", "dp.accountant": "pld"},
+    "dp_target_epsilon": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.8, "dp.target_epsilon": 18.0},
+    "secagg": {"secagg.enabled": True},
+    "secagg_dropout": {"num_clients": 5, "clients_per_round": 5, "secagg.enabled": True,
+                       "secagg.dropout": 0.2, "secagg.bits": 12},
+    **{f"robust_{rule}": {**ROBUST, "robust.rule": rule}
        for rule in ("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping")},
-    "robust_median_nnm": {**ROBUST, "aggregator": "median", "nearest_neighbor_mixing": True},
-    **{f"attack_{kind}": {**ATTACKED, "attack": kind} for kind in ("sign_flip", "gaussian", "alie", "ipm",
+    "robust_median_nnm": {**ROBUST, "robust.rule": "median", "robust.nearest_neighbor_mixing": True},
+    **{f"attack_{kind}": {**ATTACKED, "attack.kind": kind} for kind in ("sign_flip", "gaussian", "alie", "ipm",
                                                                    "label_flip")},
-    "attack_ipm_scaled_krum": {**ATTACKED, "attack": "ipm", "attack_scale": 0.5, "aggregator": "krum"},
-    "attack_gaussian_fedsnd_consensus_median": {**ATTACKED, "attack": "gaussian", "aggregator": "median",
+    "attack_ipm_scaled_krum": {**ATTACKED, "attack.kind": "ipm", "attack.scale": 0.5, "robust.rule": "krum"},
+    "attack_gaussian_fedsnd_consensus_median": {**ATTACKED, "attack.kind": "gaussian", "robust.rule": "median",
                                                 "algorithm": "fedsnd", "fedsnd.noise_consensus": True},
 }
 # Cases run vectorised (`runner.run_vectorized`) over these seeds.
-VECTORISED = {"vectorised_fedavg": {}, "vectorised_dp_central": {"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.5}}
+VECTORISED = {"vectorised_fedavg": {}, "vectorised_dp_central": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5}}
 VECTORISED_SEEDS = (0, 1)
 
 
 def config(overrides: dict, seed: int = 0):
-  c = tiny.get_config()
-  c.seed = seed
-  for dotted, value in overrides.items():
-    *sections, field = dotted.split(".")
-    target = c
-    for section in sections:
-      target = target[section]
-    target[field] = value
-  return c
+  return runner.set_fields(tiny.get_config(), {**overrides, "seed": seed})
 
 
 def run_case(name: str, workdir: str) -> None:

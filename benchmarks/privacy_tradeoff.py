@@ -4,7 +4,7 @@ r"""Accuracy against the privacy budget ε for FedAvg (central DP) and FedSND (l
       [--epsilons=8,3,1] [--algorithms=fedavg,fedsnd] [--seeds=0] [--clip_norm=S] [--workdir=runs/privacy]
 
 For every algorithm it runs the config without DP (ε = ∞), then, for each target ε, with the noise multiplier σ
-that dp-accounting's calibration gives for the config's rounds, clients and dp_delta (fixed clipping at
+that dp-accounting's calibration gives for the config's rounds, clients and dp.delta (fixed clipping at
 --clip_norm): central DP where the algorithm allows it, else local DP. Each cell is one `experiments.train` run
 in `<workdir>/<algorithm>/eps=<ε>/seed=<s>/` (finished cells are reused; a run whose loss stops being finite is
 reported with its round). Prints one Markdown table.
@@ -47,10 +47,10 @@ def main(argv):
         c.algorithm, c.alpha, c.seed = name, _ALPHA.value, seed
         mode = _mode(c)
         if eps_text != "inf":
-          c.dp_clip_norm, c.dp_local = _CLIP.value, mode == "local"
-          c.dp_noise_multiplier = sigma = privacy.noise_for_epsilon(
-              float(eps_text), c.rounds, c.num_clients, c.clients_per_round, c.dp_delta, local=c.dp_local,
-              sampling=c.client_sampling, kind=c.dp_accountant)
+          c.dp.clip_norm, c.dp.local = _CLIP.value, mode == "local"
+          c.dp.noise_multiplier = sigma = privacy.noise_for_epsilon(
+              float(eps_text), c.rounds, c.num_clients, c.clients_per_round, c.dp.delta, local=c.dp.local,
+              sampling=c.client_sampling, kind=c.dp.accountant)
         workdir = os.path.join(_WORKDIR.value, name, f"eps={eps_text}", f"seed={seed}")
         if not os.path.exists(os.path.join(workdir, "summary.json")):
           try:
@@ -73,7 +73,7 @@ def main(argv):
       print(rows[-1], flush=True)
   c = _CONFIG.value
   print(f"\nAccuracy vs ε: {c.dataset}, {c.num_clients} clients ({c.clients_per_round} per round), "
-        f"α = {_ALPHA.value}, {c.rounds} rounds, δ = {c.dp_delta}, S = {_CLIP.value}, seeds "
+        f"α = {_ALPHA.value}, {c.rounds} rounds, δ = {c.dp.delta}, S = {_CLIP.value}, seeds "
         f"{', '.join(_SEEDS.value)}\n")
   print("| algorithm | DP | target ε | σ | ε spent | final acc % | last-5 mean % | server s/round |")
   print("|---|---|---|---|---|---|---|---|")

@@ -38,11 +38,11 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 
 def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
   c = _CONFIG.value.copy_and_resolve_references()
-  c.algorithm, c.aggregator, c.alpha, c.seed = algorithm.removesuffix("+consensus"), aggregator, alpha, seed
+  c.algorithm, c.robust.rule, c.alpha, c.seed = algorithm.removesuffix("+consensus"), aggregator, alpha, seed
   c.fedsnd.noise_consensus = algorithm.endswith("+consensus")
-  c.aggregator_f = max(1, math.ceil(fraction * c.clients_per_round))
+  c.robust.f = max(1, math.ceil(fraction * c.clients_per_round))
   if attack != "none":
-    c.attack, c.byzantine_fraction = attack, fraction
+    c.attack.kind, c.attack.fraction = attack, fraction
   workdir = os.path.join(_WORKDIR.value, algorithm, aggregator, attack, f"frac={fraction:g}", f"alpha={alpha:g}",
                          f"seed={seed}")
   if not os.path.exists(os.path.join(workdir, "summary.json")):
@@ -61,7 +61,7 @@ def detection(workdir, c, fraction) -> tuple[int, int, int, int]:
     if "consensus_trusted" not in record:
       continue
     for cid, trusted in zip(record["consensus_client_ids"], record["consensus_trusted"], strict=True):
-      bad = c.attack != "none" and cid in byzantine
+      bad = c.attack.kind != "none" and cid in byzantine
       tp, fp, fn = tp + (bad and not trusted), fp + (not bad and not trusted), fn + (bad and trusted)
       honest += not bad
   return tp, fp, fn, honest

@@ -9,29 +9,26 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import jax
 import numpy as np
 import optax
+from absl import flags
 
-from fedsnd_jax import (
-  aggregation,
-  algorithms,
-  attacks,
-  evaluation,
-  experiment,
-  federated_data,
-  mapping,
-  metrics,
-  models,
-  privacy,
-  robust,
-  secure_aggregation,
-)
+from experiments.configs import default
+from fedsnd_jax import algorithms, evaluation, experiment, federated_data, mapping, mechanisms, metrics, models
 from fedsnd_jax import partition as partition_lib
-from fedsnd_jax.algorithm import SAMPLINGS, FederatedAlgorithm, Federation, LocalSchedule
+from fedsnd_jax.algorithm import (
+  SAMPLINGS,
+  AlgorithmInfo,
+  FederatedAlgorithm,
+  Federation,
+  LocalSchedule,
+  MechanismParts,
+)
 from fedsnd_jax.data import Dataset, load_dataset
-from fedsnd_jax.errors import require
+from fedsnd_jax.errors import InputError, require
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 # Fields a resumed run may change; every other field must match the workdir's config.json.
@@ -50,13 +47,23 @@ def _check_finite(c, prefix="") -> None:
 def federation(c, input_shape=None, num_classes=None, schedule=None) -> Federation:
   """The config's Federation; before the data is loaded (validation), shapes and schedule are None."""
   return Federation(c.num_clients, c.clients_per_round, schedule, c.client_lr, c.client_momentum, c.weight_decay,
-                    input_shape, num_classes)
+                    input_shape, num_classes, c.client_sampling)
 
 
 def hyperparameters(c):
   """The algorithm's Hyperparameters from its config section."""
   section = algorithms.get(c.algorithm).section
   return algorithms.hyperparameters(c.algorithm, c[section].to_dict() if section in c else {})
+
+
+def algorithm_info(c) -> AlgorithmInfo:
+  return AlgorithmInfo(c.algorithm, algorithms.get(c.algorithm).privacy(hyperparameters(c)))
+
+
+def mechanism_settings(c) -> dict:
+  """Section → Settings of every registered mechanism, from the config's sections."""
+  return {section: mechanisms.settings(section, c[section].to_dict() if section in c else {})
+          for section in mechanisms.REGISTRY}
 
 
 def multi_process_problem(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str:
@@ -75,12 +82,65 @@ def multi_process_problem(coordinator: str | None, num_processes: int | None, pr
   return ""
 
 
+def refuse_moved(field: str) -> None:
+  """Raises InputError naming the new place of a field of the earlier flat layout (`dp_clip_norm`)."""
+  if field in mechanisms.MOVED:
+    raise InputError(mechanisms.MOVED[field], f"the field {field} is now {mechanisms.MOVED[field]} "
+                     f"(--config.{mechanisms.MOVED[field]}=...)")
+
+
+def parse_flags(argv):
+  """absl flag parsing for the binaries, but a bad flag value exits with code 2 and one line, like any other
+  bad input (an earlier version's flat --config field names its new place)."""
+  try:
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        refuse_moved(arg.removeprefix("--config.").partition("=")[0])
+    return flags.FLAGS(argv)
+  except InputError as e:
+    print(f"error: {e}", file=sys.stderr)
+  except flags.Error as e:  # a config file's own error comes with its traceback: its first and last lines
+    lines = str(e).strip().splitlines()
+    print(f"error: {lines[0]}{' ' + lines[-1] if len(lines) > 1 else ''}", file=sys.stderr)
+  except (KeyError, AttributeError) as e:  # ml_collections' answer to an unknown --config.<field>
+    print(f"error: config: unknown field {str(e).strip(chr(34))}; see experiments/configs/default.py",
+          file=sys.stderr)
+  except TypeError as e:  # a config file setting a field to a value of another type (a section to a value)
+    print(f"error: config: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
+def set_fields(c, fields: dict):
+  """Sets `fields` (dotted names reach a section: {"dp.clip_norm": 1.0}) in the config `c`; returns it."""
+  for dotted, value in fields.items():
+    *sections, field = dotted.split(".")
+    target = c
+    for section in sections:
+      target = target[section]
+    target[field] = value
+  return c
+
+
+def check_fields(c) -> None:
+  """Every top-level field is one of the default config's, and a section where that is one (a field of an
+  earlier version's flat layout is refused naming its new place)."""
+  known = default.get_config()
+  for field, value in c.items():
+    if not hasattr(value, "items"):
+      refuse_moved(field)
+    require(field in known, field, "no such config field; see experiments/configs/default.py")
+    require(hasattr(value, "items") == hasattr(known[field], "items"), field,
+            f"is {'a section' if hasattr(known[field], 'items') else 'a value'} in the config, not "
+            f"{'a section' if hasattr(value, 'items') else 'a value'}")
+
+
 def validate_config(c) -> None:
   """Checks every field that can be checked without loading data.
 
   Raises:
     InputError: naming the first bad field and its allowed values.
   """
+  check_fields(c)
   plugin = algorithms.get(c.algorithm)
   require(c.model in models.MODELS, "model", f"unknown model {c.model!r}; allowed: {', '.join(models.MODELS)}")
   require(c.partition in partition_lib.PARTITIONS, "partition",
@@ -116,120 +176,7 @@ def validate_config(c) -> None:
   require(0 <= c.validation_fraction < 1, "validation_fraction",
           f"must be in [0, 1), got {c.validation_fraction}")
   plugin.validate(hyperparameters(c), federation(c))
-  _validate_privacy(c, plugin)
-  _validate_robustness(c)
-  _validate_secure_aggregation(c, plugin)
-  require(c.client_sampling == "fixed" or (c.aggregator == "mean" and not c.secure_aggregation), "client_sampling",
-          "poisson sampling varies the cohort's size, which a robust rule's f and secure aggregation's threshold "
-          "are not checked against; use aggregator=mean without secure_aggregation, or client_sampling=fixed")
-
-
-def _validate_secure_aggregation(c, plugin) -> None:
-  if not c.secure_aggregation:
-    return
-  require("secure_aggregation" in plugin.privacy(hyperparameters(c)), "secure_aggregation",
-          f"{c.algorithm}'s server needs individual client models (see its module), which secure aggregation "
-          "hides; run it without secure_aggregation")
-  require(c.dp_clip_norm == 0 and c.aggregator == "mean" and not c.nearest_neighbor_mixing, "secure_aggregation",
-          "the server only sees the sum: it cannot clip individual updates (DP) or run a robust rule")
-  require(1 <= c.secagg_bits <= 31 and c.clients_per_round * ((1 << c.secagg_bits) - 1) < 1 << 32, "secagg_bits",
-          f"{c.clients_per_round} clients × (2^{c.secagg_bits} − 1) must stay below 2^32")
-  require(c.secagg_range > 0, "secagg_range", f"must be > 0, got {c.secagg_range}")
-  dropped = int(round(c.secagg_dropout * c.clients_per_round))
-  require(0 <= c.secagg_dropout < 1 and c.clients_per_round - dropped >= secure_aggregation.threshold(
-      c.clients_per_round), "secagg_dropout", f"{dropped} of {c.clients_per_round} dropping leaves fewer than the "
-          f"{secure_aggregation.threshold(c.clients_per_round)} survivors needed to unmask")
-
-
-def _validate_robustness(c) -> None:
-  require(c.aggregator == "mean" or c.aggregator in robust.RULES, "aggregator",
-          f"unknown aggregator {c.aggregator!r}; allowed: mean, {', '.join(robust.RULES)}")
-  require(c.attack in attacks.ATTACKS, "attack",
-          f"unknown attack {c.attack!r}; allowed: {', '.join(attacks.ATTACKS)}")
-  for field in ("aggregator_f", "aggregator_tau", "attack_scale"):
-    require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
-  require(c.aggregator != "centered_clipping" or c.aggregator_tau > 0, "aggregator_tau",
-          "centered clipping's radius τ must be > 0 (at 0 the aggregate never moves)")
-  require(0 <= c.byzantine_fraction < 0.5, "byzantine_fraction",
-          f"must be in [0, 0.5), got {c.byzantine_fraction}")
-  require((c.attack == "none") == (c.byzantine_fraction == 0), "attack",
-          f"attack={c.attack!r} with byzantine_fraction={c.byzantine_fraction}: set both or neither")
-  if c.aggregator != "mean" or c.nearest_neighbor_mixing:
-    require(c.dp_clip_norm == 0, "aggregator", "differential privacy brings its own aggregator (clip and noise "
-            "the mean); use aggregator=mean with dp_clip_norm > 0")
-    rule = c.aggregator if c.aggregator != "mean" else "median"
-    need = robust.smallest_round(rule, c.aggregator_f, c.nearest_neighbor_mixing)
-    require(c.clients_per_round >= need, "aggregator_f", f"{c.aggregator}"
-            f"{' with nearest-neighbour mixing' if c.nearest_neighbor_mixing else ''} for f = {c.aggregator_f} "
-            f"needs at least {need} clients per round, got {c.clients_per_round}")
-  require(not c.nearest_neighbor_mixing or c.aggregator != "mean", "nearest_neighbor_mixing",
-          "is a pre-aggregation for a robust rule; choose an aggregator other than mean")
-
-
-def robustness(c, num_classes: int, data: federated_data.FederatedData):
-  """(aggregator or None, attack or None, training data) of the config's robustness and secure-aggregation
-  fields.
-
-  The Byzantine clients are drawn once per seed; label_flip poisons their data, the model attacks replace their
-  uploads.
-  """
-  aggregator = None
-  if c.aggregator != "mean":
-    aggregator = robust.build(c.aggregator, c.aggregator_f, c.aggregator_tau, c.nearest_neighbor_mixing)
-  elif c.secure_aggregation:
-    aggregator = secure_aggregation.secure_mean(c.secagg_bits, c.secagg_range, c.secagg_dropout)
-  if c.attack == "none":
-    return aggregator, None, data
-  byzantine = attacks.byzantine_clients(c.num_clients, c.byzantine_fraction, c.seed)
-  if c.attack == "label_flip":
-    return aggregator, None, attacks.flip_labels(data, byzantine, num_classes)
-  scale = c.attack_scale or attacks.DEFAULT_SCALE[c.attack]
-  return aggregator, attacks.model_attack(c.attack, byzantine, scale), data
-
-
-def _validate_privacy(c, plugin) -> None:
-  for field in ("dp_clip_norm", "dp_noise_multiplier", "dp_clip_count_stddev", "dp_target_epsilon"):
-    require(c[field] >= 0, field, f"must be ≥ 0, got {c[field]}")
-  if c.dp_clip_norm == 0:
-    return
-  require(0 < c.dp_delta < 1, "dp_delta", f"must be in (0, 1), got {c.dp_delta}")
-  require(0 < c.dp_target_quantile < 1, "dp_target_quantile", f"must be in (0, 1), got {c.dp_target_quantile}")
-  require(c.dp_clip_learning_rate > 0, "dp_clip_learning_rate", f"must be > 0, got {c.dp_clip_learning_rate}")
-  require(not (c.dp_local and c.dp_adaptive_clip), "dp_adaptive_clip",
-          "adaptive clipping is central DP's (the server sets S from a noised count); not with dp_local")
-  require(c.dp_target_epsilon == 0 or c.dp_noise_multiplier > 0, "dp_target_epsilon",
-          "needs dp_noise_multiplier > 0 (without noise ε is infinite)")
-  require(c.dp_accountant in privacy.ACCOUNTANTS, "dp_accountant",
-          f"unknown dp_accountant {c.dp_accountant!r}; allowed: {', '.join(privacy.ACCOUNTANTS)}")
-  require(c.dp_accountant == "rdp" or c.dp_local or c.client_sampling == "poisson", "dp_accountant",
-          "dp-accounting's PLD accountant does not support sampling without replacement; use "
-          "client_sampling=poisson or dp_accountant=rdp")
-  modes = plugin.privacy(hyperparameters(c))
-  require(bool(modes), "algorithm", f"{c.algorithm} releases more than its model update in the clear, which no "
-          "DP mode here covers (see its module); run it with dp_clip_norm=0")
-  mode = "local" if c.dp_local else "central"
-  require(mode in modes, "dp_local", f"{c.algorithm} can be covered by {' or '.join(modes)} DP only, not {mode} "
-          f"(see its module); set --config.dp_local={not c.dp_local}")
-
-
-def privacy_mechanism(c):
-  """(aggregator, upload transform, accountant) of the config's DP settings; (None, None, None) without DP."""
-  if c.dp_clip_norm == 0:
-    return None, None, None
-  count_stddev = 0.0
-  if c.dp_local:
-    aggregator, transform = aggregation.unweighted_mean(), privacy.local_noise(c.dp_clip_norm,
-                                                                               c.dp_noise_multiplier)
-  else:
-    adaptive = None
-    if c.dp_adaptive_clip:
-      count_stddev = c.dp_clip_count_stddev or c.clients_per_round / 20
-      adaptive = privacy.AdaptiveClipping(c.dp_target_quantile, count_stddev, c.dp_clip_learning_rate)
-    aggregator = privacy.central_dp(c.dp_clip_norm, c.dp_noise_multiplier, adaptive, c.clients_per_round)
-    transform = None
-  accountant = privacy.Accountant(c.num_clients, c.clients_per_round, c.dp_noise_multiplier, c.dp_delta,
-                                  count_stddev, c.dp_local, c.client_sampling, c.dp_accountant)
-  return aggregator, transform, accountant
+  mechanisms.validate(mechanism_settings(c), federation(c), algorithm_info(c))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,18 +190,18 @@ class Experiment:
   train_data: federated_data.FederatedData
   eval_sets: dict[str, evaluation.EvalData]  # "test", and "val" when validation_fraction > 0
   num_steps: int
-  accountant: privacy.Accountant | None  # differential privacy's ε, when dp_clip_norm > 0
+  mechanisms: MechanismParts  # what the mechanisms that are on plug in (DP's accountant among them)
 
 
-def build_algorithm(c, model: models.Model, fed: Federation, aggregator=None, upload_transform=None,
-                    attack=None, runs: int = 0) -> FederatedAlgorithm:
-  """Turns the config's algorithm, its section and the server fields into builder arguments; the aggregator,
-  upload transform and attack come from `privacy_mechanism` and `robustness`."""
+def build_algorithm(c, model: models.Model, fed: Federation, parts: MechanismParts,
+                    runs: int = 0) -> FederatedAlgorithm:
+  """Turns the config's algorithm, its section and the server fields into builder arguments, with what the
+  mechanisms plug in."""
   server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
                 else optax.adam(c.server_lr))
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
-                          aggregator=aggregator, upload_transform=upload_transform, attack=attack,
-                          client_map=resolve_client_map(c), chunk_size=c.chunk_size, sampling=c.client_sampling,
+                          aggregator=parts.aggregator, upload_transform=parts.upload_transform,
+                          attack=parts.attack, client_map=resolve_client_map(c), chunk_size=c.chunk_size,
                           runs=runs)
 
 
@@ -314,10 +261,11 @@ def prepare(c) -> Experiment:
   if val is not None:
     eval_sets["val"] = evaluation.to_eval_data(*val, ds.mean, ds.std, c.eval_batch_size)
   fed = federation(c, ds.input_shape, ds.num_classes, schedule)
-  robust_aggregator, attack, train_data = robustness(c, ds.num_classes, train_data)
-  dp_aggregator, transform, accountant = privacy_mechanism(c)
-  algorithm = build_algorithm(c, model, fed, dp_aggregator or robust_aggregator, transform, attack)
-  return Experiment(ds, part, model, algorithm, train_data, eval_sets, num_steps, accountant)
+  parts = mechanisms.build(mechanism_settings(c), fed, c.seed)
+  if parts.data_transform is not None:
+    train_data = parts.data_transform(train_data)
+  algorithm = build_algorithm(c, model, fed, parts)
+  return Experiment(ds, part, model, algorithm, train_data, eval_sets, num_steps, parts)
 
 
 def _check_workdir(workdir: str, config: dict) -> None:
@@ -349,7 +297,7 @@ def run(c, workdir: str, stop_after: int | None = None) -> dict | None:
   return experiment.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
                         rounds=c.rounds, seed=c.seed, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
                         target_accuracy=c.target_accuracy, info=_info(c), on_start=_on_start(c, exp),
-                        accountant=exp.accountant, target_epsilon=c.dp_target_epsilon,
+                        accountant=exp.mechanisms.accountant, target_epsilon=c.dp.target_epsilon,
                         stop_after=stop_after)
 
 
@@ -371,18 +319,16 @@ def run_vectorized(configs: list, workdirs: list[str]) -> list[dict]:
     changed = sorted(k for k, v in other.to_dict().items() if k not in VECTORIZABLE and fixed[k] != v)
     require(not changed, "vectorize", f"runs vectorised together may differ only in {', '.join(VECTORIZABLE)}, "
             f"not {', '.join(changed)}")
-  require(c.byzantine_fraction == 0 or c.attack == "none", "vectorize",
-          "Byzantine clients are drawn per seed: run attacked cells one by one")
+  mechanisms.validate(mechanism_settings(c), federation(c), algorithm_info(c), vectorised=True)
   exps = [prepare(one) for one in configs]
   widest = max(e.train_data.max_count for e in exps)
   schedule = LocalSchedule(c.batch_size, federated_data.steps_per_round(widest, c.batch_size, c.local_epochs,
                                                                         c.local_steps), c.local_epochs,
                            c.local_steps)
   ds = exps[0].dataset
-  robust_aggregator = robustness(c, ds.num_classes, exps[0].train_data)[0]
-  dp_aggregator, transform, accountant = privacy_mechanism(c)
-  algorithm = build_algorithm(c, exps[0].model, federation(c, ds.input_shape, ds.num_classes, schedule),
-                              dp_aggregator or robust_aggregator, transform, runs=len(configs))
+  fed = federation(c, ds.input_shape, ds.num_classes, schedule)
+  parts = exps[0].mechanisms
+  algorithm = build_algorithm(c, exps[0].model, fed, parts, runs=len(configs))
   starts = {workdir: _on_start(one, exp, vectorised=True)
             for workdir, one, exp in zip(workdirs, configs, exps, strict=True)}
   model, eval_sets = exps[0].model, [e.eval_sets for e in exps]
@@ -393,8 +339,8 @@ def run_vectorized(configs: list, workdirs: list[str]) -> list[dict]:
       eval_every=c.eval_every,
       checkpoint_every=c.checkpoint_every, target_accuracy=c.target_accuracy,
       infos=[{**_info(one), "vectorized_runs": len(configs)} for one in configs],
-      on_start=lambda workdir: starts[workdir](workdir), accountant=accountant,
-      target_epsilon=c.dp_target_epsilon)
+      on_start=lambda workdir: starts[workdir](workdir), accountant=parts.accountant,
+      target_epsilon=c.dp.target_epsilon)
 
 
 def _info(c) -> dict:

@@ -64,13 +64,6 @@ def _lookup(c, dotted: str):
   return c[field]
 
 
-def _assign(c, dotted: str, value) -> None:
-  *sections, field = dotted.split(".")
-  for section in sections:
-    c = c[section]
-  c[field] = value
-
-
 def parse_variants(specs, base) -> dict[str, dict]:
   """{"NAME": {field: value}} from "NAME:field=value:..." strings, typed like the base config's fields.
 
@@ -82,6 +75,7 @@ def parse_variants(specs, base) -> dict[str, dict]:
     overrides = {}
     for a in assignments:
       field, sep, text = a.partition("=")
+      runner.refuse_moved(field)
       try:
         template = _lookup(base, field) if sep else None
       except KeyError:
@@ -97,8 +91,7 @@ def parse_variants(specs, base) -> dict[str, dict]:
 
 def cell_config(base, algorithm: str, alpha: float, seed: int, variants: dict, partition: str | None):
   c = base.copy_and_resolve_references()
-  for field, value in variants.get(algorithm, {"algorithm": algorithm}).items():
-    _assign(c, field, value)
+  runner.set_fields(c, variants.get(algorithm, {"algorithm": algorithm}))
   c.alpha, c.seed = alpha, seed
   if partition:
     c.partition = partition
@@ -212,4 +205,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=runner.parse_flags)

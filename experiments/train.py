@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.runner import multi_process_problem, run
+from experiments.runner import multi_process_problem, parse_flags, run
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.experiment import Diverged
 
@@ -23,18 +23,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it ho
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host only).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host only).")
-
-
-def _parse_flags(argv):
-  """absl flag parsing, but a bad flag value exits with code 2 and one line, like any other bad input."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-  except (KeyError, AttributeError) as e:  # ml_collections' answer to an unknown --config.<field>
-    print(f"error: config: unknown field {str(e).strip(chr(34))}; see experiments/configs/default.py",
-          file=sys.stderr)
-  sys.exit(2)
 
 
 def main(argv):
@@ -66,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -55,6 +55,7 @@ class Federation(NamedTuple):
     schedule: the local schedule.
     client_lr, client_momentum, weight_decay: the clients' SGD (`client.client_optimizer`).
     input_shape: one example's shape; num_classes: NC.
+    sampling: how a round's clients are drawn, one of SAMPLINGS (`round_keys`).
   """
 
   num_clients: int
@@ -65,6 +66,7 @@ class Federation(NamedTuple):
   weight_decay: float
   input_shape: tuple[int, ...]
   num_classes: int
+  sampling: str = "fixed"
 
   def client_optimizer(self) -> optax.GradientTransformation:
     return client.client_optimizer(self.client_lr, self.client_momentum, self.weight_decay)
@@ -235,6 +237,54 @@ class Plugin(NamedTuple):
   section: str
   model_options: Callable[[Any], dict] = _no_model_options
   privacy: Callable[[Any], tuple[str, ...]] = _any_privacy
+
+
+class AlgorithmInfo(NamedTuple):
+  """The run's algorithm as a mechanism's validation sees it: its registry name, and the privacy mechanisms its
+  releases can be covered by (`Plugin.privacy` of its hyperparameters)."""
+
+  name: str
+  privacy: tuple[str, ...]
+
+
+class MechanismParts(NamedTuple):
+  """What a mechanism plugs into a run (None: nothing of that kind).
+
+  Attributes:
+    aggregator: replaces the example-weighted mean (at most one mechanism of a run supplies one).
+    upload_transform: (received [P], trained [P], key) -> uploaded [P], run by every client (local DP).
+    attack: (uploads [C, P], ids [C], received [P], key) -> uploads [C, P], the Byzantine clients' replacement
+      of their uploads after local training.
+    data_transform: FederatedData -> FederatedData, applied once to the training data (label flipping).
+    accountant: the run's privacy accountant (`privacy.Accountant`), for ε in the metrics.
+  """
+
+  aggregator: Any = None
+  upload_transform: Callable | None = None
+  attack: Callable | None = None
+  data_transform: Callable[[FederatedData], FederatedData] | None = None
+  accountant: Any = None
+
+
+class MechanismSpec(NamedTuple):
+  """A registered mechanism (`fedsnd_jax.mechanisms.REGISTRY`), like `Plugin` for an algorithm.
+
+  Attributes:
+    section: its config section (`--config.<section>.<field>`).
+    settings: the NamedTuple class of its settings; the defaults leave it off.
+    enabled: settings -> whether it is on.
+    validate: (settings, federation, AlgorithmInfo) -> None; raises InputError naming `section.field`. Runs
+      before the data is loaded (the federation's schedule, input_shape and num_classes may be None), whether
+      the mechanism is on or not.
+    build: (settings, federation, seed) -> MechanismParts, for a mechanism that is on; the federation is
+      complete.
+  """
+
+  section: str
+  settings: type
+  enabled: Callable[[Any], bool]
+  validate: Callable[..., None]
+  build: Callable[..., MechanismParts]
 
 
 class RoundOutput(NamedTuple):

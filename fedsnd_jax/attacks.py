@@ -17,6 +17,7 @@ sign_flip and ipm share a formula and differ in their default scale (1 and 0.1).
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ import numpy as np
 from jax.scipy.special import ndtri
 
 from fedsnd_jax import tree_math
+from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
+from fedsnd_jax.errors import require
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.shapes import Params
 
@@ -76,3 +79,42 @@ def model_attack(name: str, byzantine: np.ndarray, scale: float):
                         models, reference, malicious)
 
   return corrupt
+
+
+class Settings(NamedTuple):
+  """Byzantine clients, config section `attack` (off while kind is none).
+
+  Attributes:
+    kind: none | sign_flip | gaussian | alie | ipm | label_flip (module docstring).
+    fraction: the share of the K clients (fixed per seed) that attack; < 0.5.
+    scale: s of sign_flip, gaussian and ipm; 0 = the attack's default (1, 1, 0.1).
+  """
+
+  kind: str = "none"
+  fraction: float = 0.0
+  scale: float = 0.0
+
+
+def enabled(s: Settings) -> bool:
+  return s.kind != "none"
+
+
+def validate(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> None:
+  """Raises InputError naming `attack.<field>`."""
+  del federation, algorithm
+  require(s.kind in ATTACKS, "attack.kind", f"unknown attack {s.kind!r}; allowed: {', '.join(ATTACKS)}")
+  require(0 <= s.fraction < 0.5, "attack.fraction", f"must be in [0, 0.5), got {s.fraction}")
+  require(s.scale >= 0, "attack.scale", f"must be ≥ 0, got {s.scale}")
+  require(enabled(s) == (s.fraction > 0), "attack.kind",
+          f"attack.kind={s.kind!r} with attack.fraction={s.fraction}: set both or neither")
+
+
+def build(s: Settings, federation: Federation, seed: int) -> MechanismParts:
+  """The seed's Byzantine clients: label_flip poisons their data, the model attacks replace their uploads."""
+  byzantine = byzantine_clients(federation.num_clients, s.fraction, seed)
+  if s.kind == "label_flip":
+    return MechanismParts(data_transform=lambda data: flip_labels(data, byzantine, federation.num_classes))
+  return MechanismParts(attack=model_attack(s.kind, byzantine, s.scale or DEFAULT_SCALE[s.kind]))
+
+
+SPEC = MechanismSpec("attack", Settings, enabled, validate, build)

@@ -284,7 +284,7 @@ def _rounds(algorithm, model, train_data, lanes, state, rounds, eval_every, chec
   budgeted = accountant is not None and target_epsilon > 0
   for _ in range(start_round, rounds):
     if budgeted and accountant.epsilon(current + 1) > target_epsilon:
-      stopped = {"stopped": f"dp_target_epsilon: round {current + 1} would spend ε = "
+      stopped = {"stopped": f"dp.target_epsilon: round {current + 1} would spend ε = "
                             f"{accountant.epsilon(current + 1):.3f} > {target_epsilon}"}
       print(f"stopping before round {current + 1}: {stopped['stopped']}", flush=True)
       break

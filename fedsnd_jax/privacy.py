@@ -42,9 +42,10 @@ import dp_accounting
 import jax
 import jax.numpy as jnp
 
-from fedsnd_jax import models, tree_math
+from fedsnd_jax import aggregation, models, tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator
-from fedsnd_jax.algorithm import cohort_cap
+from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec, cohort_cap
+from fedsnd_jax.errors import require
 from fedsnd_jax.shapes import Params
 
 # Andrew et al.'s suggestions: clip-norm learning rate 0.2, clipped-count noise C/20.
@@ -293,3 +294,83 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, num_clients: int, clie
   except ValueError:
     raise ValueError(f"no noise multiplier in [0.01, 1e4] reaches ε = {target_epsilon} after {rounds} rounds "
                      f"(count_stddev = {count_stddev})") from None
+
+
+class Settings(NamedTuple):
+  """Client-level differential privacy, config section `dp` (off while clip_norm is 0).
+
+  Central DP by default: the server clips every model update to S, sums, adds N(0, (σS)²) and divides by C.
+
+  Attributes:
+    clip_norm: S, the L2 clip of a client's whole update; 0 = no differential privacy.
+    noise_multiplier: σ, the noise std in units of S.
+    adaptive_clip: adapt S to the target_quantile of update norms (Andrew et al., NeurIPS 2021; central only).
+    target_quantile: γ, the share of updates S should leave unclipped.
+    clip_count_stddev: σ_b, the noise on the unclipped count; 0 = clients_per_round / 20 (the paper's).
+    clip_learning_rate: η of the geometric update S ← S·exp(−η(b̄ − γ)) (the paper's 0.2).
+    delta: δ of the run's (ε, δ) guarantee; ε at this δ is in every metrics record and in summary.json.
+    accountant: rdp | pld (dp-accounting's; PLD is tighter and needs client_sampling=poisson or local).
+    target_epsilon: > 0: stop before a round would spend more (exit 0, summary.json says so).
+    local: local DP: every client clips and noises its own update (no trusted server).
+  """
+
+  clip_norm: float = 0.0
+  noise_multiplier: float = 1.0
+  adaptive_clip: bool = False
+  target_quantile: float = 0.5
+  clip_count_stddev: float = 0.0
+  clip_learning_rate: float = DEFAULT_CLIP_LEARNING_RATE
+  delta: float = 1e-5
+  accountant: str = "rdp"
+  target_epsilon: float = 0.0
+  local: bool = False
+
+
+def enabled(s: Settings) -> bool:
+  return s.clip_norm > 0
+
+
+def validate(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> None:
+  """Raises InputError naming `dp.<field>` (or `algorithm`) for settings no DP run here can take."""
+  for field in ("clip_norm", "noise_multiplier", "clip_count_stddev", "target_epsilon"):
+    require(getattr(s, field) >= 0, f"dp.{field}", f"must be ≥ 0, got {getattr(s, field)}")
+  if not enabled(s):
+    return
+  require(0 < s.delta < 1, "dp.delta", f"must be in (0, 1), got {s.delta}")
+  require(0 < s.target_quantile < 1, "dp.target_quantile", f"must be in (0, 1), got {s.target_quantile}")
+  require(s.clip_learning_rate > 0, "dp.clip_learning_rate", f"must be > 0, got {s.clip_learning_rate}")
+  require(not (s.local and s.adaptive_clip), "dp.adaptive_clip",
+          "adaptive clipping is central DP's (the server sets S from a noised count); not with dp.local")
+  require(s.target_epsilon == 0 or s.noise_multiplier > 0, "dp.target_epsilon",
+          "needs dp.noise_multiplier > 0 (without noise ε is infinite)")
+  require(s.accountant in ACCOUNTANTS, "dp.accountant",
+          f"unknown accountant {s.accountant!r}; allowed: {', '.join(ACCOUNTANTS)}")
+  require(s.accountant == "rdp" or s.local or federation.sampling == "poisson", "dp.accountant",
+          "dp-accounting's PLD accountant does not support sampling without replacement; use "
+          "client_sampling=poisson or dp.accountant=rdp")
+  require(bool(algorithm.privacy), "algorithm", f"{algorithm.name} releases more than its model update in the "
+          "clear, which no DP mode here covers (see its module); run it with dp.clip_norm=0")
+  mode = "local" if s.local else "central"
+  require(mode in algorithm.privacy, "dp.local", f"{algorithm.name} can be covered by "
+          f"{' or '.join(algorithm.privacy)} DP only, not {mode} (see its module); set --config.dp.local="
+          f"{not s.local}")
+
+
+def build(s: Settings, federation: Federation, seed: int) -> MechanismParts:
+  """Central DP's aggregator, or local DP's unweighted mean and upload noise; the run's accountant."""
+  del seed
+  count_stddev = 0.0
+  if s.local:
+    parts = MechanismParts(aggregation.unweighted_mean(), local_noise(s.clip_norm, s.noise_multiplier))
+  else:
+    adaptive = None
+    if s.adaptive_clip:
+      count_stddev = s.clip_count_stddev or federation.clients_per_round / 20
+      adaptive = AdaptiveClipping(s.target_quantile, count_stddev, s.clip_learning_rate)
+    parts = MechanismParts(central_dp(s.clip_norm, s.noise_multiplier, adaptive, federation.clients_per_round))
+  accountant = Accountant(federation.num_clients, federation.clients_per_round, s.noise_multiplier, s.delta,
+                          count_stddev, s.local, federation.sampling, s.accountant)
+  return parts._replace(accountant=accountant)
+
+
+SPEC = MechanismSpec("dp", Settings, enabled, validate, build)

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 
 from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState, weighted_average
+from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
+from fedsnd_jax.errors import require
 from fedsnd_jax.shapes import Params
 
 RULES = ("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping")
@@ -189,7 +191,7 @@ def nearest_neighbor_mixing(f: int, rule: Aggregator) -> Aggregator:
   return Aggregator(rule.init, apply, rule.protocol_bytes)
 
 
-def build(rule: str, f: int, tau: float = 1.0, mixing: bool = False) -> Aggregator:
+def robust_rule(rule: str, f: int, tau: float = 1.0, mixing: bool = False) -> Aggregator:
   """The named rule (one of RULES) for f Byzantine uploads, optionally behind nearest-neighbour mixing."""
   rules = {"median": median, "trimmed_mean": lambda: trimmed_mean(f), "krum": lambda: krum(f),
            "multi_krum": lambda: multi_krum(f), "geometric_median": geometric_median,
@@ -202,3 +204,49 @@ def smallest_round(rule: str, f: int, mixing: bool = False) -> int:
   """The fewest clients per round the rule needs for f Byzantine uploads (Krum: C > 2f + 2; trimming: C > 2f)."""
   need = {"trimmed_mean": 2 * f + 1, "krum": 2 * f + 3, "multi_krum": 2 * f + 3}.get(rule, 1)
   return max(need, f + 1 if mixing else 1)
+
+
+class Settings(NamedTuple):
+  """Robust aggregation, config section `robust` (off while rule is mean and mixing is off).
+
+  Attributes:
+    rule: mean (the example-weighted mean: no robust rule) | one of RULES.
+    f: Byzantine uploads per round the rule is built to tolerate.
+    tau: centered_clipping's radius τ (L2 norm of an update).
+    nearest_neighbor_mixing: NNM pre-aggregation before the rule (Allouah et al., AISTATS 2023).
+  """
+
+  rule: str = "mean"
+  f: int = 1
+  tau: float = 1.0
+  nearest_neighbor_mixing: bool = False
+
+
+def enabled(s: Settings) -> bool:
+  return s.rule != "mean" or s.nearest_neighbor_mixing
+
+
+def validate(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> None:
+  """Raises InputError naming `robust.<field>` for a rule the round cannot run."""
+  del algorithm
+  require(s.rule == "mean" or s.rule in RULES, "robust.rule",
+          f"unknown rule {s.rule!r}; allowed: mean, {', '.join(RULES)}")
+  for field in ("f", "tau"):
+    require(getattr(s, field) >= 0, f"robust.{field}", f"must be ≥ 0, got {getattr(s, field)}")
+  require(s.rule != "centered_clipping" or s.tau > 0, "robust.tau",
+          "centered clipping's radius τ must be > 0 (at 0 the aggregate never moves)")
+  require(not s.nearest_neighbor_mixing or s.rule != "mean", "robust.nearest_neighbor_mixing",
+          "is a pre-aggregation for a robust rule; choose a robust.rule other than mean")
+  if enabled(s):
+    need = smallest_round(s.rule, s.f, s.nearest_neighbor_mixing)
+    require(federation.clients_per_round >= need, "robust.f", f"{s.rule}"
+            f"{' with nearest-neighbour mixing' if s.nearest_neighbor_mixing else ''} for f = {s.f} needs at "
+            f"least {need} clients per round, got {federation.clients_per_round}")
+
+
+def build(s: Settings, federation: Federation, seed: int) -> MechanismParts:
+  del federation, seed
+  return MechanismParts(aggregator=robust_rule(s.rule, s.f, s.tau, s.nearest_neighbor_mixing))
+
+
+SPEC = MechanismSpec("robust", Settings, enabled, validate, build)

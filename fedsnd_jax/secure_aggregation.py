@@ -25,7 +25,7 @@ as it does for the protocol's clients. Example counts are not used (an unweighte
 What the simulation does not model: seeds of 32 bits for the masks' PRG (JAX's threefry keys; a deployment uses
 128-bit seeds and an AES-CTR PRG), a 61-bit group for key agreement (a deployment uses elliptic-curve
 Diffie–Hellman), deterministic rounding in quantisation (not stochastic), no signatures or consistency checks
-(the threshold t = ⌊2C/3⌋ + 1 protects against an honest-but-curious server only, not an active one), and no
+(the threshold t = ⌊C/2⌋ + 1 protects against an honest-but-curious server only, not an active one), and no
 network: every message arrives except the dropped clients' masked inputs.
 """
 
@@ -38,6 +38,8 @@ import numpy as np
 
 from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState
+from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
+from fedsnd_jax.errors import require
 
 PRIME = (1 << 61) - 1  # GF(p) for key agreement and Shamir sharing
 GENERATOR = 3
@@ -220,3 +222,48 @@ def protocol_bytes(num: int) -> int:
   """Bytes a client sends besides its masked vector (uint32 per coordinate, as a float32 model): 2 public keys,
   C − 1 encrypted share pairs, and up to C − 1 shares in the unmasking round (Bonawitz et al.'s four rounds)."""
   return KEY_BYTES * (2 + 2 * (num - 1) + (num - 1))
+
+
+class Settings(NamedTuple):
+  """Secure aggregation, config section `secagg`: the server learns only the sum of the surviving clients'
+  quantised updates (module docstring).
+
+  Attributes:
+    enabled: run every round's aggregation through the protocol.
+    bits: b, bits per quantised coordinate (clients_per_round·(2^b − 1) < 2^32).
+    range: r, update coordinates are clipped to [−r, r] before quantisation.
+    dropout: the share of each round's clients that drop after masking (at most C − (⌊C/2⌋ + 1) of C).
+  """
+
+  enabled: bool = False
+  bits: int = 16
+  range: float = 0.1
+  dropout: float = 0.0
+
+
+def enabled(s: Settings) -> bool:
+  return s.enabled
+
+
+def validate(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> None:
+  """Raises InputError naming `secagg.<field>` for settings the protocol cannot run with."""
+  if not s.enabled:
+    return
+  num = federation.clients_per_round
+  require("secure_aggregation" in algorithm.privacy, "secagg.enabled",
+          f"{algorithm.name}'s server needs individual client models (see its module), which secure aggregation "
+          "hides; run it with secagg.enabled=False")
+  require(1 <= s.bits <= 31 and num * ((1 << s.bits) - 1) < 1 << 32, "secagg.bits",
+          f"{num} clients × (2^{s.bits} − 1) must stay below 2^32")
+  require(s.range > 0, "secagg.range", f"must be > 0, got {s.range}")
+  dropped = int(round(s.dropout * num))
+  require(0 <= s.dropout < 1 and num - dropped >= threshold(num), "secagg.dropout",
+          f"{dropped} of {num} dropping leaves fewer than the {threshold(num)} survivors needed to unmask")
+
+
+def build(s: Settings, federation: Federation, seed: int) -> MechanismParts:
+  del federation, seed
+  return MechanismParts(aggregator=secure_mean(s.bits, s.range, s.dropout))
+
+
+SPEC = MechanismSpec("secagg", Settings, enabled, validate, build)

@@ -29,18 +29,18 @@ _IDENTITY = Aggregator(lambda params: EmptyState(), lambda models, w, state, ref
 def _aggregator(key: str, f: int) -> tuple[Aggregator, int]:
   """Our rule for a ByzFL call of the JSON, and how many times in a row it is applied (state carried over)."""
   return {
-      "median": (robust.build("median", f), 1),
-      "trimmed_mean": (robust.build("trimmed_mean", f), 1),
-      "krum": (robust.build("krum", f), 1),
-      "multi_krum": (robust.build("multi_krum", f), 1),
+      "median": (robust.robust_rule("median", f), 1),
+      "trimmed_mean": (robust.robust_rule("trimmed_mean", f), 1),
+      "krum": (robust.robust_rule("krum", f), 1),
+      "multi_krum": (robust.robust_rule("multi_krum", f), 1),
       "geometric_median": (robust.geometric_median(nu=0.1, steps=3), 1),  # ByzFL's defaults, ours too
       "geometric_median_nu2.5_T10": (robust.geometric_median(nu=2.5, steps=10), 1),
       "centered_clipping": (robust.centered_clipping(tau=100.0, steps=1), 1),  # ByzFL's defaults
       "centered_clipping_tau1_L3": (robust.centered_clipping(tau=1.0, steps=3), 1),
       "centered_clipping_tau2_twice": (robust.centered_clipping(tau=2.0, steps=1), 2),
       "nnm": (robust.nearest_neighbor_mixing(f, _IDENTITY), 1),
-      "nnm_median": (robust.build("median", f, mixing=True), 1),
-      "nnm_krum": (robust.build("krum", f, mixing=True), 1),
+      "nnm_median": (robust.robust_rule("median", f, mixing=True), 1),
+      "nnm_krum": (robust.robust_rule("krum", f, mixing=True), 1),
   }[key]
 
 

@@ -1,6 +1,7 @@
 """Client-level differential privacy: clipping and noise checked by hand, accounting against dp-accounting."""
 
 import json
+import re
 
 import dp_accounting
 import jax
@@ -123,24 +124,21 @@ def test_one_local_release_is_the_analytic_gaussian_mechanism():
   assert analytic(eps) <= delta * 1.001 and analytic(0.99 * eps) > delta  # ε is (near) the smallest that holds
 
 
-def _dp_tiny(**fields):
-  c = tiny_config.get_config()
-  c.rounds, c.num_clients, c.clients_per_round = 4, 3, 3
-  c.dp_clip_norm, c.dp_noise_multiplier = 1.0, 2.0
-  for k, v in fields.items():
-    c[k] = v
-  return c
+def _dp_tiny(fields=None):
+  return runner.set_fields(tiny_config.get_config(), {"rounds": 4, "num_clients": 3, "clients_per_round": 3,
+                                                       "dp.clip_norm": 1.0, "dp.noise_multiplier": 2.0,
+                                                       **(fields or {})})
 
 
 def test_target_epsilon_stops_the_run_before_it_is_exceeded(tmp_path):
   acc = privacy.Accountant(3, 3, 2.0, 1e-5)
   target = (acc.epsilon(2) + acc.epsilon(3)) / 2  # room for exactly 2 rounds
-  summary = runner.run(_dp_tiny(dp_target_epsilon=target), str(tmp_path))
+  summary = runner.run(_dp_tiny({"dp.target_epsilon": target}), str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["round"] for r in records] == [1, 2]
   assert all(r["epsilon"] <= target for r in records) and records[-1]["epsilon"] == pytest.approx(acc.epsilon(2))
   assert summary["epsilon"] == pytest.approx(acc.epsilon(2)) and summary["dp_delta"] == 1e-5
-  assert summary["stopped"].startswith("dp_target_epsilon: round 3")
+  assert summary["stopped"].startswith("dp.target_epsilon: round 3")
 
 
 def test_huge_clip_and_no_noise_is_fedavg_with_uniform_weights(tiny, federation, run_rounds):
@@ -152,26 +150,20 @@ def test_huge_clip_and_no_noise_is_fedavg_with_uniform_weights(tiny, federation,
 
 
 @pytest.mark.parametrize("fields, field", [
-    (dict(algorithm="fedsnd"), "dp_local"),  # central DP cannot cover cross-client distillation
-    (dict(algorithm="scaffold"), "algorithm"),  # control variates uploaded in the clear
-    (dict(algorithm="fedsnd", dp_local=True, fedsnd=dict(teacher_weighting="class_count")), "algorithm"),
-    (dict(dp_local=True, dp_adaptive_clip=True), "dp_adaptive_clip"),
-    (dict(dp_noise_multiplier=0.0, dp_target_epsilon=3.0), "dp_target_epsilon"),
-    (dict(dp_delta=0.0), "dp_delta"),
+    ({"algorithm": "fedsnd"}, "dp.local"),  # central DP cannot cover cross-client distillation
+    ({"algorithm": "scaffold"}, "algorithm"),  # control variates uploaded in the clear
+    ({"algorithm": "fedsnd", "dp.local": True, "fedsnd.teacher_weighting": "class_count"}, "algorithm"),
+    ({"dp.local": True, "dp.adaptive_clip": True}, "dp.adaptive_clip"),
+    ({"dp.noise_multiplier": 0.0, "dp.target_epsilon": 3.0}, "dp.target_epsilon"),
+    ({"dp.delta": 0.0}, "dp.delta"),
 ])
 def test_uncovered_combinations_are_refused(fields, field):
-  c = _dp_tiny()
-  for k, v in fields.items():
-    if isinstance(v, dict):
-      c[k].update(v)
-    else:
-      c[k] = v
-  with pytest.raises(InputError, match=f"^{field}: "):
-    runner.validate_config(c)
+  with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
+    runner.validate_config(_dp_tiny(fields))
 
 
 def test_fedsnd_runs_under_local_dp_and_logs_only_what_dp_covers(tmp_path):
-  c = _dp_tiny(algorithm="fedsnd", dp_local=True)
+  c = _dp_tiny({"algorithm": "fedsnd", "dp.local": True})
   c.fedsnd.update(dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4))
   summary = runner.run(c, str(tmp_path))
   assert summary["epsilon"] == pytest.approx(privacy.Accountant(3, 3, 2.0, 1e-5, local=True).epsilon(4))
@@ -182,7 +174,7 @@ def test_fedsnd_runs_under_local_dp_and_logs_only_what_dp_covers(tmp_path):
 
 
 def test_a_resumed_private_run_reports_the_epsilon_of_an_uninterrupted_one(tmp_path):
-  c = _dp_tiny(client_sampling="poisson", dp_accountant="pld", checkpoint_every=1)
+  c = _dp_tiny({"client_sampling": "poisson", "dp.accountant": "pld", "checkpoint_every": 1})
   whole = runner.run(c, str(tmp_path / "whole"))
   assert runner.run(c, str(tmp_path / "cut"), stop_after=2) is None
   resumed = runner.run(c, str(tmp_path / "cut"))

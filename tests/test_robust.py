@@ -1,6 +1,7 @@
 """Robust aggregators against ByzFL's documented outputs, attacks by hand, and Byzantine runs end to end."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ def _aggregate(aggregator, stacked, reference):
 @pytest.mark.parametrize("rule", robust.RULES)
 def test_rules_reproduce_byzfl_on_its_documented_example(rule):
   # As one leaf, and split over two leaves with a nonzero reference (rules act on updates x − w).
-  agg = robust.build(rule, f=1, tau=100.0)
+  agg = robust.robust_rule(rule, f=1, tau=100.0)
   out = _aggregate(agg, {"v": jnp.asarray(X)}, {"v": jnp.zeros(3)})
   np.testing.assert_allclose(out.params["v"], BYZFL[rule], rtol=1e-6)
   ref = {"a": jnp.array([0.5, -1.0]), "b": jnp.array([2.0])}
@@ -49,7 +50,7 @@ def test_an_upload_of_weight_zero_is_left_out(rule, mixing):
   order = np.array([0, 5, 1, 2, 6, 3, 4])  # dropped rows at positions 1 and 4
   stacked = np.concatenate([kept, dropped])[order]
   weights = jnp.asarray((order < 5).astype(np.float32) * 3.0)
-  agg = robust.build(rule, f=1, tau=1.0, mixing=mixing)
+  agg = robust.robust_rule(rule, f=1, tau=1.0, mixing=mixing)
   reference = {"v": jnp.zeros(6)}
   key = jax.random.key(0)
   ours = jax.jit(agg.apply)({"v": jnp.asarray(stacked)}, weights, agg.init(reference), reference, key)
@@ -59,7 +60,7 @@ def test_an_upload_of_weight_zero_is_left_out(rule, mixing):
 
 def test_nearest_neighbor_mixing_reproduces_byzfl():
   # ByzFL's NNM(1) maps the example to [[2.5, 3.5, 4.5], [2.5, 3.5, 4.5], [5.5, 6.5, 7.5]]; its median is row 0.
-  out = _aggregate(robust.build("median", f=1, mixing=True), {"v": jnp.asarray(X)}, {"v": jnp.zeros(3)})
+  out = _aggregate(robust.robust_rule("median", f=1, mixing=True), {"v": jnp.asarray(X)}, {"v": jnp.zeros(3)})
   np.testing.assert_allclose(out.params["v"], [2.5, 3.5, 4.5], rtol=1e-6)
 
 
@@ -76,8 +77,9 @@ def test_centered_clipping_clips_around_its_previous_center():
 def test_one_huge_upload_does_not_move_robust_rules(rule):
   honest = np.random.default_rng(0).normal(0.0, 0.1, (6, 50)).astype(np.float32)
   stacked = np.concatenate([honest, np.full((1, 50), 1e6, np.float32)])
-  out = jax.jit(robust.build(rule, f=1).apply)({"v": stacked}, jnp.ones(7), robust.build(rule, 1).init(None),
-                                               {"v": jnp.zeros(50)}, jax.random.key(0))
+  aggregator = robust.robust_rule(rule, f=1)
+  out = jax.jit(aggregator.apply)({"v": stacked}, jnp.ones(7), aggregator.init(None), {"v": jnp.zeros(50)},
+                                  jax.random.key(0))
   assert float(jnp.abs(out.params["v"]).max()) < 1.0  # the plain mean would be ≈ 1.4e5
 
 
@@ -122,20 +124,17 @@ def test_byzantine_set_is_seeded_and_label_flip_poisons_only_their_data(tiny):
   np.testing.assert_array_equal(np.asarray(flipped.y)[others], tiny.y[others])
 
 
-def _byzantine_tiny(**fields):
-  c = tiny_config.get_config()
-  c.num_clients, c.clients_per_round, c.rounds = 10, 10, 3
-  for k, v in fields.items():
-    c[k] = v
-  return c
+def _byzantine_tiny(fields=None):
+  return runner.set_fields(tiny_config.get_config(), {"num_clients": 10, "clients_per_round": 10, "rounds": 3,
+                                                       **(fields or {})})
 
 
 def test_median_survives_what_breaks_the_mean(tmp_path):
-  attack = dict(attack="gaussian", byzantine_fraction=0.2, attack_scale=1000.0)
-  clean = runner.run(_byzantine_tiny(aggregator="median"), str(tmp_path / "clean"))
-  robust_run = runner.run(_byzantine_tiny(aggregator="median", **attack), str(tmp_path / "median"))
+  attack = {"attack.kind": "gaussian", "attack.fraction": 0.2, "attack.scale": 1000.0}
+  clean = runner.run(_byzantine_tiny({"robust.rule": "median"}), str(tmp_path / "clean"))
+  robust_run = runner.run(_byzantine_tiny({"robust.rule": "median", **attack}), str(tmp_path / "median"))
   try:
-    broken = runner.run(_byzantine_tiny(**attack), str(tmp_path / "mean"))["final_accuracy"]
+    broken = runner.run(_byzantine_tiny(attack), str(tmp_path / "mean"))["final_accuracy"]
   except Exception:  # noqa: BLE001 — a diverged mean is broken too
     broken = 0.0
   assert robust_run["final_accuracy"] > broken + 0.2
@@ -143,26 +142,26 @@ def test_median_survives_what_breaks_the_mean(tmp_path):
 
 
 @pytest.mark.parametrize("fields, field", [
-    (dict(aggregator="krum", aggregator_f=4), "aggregator_f"),  # Krum needs C > 2f + 2
-    (dict(aggregator="bulyan"), "aggregator"),
-    (dict(attack="alie"), "attack"),  # an attack without Byzantine clients
-    (dict(attack="alie", byzantine_fraction=0.5), "byzantine_fraction"),
-    (dict(aggregator="median", dp_clip_norm=1.0), "aggregator"),
-    (dict(nearest_neighbor_mixing=True), "nearest_neighbor_mixing"),
-    (dict(aggregator="centered_clipping", aggregator_tau=0.0), "aggregator_tau"),
-    (dict(aggregator="centered_clipping", aggregator_tau=float("inf")), "aggregator_tau"),
-    (dict(aggregator="trimmed_mean", aggregator_f=5), "aggregator_f"),  # more than the cohort can trim
-    (dict(attack="gaussian", byzantine_fraction=float("nan")), "byzantine_fraction"),
-    (dict(attack="gaussian", byzantine_fraction=0.2, attack_scale=float("inf")), "attack_scale"),
-    (dict(secure_aggregation=True, secagg_range=float("nan")), "secagg_range"),
-    (dict(secure_aggregation=True, secagg_bits=0), "secagg_bits"),
-    (dict(dp_clip_norm=1.0, dp_noise_multiplier=float("inf")), "dp_noise_multiplier"),
-    (dict(dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_delta=1.0), "dp_delta"),
-    (dict(dp_clip_norm=1.0, dp_noise_multiplier=1.0, dp_target_epsilon=float("nan")), "dp_target_epsilon"),
+    ({"robust.rule": "krum", "robust.f": 4}, "robust.f"),  # Krum needs C > 2f + 2
+    ({"robust.rule": "bulyan"}, "robust.rule"),
+    ({"attack.kind": "alie"}, "attack.kind"),  # an attack without Byzantine clients
+    ({"attack.kind": "alie", "attack.fraction": 0.5}, "attack.fraction"),
+    ({"robust.rule": "median", "dp.clip_norm": 1.0}, "robust"),  # both choose the aggregator
+    ({"robust.nearest_neighbor_mixing": True}, "robust.nearest_neighbor_mixing"),
+    ({"robust.rule": "centered_clipping", "robust.tau": 0.0}, "robust.tau"),
+    ({"robust.rule": "centered_clipping", "robust.tau": float("inf")}, "robust.tau"),
+    ({"robust.rule": "trimmed_mean", "robust.f": 5}, "robust.f"),  # more than the cohort can trim
+    ({"attack.kind": "gaussian", "attack.fraction": float("nan")}, "attack.fraction"),
+    ({"attack.kind": "gaussian", "attack.fraction": 0.2, "attack.scale": float("inf")}, "attack.scale"),
+    ({"secagg.enabled": True, "secagg.range": float("nan")}, "secagg.range"),
+    ({"secagg.enabled": True, "secagg.bits": 0}, "secagg.bits"),
+    ({"dp.clip_norm": 1.0, "dp.noise_multiplier": float("inf")}, "dp.noise_multiplier"),
+    ({"dp.clip_norm": 1.0, "dp.noise_multiplier": 1.0, "dp.delta": 1.0}, "dp.delta"),
+    ({"dp.clip_norm": 1.0, "dp.noise_multiplier": 1.0, "dp.target_epsilon": float("nan")}, "dp.target_epsilon"),
 ])
 def test_bad_robustness_settings_are_refused(fields, field):
-  with pytest.raises(InputError, match=f"^{field}: "):
-    runner.validate_config(_byzantine_tiny(**fields))
+  with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
+    runner.validate_config(_byzantine_tiny(fields))
 
 
 def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
@@ -183,8 +182,8 @@ def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
 def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path, mode):
   # Honest clients must learn something for a consensus to exist: 30 local steps, α = 1. The defence holds in
   # every mode: after distill_rounds (round 2 here distils no more) and when distilling into the aggregate.
-  c = _byzantine_tiny(algorithm="fednd", attack="gaussian", byzantine_fraction=0.2, attack_scale=100.0,
-                      rounds=2, local_steps=30, alpha=1.0)
+  c = _byzantine_tiny({"algorithm": "fednd", "attack.kind": "gaussian", "attack.fraction": 0.2,
+                       "attack.scale": 100.0, "rounds": 2, "local_steps": 30, "alpha": 1.0})
   c.fedsnd.update(dict(noise_samples=20, noise_steps=30, distill_steps=2, distill_batch=8, noise_consensus=True,
                        **mode))
   summary = runner.run(c, str(tmp_path))

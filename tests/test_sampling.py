@@ -38,14 +38,14 @@ def test_poisson_cohort_by_hand():
 def test_poisson_with_everyone_in_is_full_participation(tiny, federation, run_rounds, assert_close):
   data, fed = federation()  # 3 of 3: q = 1
   model = models.build_model("mlp", tiny.shape, 3)
-  assert_close(run_rounds(algorithms.build("fedavg", model, fed, sampling="poisson"), data, 2)[0].params,
+  assert_close(run_rounds(algorithms.build("fedavg", model, fed._replace(sampling="poisson")), data, 2)[0].params,
                run_rounds(algorithms.build("fedavg", model, fed), data, 2)[0].params)
 
 
 def test_poisson_round_is_fedavg_over_the_sampled_clients_only(tiny, federation, assert_close):
   data, fed = federation(3, 1)  # q = 1/3, cap 3: a round pads with the empty client
   model = models.build_model("mlp", tiny.shape, 3)
-  alg = algorithms.build("fedavg", model, fed, sampling="poisson")
+  alg = algorithms.build("fedavg", model, fed._replace(sampling="poisson"))
   state = alg.init(jax.random.key(0))
   phase = algorithm.make_client_phase(model, algorithms.get("fedavg").build(model, None, fed).client_loss,
                                       fed.client_optimizer(), fed.schedule, "vmap", 8)
@@ -68,7 +68,7 @@ def test_poisson_round_is_fedavg_over_the_sampled_clients_only(tiny, federation,
 def test_poisson_refuses_algorithms_that_would_see_the_empty_client(tiny, federation):
   _, fed = federation(3, 1)
   with pytest.raises(InputError, match="client_sampling"):
-    algorithms.build("scaffold", models.build_model("mlp", tiny.shape, 3), fed, sampling="poisson")
+    algorithms.build("scaffold", models.build_model("mlp", tiny.shape, 3), fed._replace(sampling="poisson"))
 
 
 def test_aggregators_leave_weight_zero_uploads_out():
@@ -133,12 +133,12 @@ def test_capped_epsilon_is_the_smallest_that_holds():
 
 def test_config_checks_poisson_and_pld():
   c = tiny_config.get_config()
-  c.dp_clip_norm, c.dp_accountant = 1.0, "pld"
-  with pytest.raises(InputError, match="dp_accountant"):
+  c.dp.clip_norm, c.dp.accountant = 1.0, "pld"
+  with pytest.raises(InputError, match="^dp.accountant: "):
     runner.validate_config(c)
   c.client_sampling = "poisson"
   runner.validate_config(c)
-  c.aggregator = "median"
-  c.dp_clip_norm = 0.0
-  with pytest.raises(InputError, match="client_sampling"):
+  c.robust.rule = "median"
+  c.dp.clip_norm = 0.0
+  with pytest.raises(InputError, match="^client_sampling: "):
     runner.validate_config(c)

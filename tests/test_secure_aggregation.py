@@ -2,6 +2,7 @@
 upload looks uniform, and FedAvg under it equals the unweighted mean up to quantisation."""
 
 import random
+import re
 
 import jax
 import jax.numpy as jnp
@@ -80,24 +81,21 @@ def test_fedavg_under_secure_aggregation_is_the_unweighted_mean_up_to_quantisati
 
 
 @pytest.mark.parametrize("fields, field", [
-    (dict(algorithm="fedsnd"), "secure_aggregation"),  # the server distils between individual models
-    (dict(algorithm="scaffold"), "secure_aggregation"),
-    (dict(dp_clip_norm=1.0), "secure_aggregation"),
-    (dict(secagg_bits=31), "secagg_bits"),  # 3 clients × (2^31 − 1) overflows
-    (dict(secagg_dropout=0.5), "secagg_dropout"),  # 2 of 3 dropping leaves 1 < 2 needed
+    ({"algorithm": "fedsnd"}, "secagg.enabled"),  # the server distils between individual models
+    ({"algorithm": "scaffold"}, "secagg.enabled"),
+    ({"dp.clip_norm": 1.0}, "secagg"),  # both choose the aggregator
+    ({"secagg.bits": 31}, "secagg.bits"),  # 3 clients × (2^31 − 1) overflows
+    ({"secagg.dropout": 0.5}, "secagg.dropout"),  # 2 of 3 dropping leaves 1 < 2 needed
 ])
 def test_incompatible_settings_are_refused(fields, field):
-  c = tiny_config.get_config()
-  c.clients_per_round, c.secure_aggregation = 3, True
-  for k, v in fields.items():
-    c[k] = v
-  with pytest.raises(InputError, match=f"^{field}: "):
+  c = runner.set_fields(tiny_config.get_config(), {"clients_per_round": 3, "secagg.enabled": True, **fields})
+  with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
     runner.validate_config(c)
 
 
 def test_a_run_with_dropouts_trains(tmp_path):
   c = tiny_config.get_config()
   c.num_clients, c.clients_per_round, c.rounds = 5, 5, 3
-  c.secure_aggregation, c.secagg_dropout = True, 0.4
+  c.secagg.enabled, c.secagg.dropout = True, 0.4
   summary = runner.run(c, str(tmp_path))
   assert summary["final_accuracy"] > 0.2

@@ -151,7 +151,7 @@ def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path, capsys):
   configs = []
   for seed in (0, 1):
     c = tiny.get_config()
-    c.rounds, c.clients_per_round, c.secure_aggregation, c.secagg_dropout, c.seed = 2, 3, True, 0.34, seed
+    c.rounds, c.clients_per_round, c.secagg.enabled, c.secagg.dropout, c.seed = 2, 3, True, 0.34, seed
     configs.append(c)
   for c in configs:
     runner.run(c, str(tmp_path / f"alone{c.seed}"))

@@ -127,10 +127,11 @@ BAD_INPUTS = [
     ("--config.algorithm=fedsnd --config.fedsnd.distill_lr=nan", "fedsnd.distill_lr"),
     ("--config.algorithm=moon --config.moon.tau=0", "moon.tau"),
     ("--config.dataset=npz:{nan_npz}", "dataset"),
-    ("--config.algorithm=fedsnd --config.dp_clip_norm=1", "dp_local"),
-    ("--config.algorithm=fedsnd --config.secure_aggregation=True", "secure_aggregation"),
-    ("--config.attack=alie --config.byzantine_fraction=0.5", "byzantine_fraction"),
-    ("--config.aggregator=krum --config.aggregator_f=1", "aggregator_f"),  # 2 clients per round; Krum needs 5
+    ("--config.algorithm=fedsnd --config.dp.clip_norm=1", "dp.local"),
+    ("--config.algorithm=fedsnd --config.secagg.enabled=True", "secagg.enabled"),
+    ("--config.attack.kind=alie --config.attack.fraction=0.5", "attack.fraction"),
+    ("--config.robust.rule=krum --config.robust.f=1", "robust.f"),  # 2 clients per round; Krum needs 5
+    ("--config.dp_clip_norm=1", "dp.clip_norm"),  # the earlier flat layout's name
 ]
 
 

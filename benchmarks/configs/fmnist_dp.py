@@ -17,7 +17,7 @@ def get_config():
   c.num_clients = 3000
   c.clients_per_round = 600
   c.client_sampling = "poisson"
-  c.dp_accountant = "pld"
+  c.dp.accountant = "pld"
   c.rounds = 30
   c.local_epochs = 1
   c.batch_size = 10

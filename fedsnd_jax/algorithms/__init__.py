@@ -58,17 +58,17 @@ def model_options(name: str, hp) -> dict:
 
 def build(name: str, model: models.Model, federation: Federation, hp=None, *,
           server_opt=None, aggregator: aggregation.Aggregator | None = None, upload_transform=None, attack=None,
-          client_map: str = "vmap", chunk_size: int = 8, sampling: str = "fixed",
-          max_traces: int | None = None, runs: int = 0) -> FederatedAlgorithm:
+          client_map: str = "vmap", chunk_size: int = 8, max_traces: int | None = None,
+          runs: int = 0) -> FederatedAlgorithm:
   """Builds a registered algorithm on the round driver.
 
   Args:
     name: a REGISTRY key.
     model: the model pair (built with `model_options(name, hp)`).
-    federation: clients, schedule, client optimiser settings, data shapes.
+    federation: clients, schedule, client optimiser settings, data shapes, client sampling.
     hp: the plug-in's Hyperparameters, or a mapping of overrides (None: the paper's defaults).
-    server_opt, aggregator, upload_transform, attack, client_map, chunk_size, sampling, max_traces, runs: the
-      driver's (`build_rounds`).
+    server_opt, aggregator, upload_transform, attack, client_map, chunk_size, max_traces, runs: the driver's
+      (`build_rounds`).
 
   Raises:
     InputError: an unknown name, or hyperparameters out of range.
@@ -81,4 +81,4 @@ def build(name: str, model: models.Model, federation: Federation, hp=None, *,
                       clients_per_round=federation.clients_per_round, schedule=federation.schedule,
                       client_opt=federation.client_optimizer(), server_opt=server_opt, aggregator=aggregator,
                       upload_transform=upload_transform, attack=attack, client_map=client_map,
-                      chunk_size=chunk_size, sampling=sampling, max_traces=max_traces, runs=runs)
+                      chunk_size=chunk_size, sampling=federation.sampling, max_traces=max_traces, runs=runs)
