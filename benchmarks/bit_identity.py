@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import runner
+from experiments import configuration, train_lib
 from experiments.configs import tiny
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the cases run (one folder each).")
@@ -49,21 +49,22 @@ CASES: dict[str, dict] = {
     "attack_gaussian_fedsnd_consensus_median": {**ATTACKED, "attack.kind": "gaussian", "robust.rule": "median",
                                                 "algorithm": "fedsnd", "fedsnd.noise_consensus": True},
 }
-# Cases run vectorised (`runner.run_vectorized`) over these seeds.
+# Cases run vectorised (`train_lib.train_and_evaluate_many`) over these seeds.
 VECTORISED = {"vectorised_fedavg": {}, "vectorised_dp_central": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5}}
 VECTORISED_SEEDS = (0, 1)
 
 
 def config(overrides: dict, seed: int = 0):
-  return runner.set_fields(tiny.get_config(), {**overrides, "seed": seed})
+  return configuration.set_fields(tiny.get_config(), {**overrides, "seed": seed})
 
 
 def run_case(name: str, workdir: str) -> None:
   if name in VECTORISED:
     configs = [config(VECTORISED[name], seed) for seed in VECTORISED_SEEDS]
-    runner.run_vectorized(configs, [os.path.join(workdir, name, f"seed={s}") for s in VECTORISED_SEEDS])
+    workdirs = [os.path.join(workdir, name, f"seed={s}") for s in VECTORISED_SEEDS]
+    train_lib.train_and_evaluate_many(configs, workdirs)
   else:
-    runner.run(config(CASES[name]), os.path.join(workdir, name))
+    train_lib.train_and_evaluate(config(CASES[name]), os.path.join(workdir, name))
 
 
 def _untimed(record: dict) -> dict:

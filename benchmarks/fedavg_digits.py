@@ -11,7 +11,7 @@ import tempfile
 import jax
 from absl import app, flags, logging
 
-from experiments import runner
+from experiments import train_lib
 from experiments.configs import default
 
 _ALPHAS = flags.DEFINE_list("alphas", ["0.1", "1.0"], "Dirichlet α values (dirichlet_label).")
@@ -28,7 +28,7 @@ def main(argv):
       c = default.get_config()
       c.alpha, c.client_map, c.rounds = float(alpha), client_map, _ROUNDS.value
       with tempfile.TemporaryDirectory() as workdir:
-        s = runner.run(c, workdir)
+        s = train_lib.train_and_evaluate(c, workdir)
       rows.append(f"| {alpha} | {client_map} | {s['final_accuracy']:.4f} | {s['last5_mean_accuracy']:.4f} | "
                   f"{s['rounds_to_target']} | {s['mean_client_time_s']:.4f} | {s['mean_server_time_s']:.4f} |")
   c = default.get_config()

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import tuning
-from experiments import report, runner
+from experiments import report, train_lib
 from fedsnd_jax import experiment
 
 # Rows of FedSND composed from other rows' tuning, with no tuning of their own: the library defaults of its own
@@ -80,7 +80,7 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
       shutil.rmtree(folder)
     if not done:  # a run cut short resumes
       try:
-        final = f"final {runner.run(config, folder)['final_accuracy']:.4f}"
+        final = f"final {train_lib.train_and_evaluate(config, folder)['final_accuracy']:.4f}"
       except experiment.Diverged as e:
         final = f"diverged ({e})"
       print(f"[leaderboard] {setting} {algorithm} seed={seed}: {final}", flush=True)

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import report, runner
+from experiments import configuration, report, train_lib
 from fedsnd_jax import algorithms, experiment, privacy
 
 _CONFIG = config_flags.DEFINE_config_file("config", "benchmarks/configs/fmnist_cpu_xdevice.py", "Base config.")
@@ -29,7 +29,7 @@ _CLIP = flags.DEFINE_float("clip_norm", 1.0, "S, the L2 clip of a client's updat
 
 
 def _mode(c) -> str:
-  modes = algorithms.get(c.algorithm).privacy(runner.hyperparameters(c))
+  modes = algorithms.get(c.algorithm).privacy(configuration.hyperparameters(c))
   if not modes:
     raise ValueError(f"{c.algorithm}: no DP mode covers its releases")
   return "central" if "central" in modes else "local"
@@ -54,7 +54,7 @@ def main(argv):
         workdir = os.path.join(_WORKDIR.value, name, f"eps={eps_text}", f"seed={seed}")
         if not os.path.exists(os.path.join(workdir, "summary.json")):
           try:
-            runner.run(c, workdir)
+            train_lib.train_and_evaluate(c, workdir)
           except experiment.Diverged as e:
             print(f"{name} ε={eps_text} seed={seed}: {e}", flush=True)
         summary = report.read_summary(workdir)

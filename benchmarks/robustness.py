@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import report, runner
+from experiments import report, train_lib
 from fedsnd_jax import attacks, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Base config.")
@@ -47,7 +47,7 @@ def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
                          f"seed={seed}")
   if not os.path.exists(os.path.join(workdir, "summary.json")):
     try:
-      runner.run(c, workdir)
+      train_lib.train_and_evaluate(c, workdir)
     except experiment.Diverged as e:
       print(f"{algorithm} {aggregator} {attack} frac={fraction:g} α={alpha:g} seed={seed}: {e}", flush=True)
   return report.read_summary(workdir), workdir, c

@@ -26,7 +26,7 @@ import shutil
 from absl import app, flags, logging
 
 from benchmarks.configs import fmnist_cpu, fmnist_cpu_xdevice
-from experiments import report, runner
+from experiments import configuration, report, train_lib
 from experiments.configs import default
 from fedsnd_jax import algorithms, experiment
 
@@ -148,7 +148,7 @@ def differences(saved: dict, config, exact: bool = False, also_ignored=()) -> li
   """The fields in which `config` runs otherwise than `saved` (a config as JSON). Other algorithms' sections do
   not change the run, nor do fields added to the config since `saved` was written, at the library's default
   (which keeps the old behaviour), also inside a section — unless `exact`."""
-  ignored = {*runner.RESUMABLE_CHANGES, *algorithms.sections(), *also_ignored} - {
+  ignored = {*configuration.RESUMABLE_CHANGES, *algorithms.sections(), *also_ignored} - {
       algorithms.get(config.algorithm).section}
   saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
   defaults = _flat(json.loads(default.get_config().to_json()))
@@ -208,7 +208,7 @@ def run(root: str, setting: str, name: str, config) -> dict:
     shutil.copytree(same, workdir)
   elif not same:
     try:
-      runner.run(config, workdir)
+      train_lib.train_and_evaluate(config, workdir)
     except experiment.Diverged:
       pass
   summary = report.read_summary(workdir)

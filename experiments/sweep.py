@@ -28,7 +28,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import report, runner
+from experiments import cli, configuration, report, train_lib
 from fedsnd_jax import experiment
 from fedsnd_jax.errors import InputError
 
@@ -75,7 +75,7 @@ def parse_variants(specs, base) -> dict[str, dict]:
     overrides = {}
     for a in assignments:
       field, sep, text = a.partition("=")
-      runner.refuse_moved(field)
+      configuration.refuse_moved(field)
       try:
         template = _lookup(base, field) if sep else None
       except KeyError:
@@ -91,7 +91,7 @@ def parse_variants(specs, base) -> dict[str, dict]:
 
 def cell_config(base, algorithm: str, alpha: float, seed: int, variants: dict, partition: str | None):
   c = base.copy_and_resolve_references()
-  runner.set_fields(c, variants.get(algorithm, {"algorithm": algorithm}))
+  configuration.set_fields(c, variants.get(algorithm, {"algorithm": algorithm}))
   c.alpha, c.seed = alpha, seed
   if partition:
     c.partition = partition
@@ -119,11 +119,11 @@ def _run_group(configs, folders) -> list[str]:
   """Runs one group of cells; returns each cell's result for the progress line."""
   if len(configs) == 1:
     try:
-      return [f"final {runner.run(configs[0], folders[0])['final_accuracy']:.4f}"]
+      return [f"final {train_lib.train_and_evaluate(configs[0], folders[0])['final_accuracy']:.4f}"]
     except experiment.Diverged as e:
       return [f"diverged ({e})"]
   return [f"diverged in round {s['diverged_round']}" if s.get("diverged") else f"final {s['final_accuracy']:.4f}"
-          for s in runner.run_vectorized(configs, folders)]
+          for s in train_lib.train_and_evaluate_many(configs, folders)]
 
 
 def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partition=None,
@@ -132,7 +132,7 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
 
   With `table_only`, nothing runs: the outputs cover the finished cells and the missing ones are listed.
   `vectorize` ("seeds", or "seeds" and "alphas") runs an algorithm's cells that differ only in those as one
-  compiled program (`runner.run_vectorized`; the same per-cell results).
+  compiled program (`train_lib.train_and_evaluate_many`; the same per-cell results).
   """
   unknown = set(vectorize) - {"seeds", "alphas"}
   if unknown or (vectorize and "seeds" not in vectorize):
@@ -141,7 +141,7 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
   cells = [(a, al, s) for al in alphas for a in algorithms for s in seeds]
   configs = {cell: cell_config(base, *cell, variants, partition) for cell in cells}
   for c in configs.values():  # Every cell's input is checked before any cell runs.
-    runner.validate_config(c)
+    configuration.validate(c)
   todo = [cell for cell in cells if not os.path.exists(os.path.join(cell_dir(workdir, *cell), "summary.json"))]
   print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done", flush=True)
   if table_only:
@@ -205,4 +205,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=runner.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

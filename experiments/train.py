@@ -13,7 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.runner import multi_process_problem, parse_flags, run
+from experiments.cli import multi_process_problem, parse_flags
+from experiments.train_lib import train_and_evaluate
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.experiment import Diverged
 
@@ -41,7 +42,7 @@ def main(argv):
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except InputError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

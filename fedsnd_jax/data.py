@@ -79,6 +79,25 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False)
   return make_dataset(name, *arrays)
 
 
+def subsample(ds: Dataset, num_examples: int) -> Dataset:
+  """The first `num_examples` of a fixed (seed 0) shuffle of the training set: the same for every run seed."""
+  if num_examples <= 0 or num_examples >= len(ds.y_train):
+    return ds
+  keep = np.sort(np.random.default_rng(0).permutation(len(ds.y_train))[:num_examples])
+  return dataclasses.replace(ds, x_train=ds.x_train[keep], y_train=ds.y_train[keep])
+
+
+def split_validation(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, tuple | None]:
+  """Holds out a seeded `fraction` of the training set; returns (the rest as a Dataset, (x_val, y_val))."""
+  if fraction <= 0:
+    return ds, None
+  order = np.random.default_rng(seed).permutation(len(ds.y_train))
+  n_val = max(1, int(round(fraction * len(order))))
+  val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+  rest = dataclasses.replace(ds, x_train=ds.x_train[train], y_train=ds.y_train[train])
+  return rest, (ds.x_train[val], ds.y_train[val])
+
+
 def make_dataset(name, x_train, y_train, x_test, y_test, num_classes=None) -> Dataset:
   """Validates image/feature arrays and computes per-channel statistics.
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from experiments import runner
+from experiments import configuration
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import mechanisms
 from fedsnd_jax.algorithm import MechanismParts
@@ -12,7 +12,8 @@ from fedsnd_jax.errors import InputError
 
 
 def _config(fields=None):
-  return runner.set_fields(tiny_config.get_config(), {"num_clients": 7, "clients_per_round": 7, **(fields or {})})
+  return configuration.set_fields(tiny_config.get_config(),
+                                  {"num_clients": 7, "clients_per_round": 7, **(fields or {})})
 
 
 def test_every_mechanism_has_a_section_with_its_settings_defaults_and_is_off_there():
@@ -20,7 +21,7 @@ def test_every_mechanism_has_a_section_with_its_settings_defaults_and_is_off_the
   for section, settings in mechanisms.sections().items():
     assert c[section].to_dict() == settings()._asdict()
     assert not mechanisms.REGISTRY[section].enabled(settings())
-  assert mechanisms.build(runner.mechanism_settings(c), runner.federation(c), 0) == MechanismParts()
+  assert mechanisms.build(configuration.mechanism_settings(c), configuration.federation(c), 0) == MechanismParts()
   assert set(mechanisms.RULES) == set(mechanisms.REGISTRY)
 
 
@@ -29,10 +30,10 @@ ON = {"dp": {"dp.clip_norm": 1.0}, "secagg": {"secagg.enabled": True}, "robust":
 
 @pytest.mark.parametrize("first, second", [("dp", "secagg"), ("dp", "robust"), ("secagg", "robust")])
 def test_two_mechanisms_that_choose_the_aggregator_are_refused_naming_the_second(first, second):
-  runner.validate_config(_config(ON[first]))
-  runner.validate_config(_config(ON[second]))
+  configuration.validate(_config(ON[first]))
+  configuration.validate(_config(ON[second]))
   with pytest.raises(InputError, match=f"^{second}: {first} .* both choose the round's aggregator"):
-    runner.validate_config(_config({**ON[first], **ON[second]}))
+    configuration.validate(_config({**ON[first], **ON[second]}))
 
 
 def test_rules_refuse_poisson_sampling_and_vectorised_attacks_where_the_table_says():
@@ -41,13 +42,13 @@ def test_rules_refuse_poisson_sampling_and_vectorised_attacks_where_the_table_sa
     c = _config({**fields, "client_sampling": "poisson"})
     if rule.poisson:
       with pytest.raises(InputError, match="^client_sampling: "):
-        runner.validate_config(c)
+        configuration.validate(c)
     else:
-      runner.validate_config(c)
-    chosen = runner.mechanism_settings(_config(fields))
+      configuration.validate(c)
+    chosen = configuration.mechanism_settings(_config(fields))
     if rule.vectorised:
       with pytest.raises(InputError, match=f"^vectorize: {section}: "):
-        mechanisms.validate(chosen, runner.federation(c), runner.algorithm_info(c), vectorised=True)
+        mechanisms.validate(chosen, configuration.federation(c), configuration.algorithm_info(c), vectorised=True)
 
 
 @pytest.mark.parametrize("old, new", [("dp_clip_norm", "dp.clip_norm"), ("secure_aggregation", "secagg.enabled"),
@@ -57,13 +58,13 @@ def test_a_field_of_the_flat_layout_is_refused_naming_its_new_place(old, new):
   c = tiny_config.get_config()
   c[old] = 1.0  # what a config file written for the flat layout does (`c.dp_clip_norm = 1.0`)
   with pytest.raises(InputError, match=f"^{re.escape(new)}: the field {old} is now {re.escape(new)}"):
-    runner.validate_config(c)
+    configuration.validate(c)
 
 
 def test_unknown_fields_are_refused():
   c = tiny_config.get_config()
   c.no_such_field = 3
   with pytest.raises(InputError, match="^no_such_field: "):
-    runner.validate_config(c)
+    configuration.validate(c)
   with pytest.raises(InputError, match=r"^dp\.clip: dp has no such setting"):
     mechanisms.settings("dp", {"clip": 1.0})

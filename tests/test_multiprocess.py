@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import report, runner
+from experiments import cli, report
 from fedsnd_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +78,6 @@ def test_partial_multi_process_flags_exit_2(tmp_path):
     (("127.0.0.1:1234", 2, -1), "process_id"),
 ])
 def test_bad_multi_process_flags_name_the_flag(flags, field):
-  assert runner.multi_process_problem(*flags).startswith(f"{field}: ")
-  assert runner.multi_process_problem(None, None, None) == "" == runner.multi_process_problem("h:1", 2, 1)
+  assert cli.multi_process_problem(*flags).startswith(f"{field}: ")
+  assert cli.multi_process_problem(None, None, None) == "" == cli.multi_process_problem("h:1", 2, 1)
 

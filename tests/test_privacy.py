@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import runner
+from experiments import configuration, train_lib
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import aggregation, algorithms, models, privacy
 from fedsnd_jax.errors import InputError
@@ -125,15 +125,15 @@ def test_one_local_release_is_the_analytic_gaussian_mechanism():
 
 
 def _dp_tiny(fields=None):
-  return runner.set_fields(tiny_config.get_config(), {"rounds": 4, "num_clients": 3, "clients_per_round": 3,
-                                                       "dp.clip_norm": 1.0, "dp.noise_multiplier": 2.0,
-                                                       **(fields or {})})
+  return configuration.set_fields(tiny_config.get_config(), {
+      "rounds": 4, "num_clients": 3, "clients_per_round": 3, "dp.clip_norm": 1.0, "dp.noise_multiplier": 2.0,
+      **(fields or {})})
 
 
 def test_target_epsilon_stops_the_run_before_it_is_exceeded(tmp_path):
   acc = privacy.Accountant(3, 3, 2.0, 1e-5)
   target = (acc.epsilon(2) + acc.epsilon(3)) / 2  # room for exactly 2 rounds
-  summary = runner.run(_dp_tiny({"dp.target_epsilon": target}), str(tmp_path))
+  summary = train_lib.train_and_evaluate(_dp_tiny({"dp.target_epsilon": target}), str(tmp_path))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["round"] for r in records] == [1, 2]
   assert all(r["epsilon"] <= target for r in records) and records[-1]["epsilon"] == pytest.approx(acc.epsilon(2))
@@ -159,13 +159,13 @@ def test_huge_clip_and_no_noise_is_fedavg_with_uniform_weights(tiny, federation,
 ])
 def test_uncovered_combinations_are_refused(fields, field):
   with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
-    runner.validate_config(_dp_tiny(fields))
+    configuration.validate(_dp_tiny(fields))
 
 
 def test_fedsnd_runs_under_local_dp_and_logs_only_what_dp_covers(tmp_path):
   c = _dp_tiny({"algorithm": "fedsnd", "dp.local": True})
   c.fedsnd.update(dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4))
-  summary = runner.run(c, str(tmp_path))
+  summary = train_lib.train_and_evaluate(c, str(tmp_path))
   assert summary["epsilon"] == pytest.approx(privacy.Accountant(3, 3, 2.0, 1e-5, local=True).epsilon(4))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert records and all("epsilon" in r and "test_accuracy" in r for r in records)
@@ -175,9 +175,9 @@ def test_fedsnd_runs_under_local_dp_and_logs_only_what_dp_covers(tmp_path):
 
 def test_a_resumed_private_run_reports_the_epsilon_of_an_uninterrupted_one(tmp_path):
   c = _dp_tiny({"client_sampling": "poisson", "dp.accountant": "pld", "checkpoint_every": 1})
-  whole = runner.run(c, str(tmp_path / "whole"))
-  assert runner.run(c, str(tmp_path / "cut"), stop_after=2) is None
-  resumed = runner.run(c, str(tmp_path / "cut"))
+  whole = train_lib.train_and_evaluate(c, str(tmp_path / "whole"))
+  assert train_lib.train_and_evaluate(c, str(tmp_path / "cut"), stop_after=2) is None
+  resumed = train_lib.train_and_evaluate(c, str(tmp_path / "cut"))
   assert resumed["epsilon"] == whole["epsilon"] > 0
   eps = lambda d: [json.loads(line)["epsilon"] for line in open(tmp_path / d / "metrics.jsonl")]
   assert eps("cut") == eps("whole")

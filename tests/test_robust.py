@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import runner
+from experiments import configuration, train_lib
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import attacks, federated_data, robust
 from fedsnd_jax.errors import InputError
@@ -125,16 +125,17 @@ def test_byzantine_set_is_seeded_and_label_flip_poisons_only_their_data(tiny):
 
 
 def _byzantine_tiny(fields=None):
-  return runner.set_fields(tiny_config.get_config(), {"num_clients": 10, "clients_per_round": 10, "rounds": 3,
-                                                       **(fields or {})})
+  return configuration.set_fields(tiny_config.get_config(),
+                                  {"num_clients": 10, "clients_per_round": 10, "rounds": 3, **(fields or {})})
 
 
 def test_median_survives_what_breaks_the_mean(tmp_path):
   attack = {"attack.kind": "gaussian", "attack.fraction": 0.2, "attack.scale": 1000.0}
-  clean = runner.run(_byzantine_tiny({"robust.rule": "median"}), str(tmp_path / "clean"))
-  robust_run = runner.run(_byzantine_tiny({"robust.rule": "median", **attack}), str(tmp_path / "median"))
+  clean = train_lib.train_and_evaluate(_byzantine_tiny({"robust.rule": "median"}), str(tmp_path / "clean"))
+  robust_run = train_lib.train_and_evaluate(_byzantine_tiny({"robust.rule": "median", **attack}),
+                                            str(tmp_path / "median"))
   try:
-    broken = runner.run(_byzantine_tiny(attack), str(tmp_path / "mean"))["final_accuracy"]
+    broken = train_lib.train_and_evaluate(_byzantine_tiny(attack), str(tmp_path / "mean"))["final_accuracy"]
   except Exception:  # noqa: BLE001 — a diverged mean is broken too
     broken = 0.0
   assert robust_run["final_accuracy"] > broken + 0.2
@@ -161,7 +162,7 @@ def test_median_survives_what_breaks_the_mean(tmp_path):
 ])
 def test_bad_robustness_settings_are_refused(fields, field):
   with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
-    runner.validate_config(_byzantine_tiny(fields))
+    configuration.validate(_byzantine_tiny(fields))
 
 
 def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
@@ -186,7 +187,7 @@ def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path, mode):
                        "attack.scale": 100.0, "rounds": 2, "local_steps": 30, "alpha": 1.0})
   c.fedsnd.update(dict(noise_samples=20, noise_steps=30, distill_steps=2, distill_batch=8, noise_consensus=True,
                        **mode))
-  summary = runner.run(c, str(tmp_path))
+  summary = train_lib.train_and_evaluate(c, str(tmp_path))
   byzantine = set(np.flatnonzero(attacks.byzantine_clients(10, 0.2, c.seed)).tolist())
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["round"] for r in records] == [1, 2]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import runner
+from experiments import configuration
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import aggregation, algorithm, algorithms, models, privacy
 from fedsnd_jax.errors import InputError
@@ -135,10 +135,10 @@ def test_config_checks_poisson_and_pld():
   c = tiny_config.get_config()
   c.dp.clip_norm, c.dp.accountant = 1.0, "pld"
   with pytest.raises(InputError, match="^dp.accountant: "):
-    runner.validate_config(c)
+    configuration.validate(c)
   c.client_sampling = "poisson"
-  runner.validate_config(c)
+  configuration.validate(c)
   c.robust.rule = "median"
   c.dp.clip_norm = 0.0
   with pytest.raises(InputError, match="^client_sampling: "):
-    runner.validate_config(c)
+    configuration.validate(c)

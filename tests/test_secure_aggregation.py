@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import runner
+from experiments import configuration, train_lib
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import aggregation, algorithms, models
 from fedsnd_jax import secure_aggregation as sa
@@ -88,14 +88,15 @@ def test_fedavg_under_secure_aggregation_is_the_unweighted_mean_up_to_quantisati
     ({"secagg.dropout": 0.5}, "secagg.dropout"),  # 2 of 3 dropping leaves 1 < 2 needed
 ])
 def test_incompatible_settings_are_refused(fields, field):
-  c = runner.set_fields(tiny_config.get_config(), {"clients_per_round": 3, "secagg.enabled": True, **fields})
+  c = configuration.set_fields(tiny_config.get_config(),
+                               {"clients_per_round": 3, "secagg.enabled": True, **fields})
   with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
-    runner.validate_config(c)
+    configuration.validate(c)
 
 
 def test_a_run_with_dropouts_trains(tmp_path):
   c = tiny_config.get_config()
   c.num_clients, c.clients_per_round, c.rounds = 5, 5, 3
   c.secagg.enabled, c.secagg.dropout = True, 0.4
-  summary = runner.run(c, str(tmp_path))
+  summary = train_lib.train_and_evaluate(c, str(tmp_path))
   assert summary["final_accuracy"] > 0.2

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import report, runner, sweep
+from experiments import report, sweep, train_lib
 from experiments.configs import tiny
 from fedsnd_jax.errors import InputError
 
@@ -23,7 +23,7 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     cfg = json.load(f)
   assert cfg["algorithm"] == "fedsd" and cfg["fedsnd"]["self_distill"] == "previous" and cfg["alpha"] == 0.3
   calls = []
-  monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a))
+  monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a, **k: calls.append(a))
   sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0], [0], variants)
   assert calls == []  # every cell was already finished
   rows = sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0, 2.0], [0], variants, table_only=True)
@@ -68,7 +68,7 @@ def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
     with open(path / "summary.json") as f:
       finals[alg] = json.load(f)["final_accuracy"]
   base.target_accuracy = min(finals.values())  # every cell reaches it, at a round the metrics decide
-  monkeypatch.setattr(runner, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+  monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a, **k: pytest.fail("a finished cell ran again"))
   rows = sweep.sweep(base, str(tmp_path), ["fedavg", "fednd"], [0.5], [0])
   expected = {alg: _first_round_at(path, base.target_accuracy) for alg, path in cells.items()}
   assert {r["algorithm"]: r["rounds_to_target"] for r in rows} == expected
@@ -141,7 +141,7 @@ def test_vectorised_groups_and_refusals(tmp_path):
   a, b = tiny.get_config(), tiny.get_config()
   b.client_lr = 0.5
   with pytest.raises(InputError, match="client_lr"):
-    runner.run_vectorized([a, b], [str(tmp_path / "a"), str(tmp_path / "b")])
+    train_lib.train_and_evaluate_many([a, b], [str(tmp_path / "a"), str(tmp_path / "b")])
   assert not (tmp_path / "a").exists()
 
 
@@ -154,9 +154,9 @@ def test_vectorised_secure_aggregation_equals_runs_alone(tmp_path, capsys):
     c.rounds, c.clients_per_round, c.secagg.enabled, c.secagg.dropout, c.seed = 2, 3, True, 0.34, seed
     configs.append(c)
   for c in configs:
-    runner.run(c, str(tmp_path / f"alone{c.seed}"))
+    train_lib.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}"))
   capsys.readouterr()
-  runner.run_vectorized(configs, [str(tmp_path / f"vec{c.seed}") for c in configs])
+  train_lib.train_and_evaluate_many(configs, [str(tmp_path / f"vec{c.seed}") for c in configs])
   printed = capsys.readouterr().out.splitlines()  # each run's accuracy is labelled with its index in the header
   assert f"runs: [0] {tmp_path / 'vec0'}, [1] {tmp_path / 'vec1'}" in printed
   assert any(line.startswith("round 2/2 | acc [0] ") and " [1] " in line for line in printed)
@@ -174,16 +174,16 @@ def test_vectorised_runs_resume_together_and_refuse_different_rounds(tmp_path):
     c.rounds, c.seed = 2, seed
     configs.append(c)
   dirs = [str(tmp_path / f"vec{c.seed}") for c in configs]
-  runner.run_vectorized(configs, dirs)
+  train_lib.train_and_evaluate_many(configs, dirs)
   for c in configs:
     c.rounds = 3
-  runner.run_vectorized(configs, dirs)  # resumes both from round 2
+  train_lib.train_and_evaluate_many(configs, dirs)  # resumes both from round 2
   for c, d in zip(configs, dirs, strict=True):
-    runner.run(c, str(tmp_path / f"alone{c.seed}"))
+    train_lib.train_and_evaluate(c, str(tmp_path / f"alone{c.seed}"))
     want, got = report.read_metrics(str(tmp_path / f"alone{c.seed}")), report.read_metrics(d)
     assert [r["round"] for r in got] == [1, 2, 3]
     np.testing.assert_allclose([r["test_loss"] for r in got], [r["test_loss"] for r in want], rtol=1e-5)
   for c in configs:
     c.rounds = 4
   with pytest.raises(InputError, match="resume together"):  # a checkpoint of round 3 in one, none in the other
-    runner.run_vectorized(configs, [dirs[0], str(tmp_path / "fresh")])
+    train_lib.train_and_evaluate_many(configs, [dirs[0], str(tmp_path / "fresh")])

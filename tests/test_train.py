@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import runner
+from experiments import train_lib
 from experiments.configs import tiny
 from fedsnd_jax import experiment
 from fedsnd_jax.errors import InputError
@@ -23,7 +23,7 @@ def _read_jsonl(path):
 
 
 def test_workdir_contract(tmp_path):
-  summary = runner.run(tiny.get_config(), str(tmp_path))
+  summary = train_lib.train_and_evaluate(tiny.get_config(), str(tmp_path))
   for name in ("config.json", "partition.npz", "metrics.jsonl", "summary.json", "checkpoints"):
     assert (tmp_path / name).exists(), name
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
@@ -62,7 +62,7 @@ def _fedsnd_tiny():
 
 
 def test_fedsnd_end_to_end(tmp_path):
-  summary = runner.run(_fedsnd_tiny(), str(tmp_path))
+  summary = train_lib.train_and_evaluate(_fedsnd_tiny(), str(tmp_path))
   records = _read_jsonl(tmp_path / "metrics.jsonl")
   for field in ("val_accuracy", "test_accuracy_no_distill", "teacher_ce", "teacher_agreement", "kl_before",
                 "kl_after", "noise_norm", "synthesis_time_s", "distill_time_s"):
@@ -84,12 +84,12 @@ def _scaffold_tiny():
 def test_resumed_run_equals_uninterrupted(tmp_path, make_config):
   config = make_config()
   config.rounds, config.checkpoint_every = 4, 2
-  full = runner.run(config, str(tmp_path / "full"))
+  full = train_lib.train_and_evaluate(config, str(tmp_path / "full"))
   # "Killed" after round 3 was logged but before its checkpoint: metrics.jsonl holds round 3.
-  assert runner.run(config, str(tmp_path / "cut"), stop_after=3) is None
+  assert train_lib.train_and_evaluate(config, str(tmp_path / "cut"), stop_after=3) is None
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # only round 2's checkpoint survived the "kill"
   assert len(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == 3
-  resumed = runner.run(config, str(tmp_path / "cut"))
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path / "cut"))
   strip = lambda rs: [{k: v for k, v in r.items() if not (k.endswith("time_s") or k == "wall_s")} for r in rs]
   assert strip(_read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == strip(
       _read_jsonl(tmp_path / "full" / "metrics.jsonl"))
@@ -98,11 +98,11 @@ def test_resumed_run_equals_uninterrupted(tmp_path, make_config):
 
 
 def test_rerun_with_other_config_is_refused(tmp_path):
-  runner.run(tiny.get_config(), str(tmp_path))
+  train_lib.train_and_evaluate(tiny.get_config(), str(tmp_path))
   config = tiny.get_config()
   config.alpha = 0.7
   with pytest.raises(InputError, match="^workdir: .*alpha"):
-    runner.run(config, str(tmp_path))
+    train_lib.train_and_evaluate(config, str(tmp_path))
 
 
 BAD_INPUTS = [
@@ -175,7 +175,7 @@ def test_diverged_run_raises_and_keeps_finite_records(tmp_path):
   config = tiny.get_config()
   config.client_lr = 1e12
   with pytest.raises(experiment.Diverged, match="^round 1: "):
-    runner.run(config, str(tmp_path))
+    train_lib.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "summary.json") as f:
     summary = json.load(f)
   assert summary["diverged"] is True and summary["diverged_round"] == 1 and summary["rounds"] == 0
@@ -186,8 +186,8 @@ def test_a_live_run_holds_its_workdir(tmp_path):
   holder = tmp_path / "held"
   with experiment.locked_workdir(str(holder)):
     with pytest.raises(InputError, match=f"^workdir: .*in use by another run \\(pid {os.getpid()} "):
-      runner.run(tiny.get_config(), str(holder))
+      train_lib.train_and_evaluate(tiny.get_config(), str(holder))
   assert not (holder / "metrics.jsonl").exists()
   # A lock file left by a dead process is no lock: flock is released with its holder.
   (holder / experiment.LOCK_FILE).write_text("pid 999999 on nowhere since 2000-01-01\n")
-  assert runner.run(tiny.get_config(), str(holder))["rounds"] == 3
+  assert train_lib.train_and_evaluate(tiny.get_config(), str(holder))["rounds"] == 3

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from benchmarks import distill_gain, leaderboard, server_cost, tuning
-from experiments import runner
+from experiments import configuration
 
 
 def test_every_algorithm_gets_the_same_budget():
@@ -43,7 +43,7 @@ def test_tuning_reuses_a_finished_run_of_the_same_configuration_and_replaces_a_s
     ran.append(os.path.basename(workdir))
     finish_run(config, workdir)
 
-  monkeypatch.setattr(tuning.runner, "run", fake_run)
+  monkeypatch.setattr(tuning.train_lib, "train_and_evaluate", fake_run)
   monkeypatch.setattr(tuning.report, "read_summary", lambda w: {"mean_client_time_s": 1, "mean_server_time_s": 0})
   monkeypatch.setattr(tuning.report, "val_history", lambda w: [0.5])
   base = tuning.setting_config("digits")
@@ -67,7 +67,7 @@ def test_leaderboard_reruns_a_cell_of_another_configuration_or_other_rounds_and_
     ran.append((config.algorithm, config.rounds))
     return finish_run(config, workdir)
 
-  monkeypatch.setattr(leaderboard.runner, "run", fake_run)
+  monkeypatch.setattr(leaderboard.train_lib, "train_and_evaluate", fake_run)
   digits = tuning.SETTINGS["digits"][0]
   monkeypatch.setattr(tuning, "SETTINGS", {**tuning.SETTINGS, "short": (digits, {"rounds": 2})})
   for overrides in ({"algorithm": "fedavg"}, {"algorithm": "fedavg"}, {"algorithm": "fedprox"}):
@@ -88,7 +88,7 @@ def test_every_candidate_is_a_valid_config(setting):
   candidates += [{"algorithm": "fedsnd", **c} for c in tuning.DEFAULT_CANDIDATES.values()]
   for candidate in candidates:
     c = tuning.apply(base, candidate)
-    runner.validate_config(c)
+    configuration.validate(c)
     for field, value in candidate.items():
       if field == "lr×":
         assert c.client_lr == pytest.approx(base.client_lr * value)
@@ -230,7 +230,7 @@ def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike()
   assert [r[0] for r in runs][0] == "fedavg" and runs[-1][0] == "fedavg_again"
   assert any(o.get("fedsnd.noise_warm_start") == "client" for _, _, o in runs)  # all 20 clients come back
   for _, _, overrides in runs:
-    runner.validate_config(tuning.apply(base, overrides))
+    configuration.validate(tuning.apply(base, overrides))
 
 
 def test_server_cost_table_and_pareto_front_by_hand():
