@@ -1,10 +1,20 @@
 """Shared fixtures: a tiny 3-class federation (36 examples of 4×4×1) and helpers to run and compare rounds.
 
 Importing fedsnd_jax first makes its XLA_FLAGS set-up run before any test imports jax (imported after jax,
-it would leave XLA:CPU's YNN fusions on: slower compiles, and other numerics than the binaries').
+it would leave XLA:CPU's YNN fusions on: slower compiles, and other numerics than the binaries'). The suite
+shares one persistent XLA compilation cache (`.pytest_cache/jax-compilation`, also for the binaries the tests
+start): many tests compile the same tiny programs, and an executable is reused only for the same program,
+compile options, XLA flags and jax version, so results are those of a fresh compile.
 """
 
-import fedsnd_jax  # noqa: F401, I001  (first of all: XLA_FLAGS before jax is imported)
+import os
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import fedsnd_jax  # noqa: E402, F401, I001  (before jax: XLA_FLAGS are set when jax is imported)
 
 from typing import NamedTuple
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import train_lib
+from experiments import configuration, train_lib
 from experiments.configs import tiny
 from fedsnd_jax import experiment
 from fedsnd_jax.errors import InputError
@@ -105,61 +106,79 @@ def test_rerun_with_other_config_is_refused(tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
-BAD_INPUTS = [
-    ("--config.dataset=nosuchsource:x", "dataset"),
-    ("--config.dataset=idx:/nonexistent/dir", "dataset"),
-    ("--config.algorithm=fedfoo", "algorithm"),
-    ("--config.model=vgg99", "model"),
-    ("--config.partition=striped", "partition"),
-    ("--config.client_map=pmap", "client_map"),
-    ("--config.conv_impl=fft", "conv_impl"),
-    ("--config.alpha=0", "alpha"),
-    ("--config.clients_per_round=4", "clients_per_round"),
-    ("--config.num_clients=5000", "num_clients"),
-    ("--config.rounds=0", "rounds"),
-    ("--config.batch_size=-1", "batch_size"),
-    ("--config.client_lr=0", "client_lr"),
-    ("--config.alpha=abc", "alpha"),
-    ("--config.nofield=3", "nofield"),
-    ("--config.algorithm=fedsnd --config.fedsnd.teacher_weighting=loudest", "fedsnd.teacher_weighting"),
-    ("--config.algorithm=fednd --config.clients_per_round=1", "clients_per_round"),
-    ("--config.client_lr=inf", "client_lr"),
-    ("--config.algorithm=fedsnd --config.fedsnd.distill_lr=nan", "fedsnd.distill_lr"),
-    ("--config.algorithm=moon --config.moon.tau=0", "moon.tau"),
-    ("--config.dataset=npz:{nan_npz}", "dataset"),
-    ("--config.algorithm=fedsnd --config.dp.clip_norm=1", "dp.local"),
-    ("--config.algorithm=fedsnd --config.secagg.enabled=True", "secagg.enabled"),
-    ("--config.attack.kind=alie --config.attack.fraction=0.5", "attack.fraction"),
-    ("--config.robust.rule=krum --config.robust.f=1", "robust.f"),  # 2 clients per round; Krum needs 5
-    ("--config.dp_clip_norm=1", "dp.clip_norm"),  # the earlier flat layout's name
+# Bad values, each refused in-process naming its field before anything is written.
+BAD_VALUES = [
+    ({"dataset": "nosuchsource:x"}, "dataset"),
+    ({"dataset": "idx:/nonexistent/dir"}, "dataset"),
+    ({"algorithm": "fedfoo"}, "algorithm"),
+    ({"model": "vgg99"}, "model"),
+    ({"partition": "striped"}, "partition"),
+    ({"client_map": "pmap"}, "client_map"),
+    ({"conv_impl": "fft"}, "conv_impl"),
+    ({"alpha": 0.0}, "alpha"),
+    ({"clients_per_round": 4}, "clients_per_round"),
+    ({"num_clients": 5000}, "num_clients"),
+    ({"rounds": 0}, "rounds"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"client_lr": 0.0}, "client_lr"),
+    ({"algorithm": "fedsnd", "fedsnd.teacher_weighting": "loudest"}, "fedsnd.teacher_weighting"),
+    ({"algorithm": "fednd", "clients_per_round": 1}, "clients_per_round"),
+    ({"client_lr": float("inf")}, "client_lr"),
+    ({"algorithm": "fedsnd", "fedsnd.distill_lr": float("nan")}, "fedsnd.distill_lr"),
+    ({"algorithm": "moon", "moon.tau": 0.0}, "moon.tau"),
+    ({"dataset": "npz:{nan_npz}"}, "dataset"),
+    ({"algorithm": "fedsnd", "dp.clip_norm": 1.0}, "dp.local"),
+    ({"algorithm": "fedsnd", "secagg.enabled": True}, "secagg.enabled"),
+    ({"attack.kind": "alie", "attack.fraction": 0.5}, "attack.fraction"),
+    ({"robust.rule": "krum", "robust.f": 1}, "robust.f"),  # 2 clients per round; Krum needs 5
 ]
 
 
-def _train(workdir, *flags):
-  cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py", f"--workdir={workdir}",
-         *flags]
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def test_bad_inputs_exit_2_with_one_line(tmp_path):
+def test_bad_values_are_refused_naming_the_field_and_nothing_is_written(tmp_path):
   nan_npz = tmp_path / "nan.npz"
   x = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32)
   x[3, 2] = np.nan
   np.savez(nan_npz, x_train=x, y_train=np.arange(20) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
+  for i, (fields, field) in enumerate(BAD_VALUES):
+    fields = {k: v.format(nan_npz=nan_npz) if isinstance(v, str) else v for k, v in fields.items()}
+    workdir = tmp_path / f"w{i}"
+    with pytest.raises(InputError, match=f"^{re.escape(field)}: "):
+      train_lib.train_and_evaluate(configuration.set_fields(tiny.get_config(), fields), str(workdir))
+    assert not workdir.exists(), fields  # nothing written that looks like a result
   a_file = tmp_path / "a_file"
   a_file.write_text("not a folder")
-  cases = [(flag.format(nan_npz=nan_npz), field, tmp_path / f"w{i}") for i, (flag, field) in enumerate(BAD_INPUTS)]
-  procs = [(flag, field, workdir, _train(workdir, *flag.split())) for flag, field, workdir in cases]
-  procs.append(("--workdir=<a file>", "workdir", None, _train(a_file)))
+  with pytest.raises(InputError, match="^workdir: "):
+    train_lib.train_and_evaluate(tiny.get_config(), str(a_file))
+  assert a_file.read_text() == "not a folder"
+
+
+# What only the binary sees: flags it cannot parse, the earlier flat layout, a missing --workdir.
+BAD_FLAGS = [
+    ("--config.alpha=abc", "alpha"),
+    ("--config.nofield=3", "nofield"),
+    ("--config.dp_clip_norm=1", "dp.clip_norm"),
+    ("--config.rounds=0", "rounds"),
+    ("", "workdir"),
+]
+
+
+def _train(workdir, *flags):
+  cmd = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py",
+         *([f"--workdir={workdir}"] if workdir else []), *flags]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_binary_exits_2_with_one_line_on_bad_input_and_3_on_divergence(tmp_path):
+  procs = [(flag, field, _train(tmp_path / f"w{i}" if field != "workdir" else None, *flag.split()))
+           for i, (flag, field) in enumerate(BAD_FLAGS)]
   # A run that diverges: exit 3, one line, summary.json marked, no checkpoint of the non-finite state.
   diverging = _train(tmp_path / "diverged", "--config.client_lr=1e12")
-  for flag, field, workdir, proc in procs:
+  for i, (flag, field, proc) in enumerate(procs):
     _, err = proc.communicate(timeout=300)
     lines = err.strip().splitlines()
     assert proc.returncode == 2, (flag, err[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], (flag, err[-2000:])
-    assert workdir is None or not workdir.exists(), flag  # nothing written that looks like a result
-  assert a_file.read_text() == "not a folder"
+    assert not (tmp_path / f"w{i}").exists(), flag
   _, err = diverging.communicate(timeout=300)
   lines = err.strip().splitlines()
   assert diverging.returncode == 3, err[-2000:]
