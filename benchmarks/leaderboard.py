@@ -31,7 +31,7 @@ from absl import app, flags, logging
 
 from benchmarks import tuning
 from experiments import report, train_lib
-from fedsnd_jax import experiment
+from fedsnd_jax import loop
 
 # Rows of FedSND composed from other rows' tuning, with no tuning of their own: the library defaults of its own
 # section at tuned FedAvg's client settings (issue 13's first target, "never more than 0.5 points below tuned
@@ -81,7 +81,7 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
     if not done:  # a run cut short resumes
       try:
         final = f"final {train_lib.train_and_evaluate(config, folder)['final_accuracy']:.4f}"
-      except experiment.Diverged as e:
+      except loop.Diverged as e:
         final = f"diverged ({e})"
       print(f"[leaderboard] {setting} {algorithm} seed={seed}: {final}", flush=True)
     folders.append(folder)
@@ -106,7 +106,7 @@ def table(setting: str, rows: dict[str, dict]) -> str:
   for algorithm, row in rows.items():
     summaries = row["summaries"]
     per_round = [s["mean_client_time_s"] + s["mean_server_time_s"] for s in summaries]
-    to_target = [experiment.rounds_to_target(m, target) if target else None for m in row["metrics"]]
+    to_target = [loop.rounds_to_target(m, target) if target else None for m in row["metrics"]]
     wall = [r * t if r is not None else None for r, t in zip(to_target, per_round, strict=True)]
     diverged = sum(bool(s.get("diverged")) for s in summaries)
     name = algorithm

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import configuration, report, train_lib
-from fedsnd_jax import algorithms, experiment, privacy
+from fedsnd_jax import algorithms, loop, privacy
 
 _CONFIG = config_flags.DEFINE_config_file("config", "benchmarks/configs/fmnist_cpu_xdevice.py", "Base config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/privacy", "Output folder.")
@@ -55,7 +55,7 @@ def main(argv):
         if not os.path.exists(os.path.join(workdir, "summary.json")):
           try:
             train_lib.train_and_evaluate(c, workdir)
-          except experiment.Diverged as e:
+          except loop.Diverged as e:
             print(f"{name} ε={eps_text} seed={seed}: {e}", flush=True)
         summary = report.read_summary(workdir)
         if summary.get("diverged"):

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import report, train_lib
-from fedsnd_jax import attacks, experiment
+from fedsnd_jax import attacks, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Base config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/robustness", "Output folder.")
@@ -48,7 +48,7 @@ def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
   if not os.path.exists(os.path.join(workdir, "summary.json")):
     try:
       train_lib.train_and_evaluate(c, workdir)
-    except experiment.Diverged as e:
+    except loop.Diverged as e:
       print(f"{algorithm} {aggregator} {attack} frac={fraction:g} α={alpha:g} seed={seed}: {e}", flush=True)
   return report.read_summary(workdir), workdir, c
 

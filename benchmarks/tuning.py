@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from benchmarks.configs import fmnist_cpu, fmnist_cpu_xdevice
 from experiments import configuration, report, train_lib
 from experiments.configs import default
-from fedsnd_jax import algorithms, experiment
+from fedsnd_jax import algorithms, loop
 
 TUNING_SEED = 100
 
@@ -209,7 +209,7 @@ def run(root: str, setting: str, name: str, config) -> dict:
   elif not same:
     try:
       train_lib.train_and_evaluate(config, workdir)
-    except experiment.Diverged:
+    except loop.Diverged:
       pass
   summary = report.read_summary(workdir)
   val = report.val_history(workdir)

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli, configuration, report, train_lib
-from fedsnd_jax import experiment
+from fedsnd_jax import loop
 from fedsnd_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Base config.")
@@ -120,7 +120,7 @@ def _run_group(configs, folders) -> list[str]:
   if len(configs) == 1:
     try:
       return [f"final {train_lib.train_and_evaluate(configs[0], folders[0])['final_accuracy']:.4f}"]
-    except experiment.Diverged as e:
+    except loop.Diverged as e:
       return [f"diverged ({e})"]
   return [f"diverged in round {s['diverged_round']}" if s.get("diverged") else f"final {s['final_accuracy']:.4f}"
           for s in train_lib.train_and_evaluate_many(configs, folders)]
@@ -156,12 +156,12 @@ def sweep(base, workdir: str, algorithms, alphas, seeds, variants=None, partitio
     per_cell = (time.perf_counter() - start) / done
     for cell, result in zip(group, results, strict=True):
       print(f"[sweep {done}/{len(todo)}] {cell[0]} α={cell[1]:g} seed={cell[2]}: {result} | "
-            f"ETA {experiment.format_eta(per_cell * (len(todo) - done))}", flush=True)
+            f"ETA {loop.format_eta(per_cell * (len(todo) - done))}", flush=True)
   metrics = {cell: report.read_metrics(cell_dir(workdir, *cell)) for cell in cells}
   rows = []
   for cell in cells:
     s = report.read_summary(cell_dir(workdir, *cell))
-    s["rounds_to_target"] = experiment.rounds_to_target(metrics[cell], base.target_accuracy)
+    s["rounds_to_target"] = loop.rounds_to_target(metrics[cell], base.target_accuracy)
     s.setdefault("diverged", False)
     rows.append({"algorithm": cell[0], "alpha": cell[1], "seed": cell[2],
                  **{k: s.get(k) for k in report.COLUMNS[3:]}})

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from experiments.cli import multi_process_problem, parse_flags
 from experiments.train_lib import train_and_evaluate
 from fedsnd_jax.errors import InputError
-from fedsnd_jax.experiment import Diverged
+from fedsnd_jax.loop import Diverged
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/default.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (resumed if it holds a checkpoint).")

@@ -1,7 +1,7 @@
 """Turns an experiment config into a run: config → builders wiring.
 
 `train_and_evaluate(config, workdir)` checks the config (`configuration.validate`), builds the data, model,
-mechanisms and algorithm, then hands them to the library's experiment loop (`fedsnd_jax.experiment.run`), which
+mechanisms and algorithm, then hands them to the library's experiment loop (`fedsnd_jax.loop.run`), which
 writes the output contract (metrics.jsonl, summary.json, checkpoints) and resumes from the workdir's newest
 checkpoint. Bad input raises `InputError` before anything is written. The binaries (`train`, `sweep`) call it.
 """
@@ -16,7 +16,7 @@ import optax
 
 from experiments import configuration
 from experiments.configuration import federation, hyperparameters, mechanism_settings
-from fedsnd_jax import algorithms, evaluation, experiment, federated_data, mapping, mechanisms, metrics, models
+from fedsnd_jax import algorithms, evaluation, federated_data, loop, mapping, mechanisms, metrics, models
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, LocalSchedule, MechanismParts
 from fedsnd_jax.data import Dataset, load_dataset, split_validation, subsample
@@ -114,14 +114,17 @@ def train_and_evaluate(c, workdir: str, stop_after: int | None = None) -> dict |
 
   Raises:
     InputError: bad input, before anything is written.
-    experiment.Diverged: a non-finite loss or parameter (summary.json says so).
+    loop.Diverged: a non-finite loss or parameter (summary.json says so).
   """
   exp = prepare(c)  # All input checks happen before anything is written.
-  return experiment.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
-                        rounds=c.rounds, seed=c.seed, eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
-                        target_accuracy=c.target_accuracy, info=_info(c), on_start=_on_start(c, exp),
-                        accountant=exp.mechanisms.accountant, target_epsilon=c.dp.target_epsilon,
-                        stop_after=stop_after)
+  return loop.run(exp.algorithm, exp.model, exp.train_data, exp.eval_sets, workdir=workdir,
+                  settings=loop_settings(c, exp.mechanisms, stop_after), seed=c.seed, info=_info(c),
+                  on_start=_on_start(c, exp))
+
+
+def loop_settings(c, parts: MechanismParts, stop_after: int | None = None) -> loop.LoopSettings:
+  return loop.LoopSettings(c.rounds, c.eval_every, c.checkpoint_every, c.target_accuracy, parts.accountant,
+                           c.dp.target_epsilon, stop_after)
 
 
 # What runs vectorised together may differ in (experiments.sweep --vectorize).
@@ -157,13 +160,10 @@ def train_and_evaluate_many(configs: list, workdirs: list[str]) -> list[dict]:
   model, eval_sets = exps[0].model, [e.eval_sets for e in exps]
   data = federated_data.stack([e.train_data for e in exps])
   del exps  # each run's own training set: only the stacked copy stays on the device
-  return experiment.run_many(
-      algorithm, model, data, eval_sets, workdirs=workdirs, rounds=c.rounds, seeds=[one.seed for one in configs],
-      eval_every=c.eval_every,
-      checkpoint_every=c.checkpoint_every, target_accuracy=c.target_accuracy,
-      infos=[{**_info(one), "vectorized_runs": len(configs)} for one in configs],
-      on_start=lambda workdir: starts[workdir](workdir), accountant=parts.accountant,
-      target_epsilon=c.dp.target_epsilon)
+  runs = [loop.RunSpec(workdir, one.seed, sets, {**_info(one), "vectorized_runs": len(configs)})
+          for workdir, one, sets in zip(workdirs, configs, eval_sets, strict=True)]
+  return loop.run_many(algorithm, model, data, runs, loop_settings(c, parts),
+                       on_start=lambda workdir: starts[workdir](workdir))
 
 
 def _info(c) -> dict:

@@ -31,7 +31,7 @@ Gaussian (sensitivity 2S, std σS), and a client is charged for every round (the
 
 What DP covers is the model update. What the runs log besides (`train_loss`, from raw per-client losses, and
 metrics computed with example counts) is not private; under DP the experiment loop leaves it out of
-metrics.jsonl (`experiment.PRIVATE_METRICS`). Example counts themselves are uploaded in the clear, but no
+metrics.jsonl (`loop.PRIVATE_METRICS`). Example counts themselves are uploaded in the clear, but no
 DP aggregator reads them (uniform weights).
 """
 

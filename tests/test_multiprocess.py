@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from experiments import cli, report
-from fedsnd_jax import experiment
+from fedsnd_jax import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/tiny.py"]
@@ -60,7 +60,7 @@ def test_two_processes_equal_one_and_resume(tmp_path):
 def test_a_refusal_on_process_0_stops_every_process(tmp_path):
   # Process 0 cannot take the workdir's lock (held here): both processes exit 2, none waits in a collective.
   workdir = tmp_path / "held"
-  with experiment.locked_workdir(str(workdir)):
+  with loop.locked_workdir(str(workdir)):
     outs = _two_processes(workdir, rounds=1, expect=2)
   assert "in use by another run" in outs[0] and "process 0 refused the run" in outs[1]
 

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import configuration, train_lib
 from experiments.configs import tiny
-from fedsnd_jax import experiment
+from fedsnd_jax import loop
 from fedsnd_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +193,7 @@ def test_the_binary_exits_2_with_one_line_on_bad_input_and_3_on_divergence(tmp_p
 def test_diverged_run_raises_and_keeps_finite_records(tmp_path):
   config = tiny.get_config()
   config.client_lr = 1e12
-  with pytest.raises(experiment.Diverged, match="^round 1: "):
+  with pytest.raises(loop.Diverged, match="^round 1: "):
     train_lib.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "summary.json") as f:
     summary = json.load(f)
@@ -203,10 +203,10 @@ def test_diverged_run_raises_and_keeps_finite_records(tmp_path):
 
 def test_a_live_run_holds_its_workdir(tmp_path):
   holder = tmp_path / "held"
-  with experiment.locked_workdir(str(holder)):
+  with loop.locked_workdir(str(holder)):
     with pytest.raises(InputError, match=f"^workdir: .*in use by another run \\(pid {os.getpid()} "):
       train_lib.train_and_evaluate(tiny.get_config(), str(holder))
   assert not (holder / "metrics.jsonl").exists()
   # A lock file left by a dead process is no lock: flock is released with its holder.
-  (holder / experiment.LOCK_FILE).write_text("pid 999999 on nowhere since 2000-01-01\n")
+  (holder / loop.LOCK_FILE).write_text("pid 999999 on nowhere since 2000-01-01\n")
   assert train_lib.train_and_evaluate(tiny.get_config(), str(holder))["rounds"] == 3
