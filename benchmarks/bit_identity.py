@@ -30,6 +30,7 @@ ATTACKED = {**ROBUST, "attack.fraction": 0.3}  # 2 of 7 clients
 CASES: dict[str, dict] = {
     **{name: {"algorithm": name} for name in ("fedavg", "fedsd", "fednd", "fedsnd", "fedprox", "scaffold", "moon",
                                               "feddyn", "fedntd", "fedgen", "fedftg")},
+    "fedavg_epochs": {"local_steps": 0, "local_epochs": 1},
     "fedavg_server_adam": {"server_opt": "adam", "server_lr": 0.01},
     "fedavg_poisson": {"client_sampling": "poisson"},
     "dp_central": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5},
@@ -50,7 +51,8 @@ CASES: dict[str, dict] = {
                                                 "algorithm": "fedsnd", "fedsnd.noise_consensus": True},
 }
 # Cases run vectorised (`train_lib.train_and_evaluate_many`) over these seeds.
-VECTORISED = {"vectorised_fedavg": {}, "vectorised_dp_central": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5}}
+VECTORISED = {"vectorised_fedavg": {}, "vectorised_fedavg_epochs": {"local_steps": 0, "local_epochs": 1},
+              "vectorised_dp_central": {"dp.clip_norm": 1.0, "dp.noise_multiplier": 0.5}}
 VECTORISED_SEEDS = (0, 1)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import venvs
-from fedsnd_jax import algorithm, algorithms, data, federated_data, mapping, models
+from fedsnd_jax import algorithms, data, federated_data, mapping, models, rounds
 from fedsnd_jax.partition import partition
 
 FEDJAX_REQUIREMENTS = ("fedjax==0.0.17", "jax[cpu]==0.5.3", "jaxlib==0.5.3", "dm-haiku==0.0.17")
@@ -70,9 +70,8 @@ def ours(x, y, part, mean, std):
   """A function block(rounds) -> warm round seconds of our FedAvg at the library defaults on the work."""
   num_clients = len(part.client_indices)
   fed_data = federated_data.to_device(x, y, part, mean, std)
-  steps = federated_data.steps_per_round(fed_data.max_count, 32, 1, 0)
-  fed = algorithm.Federation(num_clients, num_clients, algorithm.LocalSchedule(32, steps, 1, 0), 0.05, 0.0, 0.0,
-                             x.shape[1:], 10)
+  fed = rounds.Federation(num_clients, num_clients, rounds.LocalSchedule(32, epochs=1), 0.05, 0.0, 0.0,
+                          x.shape[1:], 10)
   backend = jax.default_backend()
   model = models.build_model("cnn2", x.shape[1:], 10, dropout=0.2, conv_impl="auto")
   alg = algorithms.build("fedavg", model, fed, client_map=mapping.default_client_map(backend))

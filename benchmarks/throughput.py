@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fedsnd_jax import algorithm, algorithms, client, federated_data, losses, models
+from fedsnd_jax import algorithms, client, driver, federated_data, losses, models, rounds
 from fedsnd_jax.partition import partition
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn2"], "Models.")
@@ -109,7 +109,7 @@ def throughput_rows(model_name: str, conv_impl: str):
   ceiling = _one_model_rate(model, opt, BATCH)
   yield f"| {model_name} | – | ceiling (1 model, batch {BATCH}) | {ceiling:,.0f} | – | – | – | – | – |"
   steps = _STEPS.value
-  schedule = algorithm.LocalSchedule(BATCH, steps, 1, steps)
+  schedule = rounds.LocalSchedule(BATCH, steps=steps)
   for num in (int(c) for c in _CLIENTS.value):
     data = _data(num, BATCH * steps)
     params = model.init(jax.random.key(0))
@@ -119,8 +119,8 @@ def throughput_rows(model_name: str, conv_impl: str):
     for strategy in _STRATEGIES.value:
       if (strategy == "vmap" and num > _MAX_VMAP.value) or (strategy == "loop" and num > _MAX_LOOP.value):
         continue
-      phase = algorithm.make_client_phase(model, client.supervised_loss(model), opt, schedule, strategy,
-                                          _CHUNK.value)
+      phase = driver.make_client_phase(model, client.supervised_loss(model), opt, schedule, steps, strategy,
+                                       _CHUNK.value)
       out, first, steady = _timed(phase, (params, None, data), (ids, keys, None))
       results[strategy] = out.params
       timings[strategy] = (first, steady, _peak_memory_mb())
@@ -146,7 +146,7 @@ def round_table(conv_impl: str) -> list[str]:
   num = _ROUND_CLIENTS.value
   model = models.build_model("cnn2", SHAPE, 10, conv_impl=conv_impl)
   data = _data(num, BATCH * _STEPS.value)
-  fed = algorithm.Federation(num, num, algorithm.LocalSchedule(BATCH, _STEPS.value, 1, _STEPS.value), 0.01, 0.9,
+  fed = rounds.Federation(num, num, rounds.LocalSchedule(BATCH, steps=_STEPS.value), 0.01, 0.9,
                              0.0, SHAPE, 10)
   algs = {name: algorithms.build(name, model, fed, client_map=_STRATEGIES.value[0], chunk_size=_CHUNK.value)
           for name in ("fedavg", "fedsnd")}

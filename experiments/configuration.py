@@ -13,8 +13,9 @@ import jax
 from experiments.configs import default
 from fedsnd_jax import algorithms, mapping, mechanisms, models
 from fedsnd_jax import partition as partition_lib
-from fedsnd_jax.algorithm import SAMPLINGS, AlgorithmInfo, Federation
 from fedsnd_jax.errors import InputError, require
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, LocalSchedule
+from fedsnd_jax.sampling import SAMPLINGS
 
 SERVER_OPTIMIZERS = ("sgd", "adam")
 # Fields a resumed run may change; every other field must match the workdir's config.json.
@@ -32,10 +33,10 @@ def set_fields(c, fields: dict):
   return c
 
 
-def federation(c, input_shape=None, num_classes=None, schedule=None) -> Federation:
-  """The config's Federation; before the data is loaded (validation), shapes and schedule are None."""
-  return Federation(c.num_clients, c.clients_per_round, schedule, c.client_lr, c.client_momentum, c.weight_decay,
-                    input_shape, num_classes, c.client_sampling)
+def federation(c, input_shape=None, num_classes=None) -> Federation:
+  """The config's Federation; before the data is loaded (validation), input_shape and num_classes are None."""
+  return Federation(c.num_clients, c.clients_per_round, LocalSchedule(c.batch_size, c.local_epochs, c.local_steps),
+                    c.client_lr, c.client_momentum, c.weight_decay, input_shape, num_classes, c.client_sampling)
 
 
 def hyperparameters(c):
@@ -90,7 +91,7 @@ def validate(c) -> None:
     InputError: naming the first bad field and its allowed values.
   """
   check_fields(c)
-  plugin = algorithms.get(c.algorithm)
+  spec = algorithms.get(c.algorithm)
   require(c.model in models.MODELS, "model", f"unknown model {c.model!r}; allowed: {', '.join(models.MODELS)}")
   require(c.partition in partition_lib.PARTITIONS, "partition",
           f"unknown partition {c.partition!r}; allowed: {', '.join(partition_lib.PARTITIONS)}")
@@ -124,5 +125,5 @@ def validate(c) -> None:
   require(0 < c.target_accuracy <= 1, "target_accuracy", f"must be in (0, 1], got {c.target_accuracy}")
   require(0 <= c.validation_fraction < 1, "validation_fraction",
           f"must be in [0, 1), got {c.validation_fraction}")
-  plugin.validate(hyperparameters(c), federation(c))
+  spec.validate(hyperparameters(c), federation(c))
   mechanisms.validate(mechanism_settings(c), federation(c), algorithm_info(c))

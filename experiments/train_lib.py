@@ -18,9 +18,9 @@ from experiments import configuration
 from experiments.configuration import federation, hyperparameters, mechanism_settings
 from fedsnd_jax import algorithms, evaluation, federated_data, loop, mapping, mechanisms, metrics, models
 from fedsnd_jax import partition as partition_lib
-from fedsnd_jax.algorithm import FederatedAlgorithm, Federation, LocalSchedule, MechanismParts
 from fedsnd_jax.data import Dataset, load_dataset, split_validation, subsample
 from fedsnd_jax.errors import require
+from fedsnd_jax.rounds import FederatedAlgorithm, Federation, MechanismParts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,7 @@ def build_algorithm(c, model: models.Model, fed: Federation, parts: MechanismPar
   server_opt = (optax.sgd(c.server_lr, momentum=c.server_momentum or None) if c.server_opt == "sgd"
                 else optax.adam(c.server_lr))
   return algorithms.build(c.algorithm, model, fed, hyperparameters(c), server_opt=server_opt,
-                          aggregator=parts.aggregator, upload_transform=parts.upload_transform,
-                          attack=parts.attack, client_map=resolve_client_map(c), chunk_size=c.chunk_size,
+                          mechanisms=parts, client_map=resolve_client_map(c), chunk_size=c.chunk_size,
                           runs=runs)
 
 
@@ -79,13 +78,11 @@ def prepare(c) -> Experiment:
                              vocab_size=ds.vocab_size, batch_norm=c.batch_norm, conv_impl=c.conv_impl,
                              **algorithms.model_options(c.algorithm, hyperparameters(c)))
   train_data = federated_data.to_device(ds.x_train, ds.y_train, part, ds.mean, ds.std)
-  num_steps = federated_data.steps_per_round(train_data.max_count, c.batch_size, c.local_epochs,
-                                             c.local_steps)
-  schedule = LocalSchedule(c.batch_size, num_steps, c.local_epochs, c.local_steps)
   eval_sets = {"test": evaluation.to_eval_data(ds.x_test, ds.y_test, ds.mean, ds.std, c.eval_batch_size)}
   if val is not None:
     eval_sets["val"] = evaluation.to_eval_data(*val, ds.mean, ds.std, c.eval_batch_size)
-  fed = federation(c, ds.input_shape, ds.num_classes, schedule)
+  fed = federation(c, ds.input_shape, ds.num_classes)
+  num_steps = fed.schedule.num_steps(train_data.max_count)
   parts = mechanisms.build(mechanism_settings(c), fed, c.seed)
   if parts.data_transform is not None:
     train_data = parts.data_transform(train_data)
@@ -147,12 +144,8 @@ def train_and_evaluate_many(configs: list, workdirs: list[str]) -> list[dict]:
             f"not {', '.join(changed)}")
   mechanisms.validate(mechanism_settings(c), federation(c), configuration.algorithm_info(c), vectorised=True)
   exps = [prepare(one) for one in configs]
-  widest = max(e.train_data.max_count for e in exps)
-  schedule = LocalSchedule(c.batch_size, federated_data.steps_per_round(widest, c.batch_size, c.local_epochs,
-                                                                        c.local_steps), c.local_epochs,
-                           c.local_steps)
   ds = exps[0].dataset
-  fed = federation(c, ds.input_shape, ds.num_classes, schedule)
+  fed = federation(c, ds.input_shape, ds.num_classes)  # the step count follows the widest run's stacked data
   parts = exps[0].mechanisms
   algorithm = build_algorithm(c, exps[0].model, fed, parts, runs=len(configs))
   starts = {workdir: _on_start(one, exp, vectorised=True)

@@ -25,9 +25,9 @@ import numpy as np
 from jax.scipy.special import ndtri
 
 from fedsnd_jax import tree_math
-from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 from fedsnd_jax.errors import require
 from fedsnd_jax.federated_data import FederatedData
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 from fedsnd_jax.shapes import Params
 
 ATTACKS = ("none", "sign_flip", "gaussian", "alie", "ipm", "label_flip")

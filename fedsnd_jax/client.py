@@ -113,6 +113,12 @@ def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean,
 CALIBRATION_SIZE = 256
 
 
+def _batching(schedule, num_steps: int) -> dict:
+  """`client_batches`' schedule arguments from a `rounds.LocalSchedule` and the round's step count."""
+  return dict(batch_size=schedule.batch_size, num_steps=num_steps, local_epochs=schedule.epochs,
+              local_steps=schedule.steps)
+
+
 def _schedule(key, client_id, data: FederatedData, schedule: dict):
   """(idx [S, B], mask [S, B], train key) of one client's round."""
   batch_key, train_key = jax.random.split(key)
@@ -127,16 +133,16 @@ def _calibrated(calibrate, params, key, client_id, data: FederatedData):
   return calibrate(params, normalize(data.x[data.index[client_id][pick]], data.mean, data.std))
 
 
-def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps: int,
-                       local_epochs: int, local_steps: int, calibrate=None):
+def make_client_update(loss_fn: LossFn, optimizer, schedule, num_steps: int, calibrate=None):
   """Builds client_update(params, context, client_id, key, data) -> ClientOutput for one client.
 
-  The client gathers its own batch schedule (`client_batches`) from `data` by its id, then trains
+  The client gathers its own batch schedule (`client_batches`: `num_steps` slots of the `rounds.LocalSchedule`
+  `schedule`) from `data` by its id, then trains
   from `params`. With `calibrate` (BatchNorm models, `Model.calibrate`) it then sets the BatchNorm
   statistics from CALIBRATION_SIZE of its examples drawn with replacement. Pure and vmappable over
   (client_id, key).
   """
-  schedule = dict(batch_size=batch_size, num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
+  schedule = _batching(schedule, num_steps)
 
   def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
     idx, mask, train_key = _schedule(key, client_id, data, schedule)
@@ -149,8 +155,7 @@ def make_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps
   return client_update
 
 
-def make_stepped_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, num_steps: int,
-                               local_epochs: int, local_steps: int, calibrate=None, check=lambda fn: fn):
+def make_stepped_client_update(loss_fn: LossFn, optimizer, schedule, num_steps: int, calibrate=None):
   """`make_client_update`'s client, driven from the host: each local step is its own jitted call.
 
   The same steps, keys and masks as the scanned client (its results equal it up to float rounding: XLA
@@ -159,9 +164,8 @@ def make_stepped_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, n
   10–20× faster outside a loop body (`models.default_conv_impl`; a `cond` branch is such a body, so fully masked
   steps are skipped on the host: they cost nothing). Not traceable: `mapping.threaded_loop` runs these clients,
   several at once.
-  `check` wraps each function before it is jitted (the round driver's trace counting).
   """
-  schedule = dict(batch_size=batch_size, num_steps=num_steps, local_epochs=local_epochs, local_steps=local_steps)
+  schedule = _batching(schedule, num_steps)
 
   def start(params, client_id, key, data):
     idx, mask, train_key = _schedule(key, client_id, data, schedule)
@@ -179,7 +183,7 @@ def make_stepped_client_update(loss_fn: LossFn, optimizer, *, batch_size: int, n
       params = _calibrated(calibrate, params, key, client_id, data)
     return ClientOutput(params, data.counts[client_id], sums[0] / jnp.maximum(sums[1], 1))
 
-  start, step, finish = (jax.jit(check(fn)) for fn in (start, step, finish))
+  start, step, finish = (jax.jit(fn) for fn in (start, step, finish))
 
   def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
     idx, mask, keys, live, carry, sums = start(params, client_id, key, data)

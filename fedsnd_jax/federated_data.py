@@ -38,7 +38,8 @@ class FederatedData(NamedTuple):
 
   @property
   def max_count(self) -> int:
-    return self.index.shape[1]
+    """n_max: the index table's width (stacked runs, [R, K, n_max]: the widest run's)."""
+    return self.index.shape[-1]
 
 
 def to_device(x, y, part: Partition, mean, std) -> FederatedData:
@@ -81,13 +82,6 @@ def label_histograms(data: FederatedData, ids, num_classes: int):
   return jax.vmap(one)(ids)
 
 
-def steps_per_round(max_count: int, batch_size: int, local_epochs: int, local_steps: int) -> int:
-  """S: local_steps if > 0, else local_epochs × ceil(n_max / B) (clients with fewer examples mask the rest)."""
-  if local_steps > 0:
-    return local_steps
-  return local_epochs * -(-max_count // batch_size)
-
-
 def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, local_epochs: int,
                    local_steps: int, own_max_count=None):
   """On-device batch schedule for one client (vmap it over clients).
@@ -104,7 +98,7 @@ def client_batches(key, index_row, count, *, batch_size: int, num_steps: int, lo
     count: int32 scalar, the client's number of examples.
     batch_size: B.
     num_steps: S.
-    local_epochs, local_steps: the schedule, as for `steps_per_round`.
+    local_epochs, local_steps: the schedule (`rounds.LocalSchedule`'s epochs, and steps when > 0).
     own_max_count: the run's own n_max when `index_row` is padded wider (`stack`); its epochs are laid out
       as alone (ceil(own / B) slots each) and the steps past its E epochs are fully masked.
 

@@ -28,10 +28,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fedsnd_jax import checkpoint, evaluation, metrics, tree_math
-from fedsnd_jax.algorithm import FederatedAlgorithm, RoundOutput
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import FederatedAlgorithm, RoundOutput
 
 LOCK_FILE = ".lock"
 # What DP does not cover (privacy.py): the uploads' raw training losses, and what is computed with their example

@@ -13,8 +13,8 @@ Adding a mechanism: one module with those four names and its test, one line in R
 from typing import NamedTuple
 
 from fedsnd_jax import attacks, privacy, robust, secure_aggregation
-from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 from fedsnd_jax.errors import InputError
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 
 REGISTRY: dict[str, MechanismSpec] = {spec.section: spec for spec in (
     privacy.SPEC, secure_aggregation.SPEC, robust.SPEC, attacks.SPEC)}

@@ -44,8 +44,9 @@ import jax.numpy as jnp
 
 from fedsnd_jax import aggregation, models, tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator
-from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec, cohort_cap
 from fedsnd_jax.errors import require
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
+from fedsnd_jax.sampling import cohort_cap
 from fedsnd_jax.shapes import Params
 
 # Andrew et al.'s suggestions: clip-norm learning rate 0.2, clipped-count noise C/20.

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState, weighted_average
-from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 from fedsnd_jax.errors import require
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 from fedsnd_jax.shapes import Params
 
 RULES = ("median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping")

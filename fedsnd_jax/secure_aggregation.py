@@ -38,8 +38,8 @@ import numpy as np
 
 from fedsnd_jax import tree_math
 from fedsnd_jax.aggregation import Aggregate, Aggregator, EmptyState
-from fedsnd_jax.algorithm import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 from fedsnd_jax.errors import require
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 
 PRIME = (1 << 61) - 1  # GF(p) for key agreement and Shamir sharing
 GENERATOR = 3

@@ -16,17 +16,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import fedsnd_jax  # noqa: E402, F401, I001  (before jax: XLA_FLAGS are set when jax is imported)
 
+import contextlib
 from typing import NamedTuple
 
 import chex
 import jax
+import jax.monitoring
 import numpy as np
 import pytest
 
 from fedsnd_jax import federated_data
-from fedsnd_jax.algorithm import Federation, LocalSchedule
+from fedsnd_jax.rounds import Federation, LocalSchedule
 from fedsnd_jax.partition import partition
 
+JAXPR_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # jax's monitoring event for one trace
 SHAPE = (4, 4, 1)
 NUM_CLASSES = 3
 _RNG = np.random.default_rng(0)
@@ -59,8 +62,7 @@ def federation():
            momentum=0.9, weight_decay=1e-4, min_size=4):
     part = partition(Y, num_clients, "dirichlet_label", alpha=0.5, seed=0, min_size=min_size)
     data = federated_data.to_device(X, Y, part, MEAN, STD)
-    steps = federated_data.steps_per_round(data.max_count, batch_size, local_epochs, local_steps)
-    schedule = LocalSchedule(batch_size, steps, local_epochs, local_steps)
+    schedule = LocalSchedule(batch_size, local_epochs, local_steps)
     return data, Federation(num_clients, clients_per_round, schedule, lr, momentum, weight_decay, SHAPE,
                             NUM_CLASSES)
 
@@ -91,3 +93,27 @@ def assert_close():
 @pytest.fixture(autouse=True)
 def _fresh_trace_counters():
   chex.clear_trace_counter()
+
+
+@contextlib.contextmanager
+def _traced():
+  """Collects the names of the functions jax traces inside the block (every jit, the driver's and the client
+  map's own), from jax's monitoring events: a round that traces nothing reuses what is compiled."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event == JAXPR_TRACE_EVENT:
+      names.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.fixture
+def traced():
+  """traced() -> a context manager whose value lists the functions traced inside it."""
+  return _traced

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedsnd_jax import algorithm, algorithms, client, models, tree_math
+from fedsnd_jax import algorithms, client, models, rounds, sampling, tree_math
 from fedsnd_jax.algorithms import feddyn, fedntd, moon, scaffold
 
 LR = 0.05
@@ -132,24 +132,24 @@ def test_per_client_state_is_gathered_and_scattered_by_id(tiny, federation):
   state, _ = alg.apply(state, data)
   after = jax.tree.leaves(state.algorithm.previous)[0]
   changed = [k for k in range(3) if not np.allclose(before[k], after[k])]
-  ids, _, _ = algorithm.round_keys(alg.init(jax.random.key(0)).rng, 0, 3, 1)
+  ids, _, _ = sampling.round_keys(alg.init(jax.random.key(0)).rng, 0, 3, 1)
   assert changed == [int(ids[0])]
 
 
 def test_feddyn_correction_leaves_batch_norm_statistics_averaged(tiny, federation):
   _, fed = federation()
   model = models.build_model("cnn2", tiny.shape, 3, batch_norm=True, conv_impl="im2col")
-  plugin = feddyn.build(model, feddyn.Hyperparameters(alpha=0.1), fed)
+  parts = feddyn.build(model, feddyn.Hyperparameters(alpha=0.1), fed)
   params = model.init(jax.random.key(0))
-  state = plugin.init_state(params)
+  state = parts.init_state(params)
   uploads = jax.tree.map(lambda a: jnp.stack([a + 1.0, a + 1.0]), params)  # every update is +1
   ids = jnp.array([0, 2])
-  context = algorithm.RoundContext(jnp.int32(0), params, state, ids, tree_math.gather(state.grads, ids),
+  context = rounds.RoundContext(jnp.int32(0), params, state, ids, tree_math.gather(state.grads, ids),
                                    client.ClientOutput(uploads, jnp.array([5, 5]), jnp.zeros(2)),
                                    jnp.array([2, 2]), jax.random.key(0), None)
   average = jax.tree.map(lambda a: a[0], uploads)
-  carry = algorithm.ServerCarry(uploads, jnp.array([5, 5]), average, state, None, None, {})
-  out = plugin.after_aggregation(context, carry)
+  carry = rounds.ServerCarry(uploads, jnp.array([5, 5]), average, state, None, None, {})
+  out = parts.after_aggregation(context, carry)
   # h = −α·Σ_k (w_k − w_g)/K = −0.1·2/3, so the weights move by −h/α = +2/3; statistics stay averaged.
   bias = lambda p: p["params"]["Dense_0"]["bias"]
   np.testing.assert_allclose(bias(out.average), bias(average) + 2 / 3, rtol=1e-6)

@@ -5,6 +5,7 @@ import pytest
 
 from fedsnd_jax import federated_data as F
 from fedsnd_jax.partition import partition
+from fedsnd_jax.rounds import LocalSchedule
 
 LABELS = np.arange(23) % 3
 PART = partition(LABELS, 3, "quantity", alpha=1.0, seed=2, min_size=2)  # unequal client sizes
@@ -12,7 +13,7 @@ PART = partition(LABELS, 3, "quantity", alpha=1.0, seed=2, min_size=2)  # unequa
 
 def _schedule(epochs=0, steps=0, batch=4):
   data = F.to_device(np.zeros((23, 1), np.uint8), LABELS, PART, np.zeros(1), np.ones(1))
-  num_steps = F.steps_per_round(data.max_count, batch, epochs, steps)
+  num_steps = LocalSchedule(batch, epochs, steps).num_steps(data.max_count)
   fn = lambda k, row, n: F.client_batches(k, row, n, batch_size=batch, num_steps=num_steps,
                                           local_epochs=epochs, local_steps=steps)
   keys = jax.random.split(jax.random.key(0), 3)

@@ -7,8 +7,8 @@ import pytest
 from experiments import configuration
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import mechanisms
-from fedsnd_jax.algorithm import MechanismParts
 from fedsnd_jax.errors import InputError
+from fedsnd_jax.rounds import MechanismParts
 
 
 def _config(fields=None):

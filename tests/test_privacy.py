@@ -13,6 +13,7 @@ from experiments import configuration, train_lib
 from experiments.configs import tiny as tiny_config
 from fedsnd_jax import aggregation, algorithms, models, privacy
 from fedsnd_jax.errors import InputError
+from fedsnd_jax.rounds import MechanismParts
 
 
 def _models(*updates):
@@ -144,8 +145,9 @@ def test_target_epsilon_stops_the_run_before_it_is_exceeded(tmp_path):
 def test_huge_clip_and_no_noise_is_fedavg_with_uniform_weights(tiny, federation, run_rounds):
   data, fed = federation()
   model = models.build_model("mlp", tiny.shape, 3)
-  a, _ = run_rounds(algorithms.build("fedavg", model, fed, aggregator=privacy.central_dp(1e9, 0.0)), data, 2)
-  b, _ = run_rounds(algorithms.build("fedavg", model, fed, aggregator=aggregation.unweighted_mean()), data, 2)
+  with_aggregator = lambda agg: algorithms.build("fedavg", model, fed, mechanisms=MechanismParts(agg))
+  a, _ = run_rounds(with_aggregator(privacy.central_dp(1e9, 0.0)), data, 2)
+  b, _ = run_rounds(with_aggregator(aggregation.unweighted_mean()), data, 2)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params, b.params)
 
 

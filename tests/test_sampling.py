@@ -11,24 +11,24 @@ import pytest
 
 from experiments import configuration
 from experiments.configs import tiny as tiny_config
-from fedsnd_jax import aggregation, algorithm, algorithms, models, privacy
+from fedsnd_jax import aggregation, algorithms, driver, models, privacy, sampling
 from fedsnd_jax.errors import InputError
 
 
 def test_cohort_cap_by_the_binomial_tail():
-  cap, overflow = algorithm.cohort_cap(100, 10)
-  assert algorithm.binomial_tail(100, 0.1, cap) == overflow <= algorithm.COHORT_OVERFLOW
-  assert algorithm.binomial_tail(100, 0.1, cap - 1) > algorithm.COHORT_OVERFLOW  # the smallest such cap
+  cap, overflow = sampling.cohort_cap(100, 10)
+  assert sampling.binomial_tail(100, 0.1, cap) == overflow <= sampling.COHORT_OVERFLOW
+  assert sampling.binomial_tail(100, 0.1, cap - 1) > sampling.COHORT_OVERFLOW  # the smallest such cap
   # P[Binomial(3, 1/2) > 1] = (3 + 1)/8 by hand.
-  assert algorithm.binomial_tail(3, 0.5, 1) == pytest.approx(0.5, rel=1e-12)
-  assert algorithm.cohort_cap(20, 20) == (20, 0.0)
+  assert sampling.binomial_tail(3, 0.5, 1) == pytest.approx(0.5, rel=1e-12)
+  assert sampling.cohort_cap(20, 20) == (20, 0.0)
 
 
 def test_poisson_cohort_by_hand():
   rng, k, c = jax.random.key(3), 10, 3
-  cap = algorithm.cohort_cap(k, c)[0]
+  cap = sampling.cohort_cap(k, c)[0]
   for r in range(5):
-    ids, keys, _ = algorithm.round_keys(rng, r, k, c, cap)
+    ids, keys, _ = sampling.round_keys(rng, r, k, c, cap)
     sample_key = jax.random.split(jax.random.fold_in(rng, r), 3)[0]
     sampled = np.flatnonzero(np.asarray(jax.random.uniform(sample_key, (k,))) < c / k)
     np.testing.assert_array_equal(ids, np.concatenate([sampled, np.full(cap - len(sampled), k)]))
@@ -47,11 +47,12 @@ def test_poisson_round_is_fedavg_over_the_sampled_clients_only(tiny, federation,
   model = models.build_model("mlp", tiny.shape, 3)
   alg = algorithms.build("fedavg", model, fed._replace(sampling="poisson"))
   state = alg.init(jax.random.key(0))
-  phase = algorithm.make_client_phase(model, algorithms.get("fedavg").build(model, None, fed).client_loss,
-                                      fed.client_optimizer(), fed.schedule, "vmap", 8)
+  phase = driver.make_client_phase(model, algorithms.get("fedavg").build(model, None, fed).client_loss,
+                                   fed.client_optimizer(), fed.schedule, fed.schedule.num_steps(data.max_count),
+                                   "vmap", 8)
   partial = 0
   for _ in range(6):
-    ids, keys, _ = algorithm.round_keys(state.rng, state.round, 3, 1, 3)
+    ids, keys, _ = sampling.round_keys(state.rng, state.round, 3, 1, 3)
     valid = np.asarray(ids) < 3
     new, out = alg.apply(state, data)
     assert out.diagnostics["cohort_size"] == valid.sum()
@@ -91,7 +92,7 @@ def test_aggregators_leave_weight_zero_uploads_out():
 def test_poisson_accounting_charges_the_cohort_cap_as_one_plus_e_to_the_epsilon():
   # The capped run differs from the Poisson one with probability ≤ T·p, on either neighbour: it is
   # (ε, δ_M(ε) + (1 + e^ε)·T·p)-DP. The reported ε must keep that total within δ.
-  overflow = algorithm.cohort_cap(100, 10)[1]
+  overflow = sampling.cohort_cap(100, 10)[1]
   event = dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0))
   relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
   for kind, reference in (("rdp", dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)),
@@ -110,7 +111,7 @@ def test_the_private_benchmarks_epsilon_holds_with_its_cohort_cap():
   # benchmarks/configs/fmnist_dp.py: 3,000 clients, 600 a round (Poisson), 30 rounds, σ = 1, PLD, δ = 10⁻⁵.
   # At the former cap (p ≈ 8·10⁻¹⁰, charged as T·p) the (1 + e^ε)·T·p term alone was 6.8·10⁻⁵.
   k, c, rounds, delta = 3000, 600, 30, 1e-5
-  overflow = algorithm.cohort_cap(k, c)[1]
+  overflow = sampling.cohort_cap(k, c)[1]
   eps = privacy.Accountant(k, c, 1.0, delta, sampling="poisson", kind="pld").epsilon(rounds)
   relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
   reference = dp_accounting.pld.PLDAccountant(neighboring_relation=relation)

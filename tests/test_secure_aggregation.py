@@ -14,6 +14,7 @@ from experiments.configs import tiny as tiny_config
 from fedsnd_jax import aggregation, algorithms, models
 from fedsnd_jax import secure_aggregation as sa
 from fedsnd_jax.errors import InputError
+from fedsnd_jax.rounds import MechanismParts
 
 
 def test_shamir_any_threshold_of_shares_reconstruct():
@@ -71,8 +72,9 @@ def test_a_masked_upload_is_indistinguishable_from_uniform():
 def test_fedavg_under_secure_aggregation_is_the_unweighted_mean_up_to_quantisation(tiny, federation, run_rounds):
   data, fed = federation()
   model = models.build_model("mlp", tiny.shape, 3)
-  secure = algorithms.build("fedavg", model, fed, aggregator=sa.secure_mean(bits=20, value_range=1.0))
-  plain = algorithms.build("fedavg", model, fed, aggregator=aggregation.unweighted_mean())
+  with_aggregator = lambda agg: algorithms.build("fedavg", model, fed, mechanisms=MechanismParts(agg))
+  secure = with_aggregator(sa.secure_mean(bits=20, value_range=1.0))
+  plain = with_aggregator(aggregation.unweighted_mean())
   a, outs = run_rounds(secure, data, 2)
   b, plain_outs = run_rounds(plain, data, 2)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5), a.params, b.params)

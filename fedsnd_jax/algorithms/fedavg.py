@@ -11,8 +11,8 @@ Hsu et al. 2019; with Adam, FedAdam of Reddi et al., ICLR 2021).
 from typing import NamedTuple
 
 from fedsnd_jax import client
-from fedsnd_jax.algorithm import Algorithm, Federation, Plugin
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AlgorithmSpec, Federation, RoundParts
 
 
 class Hyperparameters(NamedTuple):
@@ -23,9 +23,9 @@ def validate(hp: Hyperparameters, federation: Federation) -> None:
   del hp, federation
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   del hp, federation
-  return Algorithm(client.supervised_loss(model))
+  return RoundParts(client.supervised_loss(model))
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "fedavg")
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedavg")

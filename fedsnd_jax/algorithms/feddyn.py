@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import client, models, tree_math
-from fedsnd_jax.algorithm import Algorithm, Federation, Plugin, RoundContext, ServerCarry
 from fedsnd_jax.errors import check_range
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AlgorithmSpec, Federation, RoundContext, RoundParts, ServerCarry
 from fedsnd_jax.shapes import Params
 
 
@@ -46,7 +46,7 @@ def dynamic_loss(model: Model, alpha: float) -> client.LossFn:
   return loss_fn
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   alpha, num_clients = hp.alpha, federation.num_clients
 
   def init_state(params):
@@ -64,11 +64,11 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
     return carry._replace(average=average,
                           state=FedDynState(h, tree_math.scatter(state.grads, context.ids, new_grads)))
 
-  return Algorithm(dynamic_loss(model, alpha), init_state,
+  return RoundParts(dynamic_loss(model, alpha), init_state,
                    lambda state, ids: (None, tree_math.gather(state.grads, ids)),
                    after_aggregation=after_aggregation)
 
 
 # The server's h and each client's gradient state are computed from individual updates, not from a privatised
 # or securely summed aggregate.
-PLUGIN = Plugin(build, Hyperparameters, validate, "feddyn", privacy=lambda hp: ())
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "feddyn", privacy=lambda hp: ())

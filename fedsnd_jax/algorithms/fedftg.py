@@ -34,10 +34,18 @@ import jax.numpy as jnp
 import optax
 
 from fedsnd_jax import client, federated_data, generators, losses, models
-from fedsnd_jax.algorithm import AGGREGATE, Algorithm, Federation, Plugin, RoundContext, ServerCarry, ServerStep
 from fedsnd_jax.algorithms.fedsnd import noise
 from fedsnd_jax.errors import check_range
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import (
+  AGGREGATE,
+  AlgorithmSpec,
+  Federation,
+  RoundContext,
+  RoundParts,
+  ServerCarry,
+  ServerStep,
+)
 from fedsnd_jax.shapes import Params
 
 
@@ -91,7 +99,7 @@ def hard_sample_kl(ensemble_logits, student_logits, temperature: float):
   return agree * kl, agree
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   num_classes = federation.num_classes
   space = noise.noise_space(model, federation.input_shape)
   generator = generators.conditional_mlp(num_classes, space.shape, noise_dim=hp.noise_dim,
@@ -164,7 +172,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
         "generator_fidelity": mean(fidelity), "hard_sample_share": mean(hard_share),
         "generator_accuracy": mean(right), "kl_before": mean(kl_before), "kl_after": mean(kl_after)}
 
-  return Algorithm(client.supervised_loss(model), init_state,
+  return RoundParts(client.supervised_loss(model), init_state,
                    server_steps=lambda r: (AGGREGATE, ServerStep("fine_tune", fine_tune)),
                    extra_bytes=lambda r: (num_classes * 4, 0))
 
@@ -175,4 +183,4 @@ def privacy(hp: Hyperparameters) -> tuple[str, ...]:
   return ()
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "fedftg", privacy=privacy)
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedftg", privacy=privacy)

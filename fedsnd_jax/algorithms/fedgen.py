@@ -37,18 +37,18 @@ import jax.numpy as jnp
 import optax
 
 from fedsnd_jax import client, federated_data, generators, losses
-from fedsnd_jax.algorithm import (
+from fedsnd_jax.errors import InputError, check_range
+from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import (
   AGGREGATE,
-  Algorithm,
+  AlgorithmSpec,
   Federation,
-  Plugin,
   RoundContext,
+  RoundParts,
   ServerCarry,
   ServerStep,
   param_bytes,
 )
-from fedsnd_jax.errors import InputError, check_range
-from fedsnd_jax.models import Model
 from fedsnd_jax.shapes import Params
 
 COEFFICIENT_DECAY = 0.98  # per round, of α, β and the generator's learning rate (the authors' code)
@@ -132,7 +132,7 @@ def client_loss(model: Model, generator: generators.Generator, num_classes: int)
   return loss_fn
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   if model.classify is None:
     raise InputError("model", "fedgen needs a model whose classifier reads its representation (mlp, cnn2, "
                      "simple_cnn without a projection head)")
@@ -178,7 +178,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
                                          "generator_diversity_loss": last(diversity)}
 
   generator_bytes = param_bytes(jax.eval_shape(generator.init, jax.random.key(0)))
-  return Algorithm(client_loss(model, generator, num_classes), init_state,
+  return RoundParts(client_loss(model, generator, num_classes), init_state,
                    client_inputs=lambda state, ids: (state._replace(opt_state=None), None),
                    server_steps=lambda r: (ServerStep("generator", train_generator), AGGREGATE),
                    extra_bytes=lambda r: (num_classes * 4, generator_bytes))
@@ -190,4 +190,4 @@ def privacy(hp: Hyperparameters) -> tuple[str, ...]:
   return ()
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "fedgen", privacy=privacy)
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedgen", privacy=privacy)

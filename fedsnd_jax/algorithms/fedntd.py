@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import client, losses
-from fedsnd_jax.algorithm import Algorithm, Federation, Plugin
 from fedsnd_jax.errors import check_range
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AlgorithmSpec, Federation, RoundParts
 
 
 class Hyperparameters(NamedTuple):
@@ -56,9 +56,9 @@ def not_true_loss(model: Model, beta: float, tau: float) -> client.LossFn:
   return loss_fn
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   del federation
-  return Algorithm(not_true_loss(model, hp.beta, hp.tau))
+  return RoundParts(not_true_loss(model, hp.beta, hp.tau))
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "fedntd")
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedntd")

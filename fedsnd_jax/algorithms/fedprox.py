@@ -8,9 +8,9 @@ Heterogeneous Networks", MLSys 2020.
 from typing import NamedTuple
 
 from fedsnd_jax import client, tree_math
-from fedsnd_jax.algorithm import Algorithm, Federation, Plugin
 from fedsnd_jax.errors import check_range
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AlgorithmSpec, Federation, RoundParts
 
 
 class Hyperparameters(NamedTuple):
@@ -32,9 +32,9 @@ def proximal_loss(model: Model, mu: float) -> client.LossFn:
   return loss_fn
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   del federation
-  return Algorithm(proximal_loss(model, hp.mu))
+  return RoundParts(proximal_loss(model, hp.mu))
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "fedprox")
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedprox")

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import client, tree_math
-from fedsnd_jax.algorithm import Algorithm, Federation, Plugin, RoundContext, ServerCarry
 from fedsnd_jax.errors import InputError, check_range
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AlgorithmSpec, Federation, RoundContext, RoundParts, ServerCarry
 from fedsnd_jax.shapes import Params
 
 
@@ -81,7 +81,7 @@ def contrastive_loss(model: Model, mu: float, tau: float) -> client.LossFn:
   return loss_fn
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   if model.represent is None:
     raise InputError("model", "moon needs a model with a representation (mlp, cnn2, simple_cnn)")
 
@@ -89,10 +89,10 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
     return carry._replace(state=MoonState(tree_math.scatter(context.state.previous, context.ids,
                                                             context.uploads.params)))
 
-  return Algorithm(contrastive_loss(model, hp.mu, hp.tau),
+  return RoundParts(contrastive_loss(model, hp.mu, hp.tau),
                    lambda params: MoonState(tree_math.stacked(params, federation.num_clients)),
                    lambda state, ids: (None, tree_math.gather(state.previous, ids)),
                    after_aggregation=after_aggregation)
 
 
-PLUGIN = Plugin(build, Hyperparameters, validate, "moon", model_options)
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "moon", model_options)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import client, tree_math
-from fedsnd_jax.algorithm import Algorithm, Federation, Plugin, RoundContext, ServerCarry, param_bytes
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AlgorithmSpec, Federation, RoundContext, RoundParts, ServerCarry, param_bytes
 from fedsnd_jax.shapes import Params
 
 
@@ -76,7 +76,7 @@ def control_update(c, c_own, received, uploaded, displacement):
       c_own, c, received, uploaded)
 
 
-def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorithm:
+def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   del hp
   num_clients = federation.num_clients
   model_bytes = param_bytes(jax.eval_shape(model.init, jax.random.key(0)))
@@ -98,10 +98,10 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> Algorith
     return carry._replace(state=ScaffoldState(new_c, tree_math.scatter(state.c_clients, context.ids, new_ci)))
 
   # Each sampled client receives c and uploads its control delta: one params-sized pytree each way.
-  return Algorithm(controlled_loss(model), init_state, client_inputs, after_aggregation=after_aggregation,
+  return RoundParts(controlled_loss(model), init_state, client_inputs, after_aggregation=after_aggregation,
                    extra_bytes=lambda round_index: (model_bytes, model_bytes))
 
 
 # Each client also uploads its control variate c_i⁺ in the clear, and this server reads individual uploads: no DP
 # mode or secure aggregation covers that as implemented.
-PLUGIN = Plugin(build, Hyperparameters, validate, "scaffold", privacy=lambda hp: ())
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "scaffold", privacy=lambda hp: ())

@@ -17,8 +17,8 @@ FedSD (client side only) and FedND (server side only) are its ablations; all thr
 
 import functools
 
-from fedsnd_jax.algorithm import Plugin
 from fedsnd_jax.algorithms.fedsnd.round import Hyperparameters, ServerMemory, build, validate
+from fedsnd_jax.rounds import AlgorithmSpec
 
 __all__ = ["FEDND", "FEDSD", "FEDSND", "Hyperparameters", "ServerMemory"]
 
@@ -32,8 +32,8 @@ def server_privacy(hp: Hyperparameters) -> tuple[str, ...]:
   return () if hp.uploads_histograms else ("local",)
 
 
-FEDSND = Plugin(build, Hyperparameters, validate, "fedsnd", privacy=server_privacy)
-FEDSD = Plugin(functools.partial(build, server_side=False), Hyperparameters,
+FEDSND = AlgorithmSpec(build, Hyperparameters, validate, "fedsnd", privacy=server_privacy)
+FEDSD = AlgorithmSpec(functools.partial(build, server_side=False), Hyperparameters,
                functools.partial(validate, server_side=False), "fedsnd")
-FEDND = Plugin(functools.partial(build, client_side=False), Hyperparameters, validate, "fedsnd",
+FEDND = AlgorithmSpec(functools.partial(build, client_side=False), Hyperparameters, validate, "fedsnd",
                privacy=server_privacy)

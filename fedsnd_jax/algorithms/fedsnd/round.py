@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import optax
 
 from fedsnd_jax import aggregation, client
-from fedsnd_jax.algorithm import AGGREGATE, Algorithm, Federation, RoundContext, ServerCarry, ServerStep
 from fedsnd_jax.algorithms.fedsnd import distillation, noise
 from fedsnd_jax.algorithms.fedsnd.self_distillation import SELF_DISTILL_MODES, self_distillation_loss
 from fedsnd_jax.errors import InputError, check_range, require
 from fedsnd_jax.federated_data import label_histograms
 from fedsnd_jax.models import Model
+from fedsnd_jax.rounds import AGGREGATE, Federation, RoundContext, RoundParts, ServerCarry, ServerStep
 from fedsnd_jax.shapes import Params
 
 NOISE_TARGETS = ("balanced", "histogram")
@@ -322,7 +322,7 @@ def distill_global(space, pool: NoisePool, start, key, hp: Hyperparameters, step
 
 
 def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_side: bool = True,
-          server_side: bool = True) -> Algorithm:
+          server_side: bool = True) -> RoundParts:
   """FedSND, or its ablations FedSD (`server_side=False`) and FedND (`client_side=False`: plain CE).
 
   Raises:
@@ -335,7 +335,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
                                  confidence_gate=hp.confidence_gate)
           if client_side else client.supervised_loss(model))
   if not server_side:
-    return Algorithm(loss)
+    return RoundParts(loss)
   space = noise.noise_space(model, federation.input_shape)
   num_classes, q = federation.num_classes, hp.noise_samples
 
@@ -450,4 +450,4 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     synthesises = distills_in(round_index) or hp.noise_consensus
     return (num_classes * 4 if hp.uploads_histograms and synthesises else 0), 0
 
-  return Algorithm(loss, init_state, server_steps=server_steps, extra_bytes=extra_bytes)
+  return RoundParts(loss, init_state, server_steps=server_steps, extra_bytes=extra_bytes)
