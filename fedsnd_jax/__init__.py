@@ -1,6 +1,7 @@
 """fedsnd-jax: vectorised simulation of federated learning on non-IID data, centred on FedSND.
 
-The public API for use from Python (README, "Using the library from Python"); the modules hold the rest.
+The public API for use from Python (README, "Using the library from Python"); the modules hold the rest (a
+partition of the data: `fedsnd_jax.partition.partition`, a name this namespace keeps for the module).
 """
 
 from fedsnd_jax import platform as _platform
@@ -13,8 +14,7 @@ from fedsnd_jax.evaluation import to_eval_data  # noqa: E402
 from fedsnd_jax.federated_data import to_device  # noqa: E402
 from fedsnd_jax.loop import LoopSettings, run  # noqa: E402
 from fedsnd_jax.models import build_model  # noqa: E402
-from fedsnd_jax.partition import partition  # noqa: E402
 from fedsnd_jax.rounds import Federation, LocalSchedule, MechanismParts  # noqa: E402
 
 __all__ = ["Federation", "LocalSchedule", "LoopSettings", "MechanismParts", "build_algorithm", "build_model",
-           "load_dataset", "partition", "run", "to_device", "to_eval_data"]
+           "load_dataset", "run", "to_device", "to_eval_data"]
