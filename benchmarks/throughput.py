@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from fedsnd_jax import algorithms, client, driver, federated_data, losses, models, rounds
+from fedsnd_jax import algorithms, client, driver, federated_data, host_loop, losses, models, rounds
 from fedsnd_jax.partition import partition
 
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn2"], "Models.")
@@ -172,8 +172,8 @@ def main(argv):
   del argv
   device = jax.devices()[0]
   conv_impl, backend = _CONV.value, jax.default_backend()
-  resolved = (f" ({models.default_conv_impl(backend, True)} in top-level client steps, "
-              f"{models.default_conv_impl(backend)} elsewhere)" if conv_impl == "auto" else "")
+  resolved = (f" ({host_loop.default_conv_impl(backend, True)} in top-level client steps, "
+              f"{host_loop.default_conv_impl(backend)} elsewhere)" if conv_impl == "auto" else "")
   print(f"device: {device.device_kind} ({backend}, {jax.device_count()} device(s)); "
         f"jax {jax.__version__}; conv_impl {conv_impl}{resolved}; batch {BATCH}/client, "
         f"{_STEPS.value} local steps\n")

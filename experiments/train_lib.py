@@ -16,7 +16,17 @@ import optax
 
 from experiments import configuration
 from experiments.configuration import federation, hyperparameters, mechanism_settings
-from fedsnd_jax import algorithms, evaluation, federated_data, loop, mapping, mechanisms, metrics, models
+from fedsnd_jax import (
+  algorithms,
+  evaluation,
+  federated_data,
+  host_loop,
+  loop,
+  mapping,
+  mechanisms,
+  metrics,
+  models,
+)
 from fedsnd_jax import partition as partition_lib
 from fedsnd_jax.data import Dataset, load_dataset, split_validation, subsample
 from fedsnd_jax.errors import require
@@ -50,10 +60,10 @@ def build_algorithm(c, model: models.Model, fed: Federation, parts: MechanismPar
 
 def resolve_conv_impl(c, vectorised: bool = False) -> str:
   """What the config's conv_impl runs on this backend (`auto`: XLA's convolution in the host-stepped client steps
-  of the CPU `loop` map, which vectorised runs do not use, and `models.default_conv_impl` elsewhere)."""
+  of the CPU `loop` map, which vectorised runs do not use, and `host_loop.default_conv_impl` elsewhere)."""
   if c.conv_impl != "auto":
     return c.conv_impl
-  step, other = (models.default_conv_impl(jax.default_backend(), top) for top in (True, False))
+  step, other = (host_loop.default_conv_impl(jax.default_backend(), top) for top in (True, False))
   if step == other or vectorised or resolve_client_map(c) != "loop":
     return other
   return f"{step} in top-level client steps, {other} elsewhere"

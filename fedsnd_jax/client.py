@@ -1,5 +1,5 @@
-"""Client local training over on-device batches (DESIGN §3): a pure function (`lax.scan` over the local steps), or
-driven from the host one jitted step at a time (`make_stepped_client_update`, the CPU `loop` map)."""
+"""Client local training over on-device batches: one pure function (`lax.scan` over the local steps). The CPU
+`loop` map drives the same steps from the host (`host_loop.make_stepped_client_update`)."""
 
 import functools
 from collections.abc import Callable
@@ -7,10 +7,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from fedsnd_jax import losses, models
+from fedsnd_jax import losses
 from fedsnd_jax.data import normalize
 from fedsnd_jax.federated_data import FederatedData, client_batches
 from fedsnd_jax.shapes import Params
@@ -113,13 +112,13 @@ def train_steps(loss_fn: LossFn, optimizer, params, context, x_all, y_all, mean,
 CALIBRATION_SIZE = 256
 
 
-def _batching(schedule, num_steps: int) -> dict:
+def batch_arguments(schedule, num_steps: int) -> dict:
   """`client_batches`' schedule arguments from a `rounds.LocalSchedule` and the round's step count."""
   return dict(batch_size=schedule.batch_size, num_steps=num_steps, local_epochs=schedule.epochs,
               local_steps=schedule.steps)
 
 
-def _schedule(key, client_id, data: FederatedData, schedule: dict):
+def local_batches(key, client_id, data: FederatedData, schedule: dict):
   """(idx [S, B], mask [S, B], train key) of one client's round."""
   batch_key, train_key = jax.random.split(key)
   idx, mask = client_batches(batch_key, data.index[client_id], data.counts[client_id], **schedule,
@@ -127,7 +126,7 @@ def _schedule(key, client_id, data: FederatedData, schedule: dict):
   return idx, mask, train_key
 
 
-def _calibrated(calibrate, params, key, client_id, data: FederatedData):
+def calibrated(calibrate, params, key, client_id, data: FederatedData):
   """BatchNorm statistics set from CALIBRATION_SIZE of the client's examples drawn with replacement."""
   pick = jax.random.randint(jax.random.fold_in(key, 1), (CALIBRATION_SIZE,), 0, data.counts[client_id])
   return calibrate(params, normalize(data.x[data.index[client_id][pick]], data.mean, data.std))
@@ -142,53 +141,16 @@ def make_client_update(loss_fn: LossFn, optimizer, schedule, num_steps: int, cal
   statistics from CALIBRATION_SIZE of its examples drawn with replacement. Pure and vmappable over
   (client_id, key).
   """
-  schedule = _batching(schedule, num_steps)
+  schedule = batch_arguments(schedule, num_steps)
 
   def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
-    idx, mask, train_key = _schedule(key, client_id, data, schedule)
+    idx, mask, train_key = local_batches(key, client_id, data, schedule)
     new_params, loss = train_steps(loss_fn, optimizer, params, context, data.x, data.y, data.mean,
                                    data.std, idx, mask, train_key)
     if calibrate is not None:
-      new_params = _calibrated(calibrate, new_params, key, client_id, data)
+      new_params = calibrated(calibrate, new_params, key, client_id, data)
     return ClientOutput(new_params, data.counts[client_id], loss)
 
   return client_update
 
 
-def make_stepped_client_update(loss_fn: LossFn, optimizer, schedule, num_steps: int, calibrate=None):
-  """`make_client_update`'s client, driven from the host: each local step is its own jitted call.
-
-  The same steps, keys and masks as the scanned client (its results equal it up to float rounding: XLA
-  compiles a step alone and inside a loop body differently). Every call is traced with
-  `models.top_level_step()` on, so a model with `conv_impl=auto` runs XLA's convolution here on CPU, which is
-  10–20× faster outside a loop body (`models.default_conv_impl`; a `cond` branch is such a body, so fully masked
-  steps are skipped on the host: they cost nothing). Not traceable: `mapping.threaded_loop` runs these clients,
-  several at once.
-  """
-  schedule = _batching(schedule, num_steps)
-
-  def start(params, client_id, key, data):
-    idx, mask, train_key = _schedule(key, client_id, data, schedule)
-    keys = jax.random.split(train_key, num_steps)
-    return idx, mask, keys, jnp.any(mask, axis=1), (params, optimizer.init(params)), jnp.zeros(2)
-
-  def step(carry, sums, context, data, idx, mask, keys, s):
-    with models.top_level_step():
-      carry, (loss_sum, valid) = masked_step(loss_fn, optimizer, context, data.x, data.y, data.mean, data.std,
-                                             carry, (idx[s], mask[s], keys[s]))
-    return carry, sums + jnp.stack([loss_sum, valid.astype(jnp.float32)])
-
-  def finish(params, sums, key, client_id, data):
-    if calibrate is not None:
-      params = _calibrated(calibrate, params, key, client_id, data)
-    return ClientOutput(params, data.counts[client_id], sums[0] / jnp.maximum(sums[1], 1))
-
-  start, step, finish = (jax.jit(fn) for fn in (start, step, finish))
-
-  def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
-    idx, mask, keys, live, carry, sums = start(params, client_id, key, data)
-    for s in np.flatnonzero(jax.device_get(live)):  # (waits for this client's schedule only)
-      carry, sums = step(carry, sums, context, data, idx, mask, keys, s)
-    return finish(carry[0], sums, key, client_id, data)
-
-  return client_update

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import aggregation, client, federated_data, mapping, models
+from fedsnd_jax import aggregation, client, federated_data, host_loop, mapping, models
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.rounds import (
@@ -49,11 +49,11 @@ def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: Local
   ClientContext(params, shared, own[c]), `own` being per-client state stacked [C, ...] (or None).
   `upload_transform(received, trained, key)`, if given, is what each client does to its trained params before
   uploading them (local DP noise). The `loop` map drives each client's steps from the host
-  (`client.make_stepped_client_update`, `mapping.threaded_loop`) unless the phase is `traced` inside a larger
+  (`host_loop`) unless the phase is `traced` inside a larger
   program (vectorised runs), where it loops over jitted clients.
   """
   stepped = client_map == "loop" and not traced
-  make = client.make_stepped_client_update if stepped else client.make_client_update
+  make = host_loop.make_stepped_client_update if stepped else client.make_client_update
   update = make(loss_fn, client_opt, schedule, num_steps, calibrate=model.calibrate)
   transform = upload_transform and (jax.jit(upload_transform) if stepped else upload_transform)
 
@@ -64,7 +64,7 @@ def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: Local
     return out._replace(params=transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
 
   if stepped:
-    return mapping.threaded_loop(one)
+    return host_loop.threaded_loop(one)
   return mapping.map_clients(one, client_map, chunk_size)
 
 

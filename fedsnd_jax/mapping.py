@@ -3,10 +3,9 @@
   vmap     all clients at once in one compiled program.
   chunked  vmap over chunks of `chunk_size` clients, chunks one after another (`lax.map`): memory is
            bounded by the chunk, not by C.
-  loop     per client, FedJAX-style. As the round's client phase (`threaded_loop`): each local step is its
-           own jitted call, and on CPU one client per core trains at once (worker threads: XLA runs calls of
-           different threads at once); inside a traced program (vectorised runs): one jitted per-client
-           function called in a Python loop.
+  loop     per client, FedJAX-style. As the round's client phase, driven from the host (`host_loop`): each
+           local step is its own jitted call, and on CPU one client per core trains at once; inside a traced
+           program (vectorised runs): one jitted per-client function called in a Python loop.
   sharded  vmap with the client axis sharded over the `clients` axis of a device mesh (all devices of all
            processes); shared arguments are replicated. C is padded to a multiple of the device count. Over
            several processes the clients' results are gathered to every device and each process goes on with
@@ -15,8 +14,6 @@
 The algorithm code is the same for every strategy.
 """
 
-import concurrent.futures
-import os
 from collections.abc import Callable
 
 import jax
@@ -75,66 +72,6 @@ def map_clients(fn: Callable, strategy: str, chunk_size: int = 8) -> Callable:
   if strategy == "sharded":
     return _sharded(fn, client_mesh())
   raise ValueError(f"unknown client_map {strategy!r}; allowed: {', '.join(CLIENT_MAPS)}")
-
-
-def worker_threads() -> int:
-  """The `loop` map's worker threads: on CPU the cores this process may use — its affinity mask, capped by a
-  cgroup CFS quota where one is set (a container limited to 2 CPUs on a 64-core host gets 2) — elsewhere 1 (an
-  accelerator trains one client at a time, which bounds memory as `loop` always did)."""
-  if jax.default_backend() != "cpu":
-    return 1
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-  quota = cfs_quota_cpus()
-  return min(cores, quota) if quota else cores
-
-
-def cfs_quota_cpus(root: str = "/sys/fs/cgroup") -> int | None:
-  """CPUs the cgroup's CFS quota allows, rounded up (cgroup v2 `cpu.max`, else v1 `cpu/cpu.cfs_quota_us` over
-  `cpu.cfs_period_us`); None where no quota is set or the files are absent."""
-  def read(name: str) -> list[str] | None:
-    try:
-      with open(os.path.join(root, name)) as f:
-        return f.read().split()
-    except OSError:
-      return None
-
-  v2 = read("cpu.max")  # "QUOTA PERIOD" or "max PERIOD"
-  if v2:
-    quota, period = v2[0], v2[1]
-  else:
-    v1_quota, v1_period = read("cpu/cpu.cfs_quota_us"), read("cpu/cpu.cfs_period_us")  # "-1": no quota
-    if not (v1_quota and v1_period):
-      return None
-    quota, period = v1_quota[0], v1_period[0]
-  if quota in ("max", "-1"):
-    return None
-  return max(1, -(-int(quota) // int(period)))
-
-
-def threaded_loop(one: Callable, workers: int = 0) -> Callable:
-  """Maps a host-driven client function one(*shared, *per_client) over the clients with `workers` threads
-  (0: `worker_threads()`); results are stacked in client order, so they do not depend on the threads. The first
-  client runs alone, so every jitted piece inside is traced and compiled once, before the threads start. jax's
-  thread-local settings (`jax.default_matmul_precision`, `jax.debug_nans`, … as context managers) reach that
-  first client only: set them globally (`jax.config.update`) for a `loop` run.
-
-  Measured on 2 CPU cores (cnn2 SGD steps of batch 32, XLA's convolution, 2026-11-28): one thread 2,642–3,007
-  examples/s, two threads 4,137–4,320; one thread dispatching two clients' steps in turn gained nothing
-  (2,619–2,686): XLA:CPU runs a call on the thread that makes it.
-  """
-
-  def looped(shared, per_client):
-    num = jax.tree.leaves(per_client)[0].shape[0]
-
-    def client(i):
-      return one(*shared, *jax.tree.map(lambda a: a[i], per_client))
-
-    first = client(0)
-    with concurrent.futures.ThreadPoolExecutor(min(workers or worker_threads(), max(num - 1, 1))) as pool:
-      rest = list(pool.map(client, range(1, num)))
-    return tree_math.stack([first, *rest])
-
-  return looped
 
 
 def _pad_clients(a, padded: int):

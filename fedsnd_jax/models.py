@@ -6,8 +6,6 @@ also have `apply_embedded(params, e, ...)` starting from token embeddings [B, L,
 in embedding space.
 """
 
-import contextlib
-import contextvars
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -16,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedsnd_jax import host_loop
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.shapes import Params
 
@@ -51,40 +50,6 @@ class Model(NamedTuple):
 
 CONV_IMPLS = ("auto", "xla", "im2col")
 
-# Set while a client's local step is traced as its own top-level program (`client.make_stepped_client_update`).
-_TOP_LEVEL_STEP = contextvars.ContextVar("top_level_step", default=False)
-
-
-@contextlib.contextmanager
-def top_level_step():
-  """Marks the model calls traced inside as a top-level step (not a loop body): `auto` picks XLA's convolution
-  there on CPU."""
-  token = _TOP_LEVEL_STEP.set(True)
-  try:
-    yield
-  finally:
-    _TOP_LEVEL_STEP.reset(token)
-
-
-def default_conv_impl(backend: str, top_level_step: bool = False) -> str:
-  """What `auto` runs: XLA's convolution in a CPU client's top-level steps and on TPUs, im2col elsewhere.
-
-  On XLA:CPU (jax 0.10) a convolution inside a loop body (`lax.scan` over local steps) or under vmap
-  runs ~10–20× slower than the same convolution at top level (2-core CPU, cnn2, batch 32: 297 vs 3,529
-  examples/s in a scan; 144 under vmap over 10 clients); im2col (shifted slices + one matmul) keeps
-  3,144 and 2,410. At top level XLA's convolution is the faster one once two steps run at once (2-core CPU,
-  cnn2 SGD steps of batch 32, 2026-11-28: one thread 2,642–3,007 examples/s with XLA's, 3,171–3,306 with
-  im2col; two threads 4,137–4,857 against 3,391–3,639), which is how the CPU `loop` map runs clients
-  (`client.make_stepped_client_update`, one worker thread per core). On an H100 (jax 0.11.2,
-  benchmarks/throughput.py, cnn2, 10 local steps) a vmapped XLA convolution becomes a grouped convolution: vmap
-  over 100 clients ran 358k examples/s with it and 742k with im2col (2.1×; 1,000 clients: 351k vs 805k), and
-  the per-client loop ran 2–4× faster with im2col too.
-  """
-  if backend == "cpu" and top_level_step:
-    return "xla"
-  return "im2col" if backend in ("cpu", "gpu") else "xla"
-
-
 class Im2colConv(nn.Module):
   """A stride-1 2-D convolution as shifted slices + one matmul; the same params as `nn.Conv`.
 
@@ -110,7 +75,7 @@ class Im2colConv(nn.Module):
 
 def _conv(impl: str, features: int, kernel_size, padding: str, name: str):
   if impl == "auto":  # decided where the model is traced: both modules hold the same params
-    impl = default_conv_impl(jax.default_backend(), _TOP_LEVEL_STEP.get())
+    impl = host_loop.conv_impl_here(jax.default_backend())
   if impl == "im2col":
     return Im2colConv(features, kernel_size, padding, name=name)
   return nn.Conv(features, kernel_size, padding=padding, name=name)
@@ -166,7 +131,7 @@ class CNN2(nn.Module):
   num_classes: int
   dropout: float = 0.2
   batch_norm: bool = False  # BatchNorm after each conv (statistics: see `Model.calibrate`)
-  conv_impl: str = "xla"  # auto | xla | im2col (see `default_conv_impl`)
+  conv_impl: str = "xla"  # auto | xla | im2col (see `host_loop.default_conv_impl`)
   projection_dim: int = 0
   classifier_on_projection: bool = True
 
@@ -345,7 +310,7 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, *, drop
     dropout: dropout rate of every dropout layer.
     vocab_size: text models only.
     batch_norm: BatchNorm after each conv (BATCH_NORM_MODELS only).
-    conv_impl: one of CONV_IMPLS, for cnn2 and simple_cnn (`auto`: see `default_conv_impl`).
+    conv_impl: one of CONV_IMPLS, for cnn2 and simple_cnn (`auto`: see `host_loop.default_conv_impl`).
     projection_dim: > 0 adds MOON's 2-layer projection head of this width (see `_head`).
     classifier_on_projection: the classifier reads the projection head's output (MOON's network) rather
       than the features (mlp, cnn2, simple_cnn with projection_dim > 0).

@@ -9,7 +9,18 @@ import numpy as np
 import optax
 import pytest
 
-from fedsnd_jax import aggregation, algorithms, client, driver, losses, mapping, models, rounds, sampling
+from fedsnd_jax import (
+  aggregation,
+  algorithms,
+  client,
+  driver,
+  host_loop,
+  losses,
+  mapping,
+  models,
+  rounds,
+  sampling,
+)
 from fedsnd_jax.data import normalize
 
 
@@ -43,7 +54,7 @@ def test_threaded_loop_stacks_in_client_order_whatever_finishes_first():
     time.sleep(0.02 * (3 - int(i)))  # later clients finish first
     return {"v": offset + i}
 
-  out = mapping.threaded_loop(one, workers=3)((jnp.float32(10.0),), (jnp.arange(4.0),))
+  out = host_loop.threaded_loop(one, workers=3)((jnp.float32(10.0),), (jnp.arange(4.0),))
   np.testing.assert_array_equal(out["v"], [10.0, 11.0, 12.0, 13.0])
 
 
@@ -58,14 +69,14 @@ def test_cfs_quota_cpus_reads_cgroup_v2_and_v1(tmp_path, files, cpus):
   for name, text in files.items():
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text)
-  assert mapping.cfs_quota_cpus(str(tmp_path)) == cpus
+  assert host_loop.cfs_quota_cpus(str(tmp_path)) == cpus
 
 
 def test_worker_threads_capped_by_a_cfs_quota(monkeypatch):
-  monkeypatch.setattr(mapping, "cfs_quota_cpus", lambda: 1)
-  assert mapping.worker_threads() == 1
-  monkeypatch.setattr(mapping, "cfs_quota_cpus", lambda: None)
-  assert mapping.worker_threads() == len(os.sched_getaffinity(0))
+  monkeypatch.setattr(host_loop, "cfs_quota_cpus", lambda: 1)
+  assert host_loop.worker_threads() == 1
+  monkeypatch.setattr(host_loop, "cfs_quota_cpus", lambda: None)
+  assert host_loop.worker_threads() == len(os.sched_getaffinity(0))
 
 
 def test_one_client_one_full_batch_step_is_centralised_sgd(tiny, federation, assert_close):

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedsnd_jax import host_loop
 from fedsnd_jax import models as M
 from fedsnd_jax.errors import InputError
 
@@ -112,9 +113,9 @@ def test_model_conv_impls_share_params_and_outputs(name, shape):
 
 
 def test_conv_impl_default_per_backend():
-  assert M.default_conv_impl("cpu") == M.default_conv_impl("gpu") == "im2col"
-  assert M.default_conv_impl("tpu") == M.default_conv_impl("cpu", top_level_step=True) == "xla"
-  assert M.default_conv_impl("gpu", top_level_step=True) == "im2col"
+  assert host_loop.default_conv_impl("cpu") == host_loop.default_conv_impl("gpu") == "im2col"
+  assert host_loop.default_conv_impl("tpu") == host_loop.default_conv_impl("cpu", top_level_step=True) == "xla"
+  assert host_loop.default_conv_impl("gpu", top_level_step=True) == "im2col"
 
 
 def test_auto_conv_is_xlas_only_in_a_top_level_step_on_cpu():
@@ -126,8 +127,8 @@ def test_auto_conv_is_xlas_only_in_a_top_level_step_on_cpu():
     return str(jax.make_jaxpr(fn)(params, x)).count("conv_general_dilated")
 
   def step(p, x):
-    with M.top_level_step():
+    with host_loop.top_level_step():
       return model.apply(p, x)
 
   assert convolutions(model.apply) == 0 and convolutions(step) == 2  # (this suite runs on CPU)
-  assert not M._TOP_LEVEL_STEP.get()  # the mark ends with its block
+  assert host_loop.conv_impl_here("cpu") == "im2col"  # the mark ends with its block
