@@ -14,7 +14,7 @@ run otherwise today, after a library default changed (`drifted`), rather than ta
 
 FedSND's defaults (`--defaults`): every candidate of `DEFAULT_CANDIDATES` runs in every setting; the table gives
 each candidate's validation gain over FedAvg at its tuned setting, and candidates are ranked by their
-worst-case gain over the settings, not the best (DESIGN §2.6: a default must be safe everywhere).
+worst-case gain over the settings, not the best (a default must be safe everywhere).
 Each run is one `experiments.train` workdir under `<workdir>/<setting>/<name>/`; a finished run of the same
 configuration anywhere in the setting's folder is reused (`stale`), so an interrupted tuning resumes.
 """

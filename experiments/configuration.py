@@ -125,5 +125,6 @@ def validate(c) -> None:
   require(0 < c.target_accuracy <= 1, "target_accuracy", f"must be in (0, 1], got {c.target_accuracy}")
   require(0 <= c.validation_fraction < 1, "validation_fraction",
           f"must be in [0, 1), got {c.validation_fraction}")
-  spec.validate(hyperparameters(c), federation(c))
-  mechanisms.validate(mechanism_settings(c), federation(c), algorithm_info(c))
+  fed = federation(c)
+  spec.validate(hyperparameters(c), fed)
+  mechanisms.validate(mechanism_settings(c), fed, algorithm_info(c))

@@ -1,8 +1,8 @@
 """Tables and plots of finished runs, shared by the sweep and the benchmarks.
 
-A run folder holds summary.json and metrics.jsonl (DESIGN §5); these functions read them and write Markdown
-tables (mean ± population std over seeds) and matplotlib figures. Validation-split columns (`val`) sit
-beside the test columns so settings can be chosen without looking at the test set.
+A run folder holds summary.json and metrics.jsonl (the output contract of fedsnd_jax/loop.py); these functions
+read them and write Markdown tables (mean ± population std over seeds) and matplotlib figures. Validation-split
+columns (`val`) sit beside the test columns so settings can be chosen without looking at the test set.
 """
 
 import json

@@ -141,7 +141,7 @@ def describe(parts: RoundParts, model: models.Model, federation: Federation, ser
                        parts.init_state(params), aggregator.init(params))
 
   def prepare(state: ServerState, data: FederatedData, cap: int = 0) -> RoundInputs:
-    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, federation.clients_per_round, cap)
+    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, slots, cap)
     shared, own = parts.client_inputs(state.algorithm, ids)
     return RoundInputs(ids, keys, server_key, shared, own, federation.schedule.steps_taken(data.counts[ids]))
 

@@ -14,12 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
   # | fedprox | scaffold | moon | feddyn | fedntd (baselines) | fedgen | fedftg (data-free distillation peers):
   # fedsnd_jax/algorithms/, one module each
   c.algorithm = "fedavg"
-  # Data (DESIGN §4).
+  # Data (fedsnd_jax/data.py; partitions: fedsnd_jax/partition.py).
   c.dataset = "digits"  # digits | idx:<dir> | npz:<file> | a TFDS name (mnist, fashion_mnist, cifar10, ...)
   c.data_dir = ""  # TFDS data_dir ("" = TFDS default)
   c.download = False  # let TFDS download (off: with no network a download hangs for minutes)
   c.partition = "dirichlet_label"  # iid | dirichlet_label | dirichlet_client | shards | quantity
-  c.alpha = 0.1  # Dirichlet concentration; lower is more heterogeneous (conventions differ, DESIGN §4)
+  c.alpha = 0.1  # Dirichlet concentration; lower is more heterogeneous (conventions: fedsnd_jax/partition.py)
   c.min_size = 2  # least examples per client (dirichlet_label, quantity)
   c.shards_per_client = 2  # `shards` partition only
   c.num_clients = 20  # K
