@@ -48,7 +48,24 @@ CASES: dict[str, dict] = {
                                                                    "label_flip")},
     "attack_ipm_scaled_krum": {**ATTACKED, "attack.kind": "ipm", "attack.scale": 0.5, "robust.rule": "krum"},
     "attack_gaussian_fedsnd_consensus_median": {**ATTACKED, "attack.kind": "gaussian", "robust.rule": "median",
-                                                "algorithm": "fedsnd", "fedsnd.noise_consensus": True},
+                                                "algorithm": "fedsnd", "fedsnd.consensus.enabled": True},
+    **{f"fedsnd_{name}": {"algorithm": "fedsnd", **{f"fedsnd.{k}": v for k, v in fields.items()}}
+       for name, fields in {
+           "warm_start_client": {"synthesis.warm_start": "client"},
+           "gaussian_projected": {"synthesis.warm_start": "none", "synthesis.projection": True,
+                                  "synthesis.l2": 0.01},
+           "histogram_class_count": {"synthesis.targets": "histogram",
+                                     "distillation.teacher_weighting": "class_count"},
+           "confidence_weighting_dropout": {"distillation.teacher_weighting": "confidence",
+                                            "distillation.student_train_mode": True},
+           "global_target_decay": {"distillation.target": "global", "distillation.lr_decay": 0.9},
+           "regime_budget_stop_ce": {"schedule.full_server_below": 0.9, "synthesis.stop_ce": 0.5},
+           "distill_rounds_consensus": {"schedule.distill_rounds": 1, "consensus.enabled": True},
+           "ungated": {"schedule.gate_partial_participation": False, "schedule.distill_agreement": 0.5},
+           "adversarial": {"synthesis.adversarial": 0.5},
+           "mutual_ungated_loss": {"self_distillation.mode": "dropout", "self_distillation.lambda_mutual": 1.0,
+                                   "self_distillation.confidence_gate": False},
+       }.items()},
 }
 # Cases run vectorised (`train_lib.train_and_evaluate_many`) over these seeds.
 VECTORISED = {"vectorised_fedavg": {}, "vectorised_fedavg_epochs": {"local_steps": 0, "local_epochs": 1},

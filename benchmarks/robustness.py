@@ -39,7 +39,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
   c = _CONFIG.value.copy_and_resolve_references()
   c.algorithm, c.robust.rule, c.alpha, c.seed = algorithm.removesuffix("+consensus"), aggregator, alpha, seed
-  c.fedsnd.noise_consensus = algorithm.endswith("+consensus")
+  c.fedsnd.consensus.enabled = algorithm.endswith("+consensus")
   c.robust.f = max(1, math.ceil(fraction * c.clients_per_round))
   if attack != "none":
     c.attack.kind, c.attack.fraction = attack, fraction

@@ -32,18 +32,18 @@ def variants(warm: str) -> dict[str, dict]:
   synthesis steps, distillation steps; Gaussian start), then the former library server, then the levers, each
   on the former protocol server. `warm`: the warm start that suits the setting (`client` when every client
   comes back each round, else `round`)."""
-  fs = "fedsnd."
+  synthesis, distillation = "fedsnd.synthesis.", "fedsnd.distillation."
   levers = {
       "protocol server (Q 32, G 50, D 10)": {},
-      "former library server (Q 64, G 100, D 20)": {fs + "noise_samples": 64, fs + "noise_steps": 100,
-                                                     fs + "distill_steps": 20},
-      "G 10": {fs + "noise_steps": 10},
-      f"warm start ({warm}), G 10": {fs + "noise_warm_start": warm, fs + "noise_steps": 10},
-      f"warm start ({warm}), stop at CE 0.3": {fs + "noise_warm_start": warm, fs + "noise_stop_ce": 0.3},
+      "former library server (Q 64, G 100, D 20)": {synthesis + "samples": 64, synthesis + "steps": 100,
+                                                     distillation + "steps": 20},
+      "G 10": {synthesis + "steps": 10},
+      f"warm start ({warm}), G 10": {synthesis + "warm_start": warm, synthesis + "steps": 10},
+      f"warm start ({warm}), stop at CE 0.3": {synthesis + "warm_start": warm, synthesis + "stop_ce": 0.3},
       f"warm start ({warm}), G 10, D 5 (the library's server since RESULTS §10)": {
-          fs + "noise_warm_start": warm, fs + "noise_steps": 10, fs + "distill_steps": 5},
-      "Q 16, D 5": {fs + "noise_samples": 16, fs + "distill_steps": 5},
-      "distil in rounds 1-3 only": {fs + "distill_rounds": 3},
+          synthesis + "warm_start": warm, synthesis + "steps": 10, distillation + "steps": 5},
+      "Q 16, D 5": {synthesis + "samples": 16, distillation + "steps": 5},
+      "distil in rounds 1-3 only": {"fedsnd.schedule.distill_rounds": 3},
   }
   return {name: {**tuning.FORMER_SERVER, **overrides} for name, overrides in levers.items()}
 

@@ -50,7 +50,8 @@ SETTINGS = {
 # local epochs. FedAvg's candidates are client settings (stage 1); every other algorithm's apply on top of the
 # client settings FedAvg chose (stage 2; `candidates`).
 # FedSND's server before the library took the cheap one (RESULTS §10), as the Fashion-MNIST protocols ran it.
-FORMER_SERVER = {"fedsnd.noise_warm_start": "none", "fedsnd.noise_steps": 50, "fedsnd.distill_steps": 10}
+FORMER_SERVER = {"fedsnd.synthesis.warm_start": "none", "fedsnd.synthesis.steps": 50,
+                 "fedsnd.distillation.steps": 10}
 GRIDS = {
     "fedavg": [{"algorithm": "fedavg", **g} for g in ({}, {"lr×": 0.5}, {"lr×": 2.0}, {"epochs×": 2})],
     "fedavgm": [{"algorithm": "fedavg", "server_momentum": m, "server_lr": lr}
@@ -69,22 +70,24 @@ GRIDS = {
     # The library defaults first (at FedAvg's client settings: the leaderboard's fedsnd_defaults row), then the
     # previous-model weight, distillation in the first rounds only, and the former, larger server.
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
-        {}, {"fedsnd.lambda_prev": 0.3}, {"fedsnd.distill_rounds": 3}, FORMER_SERVER)],
+        {}, {"fedsnd.self_distillation.lambda_prev": 0.3}, {"fedsnd.schedule.distill_rounds": 3}, FORMER_SERVER)],
 }
 
 # FedSND's candidate defaults: the library's own defaults first, then the alternatives the evidence points at.
 DEFAULT_CANDIDATES = {
     "library": {},
     "former_server": FORMER_SERVER,  # the library's server until RESULTS §10 (on digits: G 50, D 10, not 100, 20)
-    "paper": {"fedsnd.lambda_mutual": 1.0, "fedsnd.confidence_gate": False, "fedsnd.distill_agreement": 1.0},
-    "lambda_prev_0.3": {"fedsnd.lambda_prev": 0.3},  # the two-stage tuning's winner cross-device at α 0.5
+    "paper": {"fedsnd.self_distillation.lambda_mutual": 1.0, "fedsnd.self_distillation.confidence_gate": False,
+              "fedsnd.schedule.distill_agreement": 1.0},
+    # the two-stage tuning's winner cross-device at α 0.5
+    "lambda_prev_0.3": {"fedsnd.self_distillation.lambda_prev": 0.3},
     # FedSND on a momentum server: level with tuned FedAvgM cross-device (RESULTS §9); 0.5 / 1.0 is FedAvgM's
     # validation winner in two of the four Fashion-MNIST settings.
     "server_momentum": {"server_momentum": 0.5, "server_lr": 1.0},
     # Distil every round: cross-device at α 0.1 the agreement gate closes from round ~11 on (RESULTS §11).
-    "always_distil": {"fedsnd.distill_agreement": 1.0},
+    "always_distil": {"fedsnd.schedule.distill_agreement": 1.0},
     # The regime-aware server budget: the former server while the last round's teacher agreement is below 0.8.
-    "regime_server": {"fedsnd.full_server_below": 0.8},
+    "regime_server": {"fedsnd.schedule.full_server_below": 0.8},
 }
 
 def setting_config(name: str, rounds: int = 0):
@@ -133,14 +136,16 @@ def candidates(tuned: dict, setting: str, algorithm: str) -> list[dict]:
 
 
 # Values a field had before it took names: a run saved with the old value ran what the new name means.
-FORMER_VALUES = {"fedsnd.noise_warm_start": {False: "none", True: "client"}}
+FORMER_VALUES = {"fedsnd.synthesis.warm_start": {False: "none", True: "client"}}
 
 
-def _flat(config: dict) -> dict:
-  """{"a": 1, "s": {"b": 2}} -> {"a": 1, "s.b": 2} (sections are one level deep), former values renamed."""
+def _flat(config: dict, prefix: str = "") -> dict:
+  """{"a": 1, "s": {"b": 2}} -> {"a": 1, "s.b": 2} (sections at any depth); a field saved under an earlier
+  layout's name takes its name now (`configuration.MOVED`), and former values their names."""
   flat = {}
   for k, v in config.items():
-    flat.update({f"{k}.{f}": w for f, w in v.items()} if isinstance(v, dict) else {k: v})
+    name = configuration.MOVED.get(prefix + k, prefix + k)
+    flat.update(_flat(v, name + ".") if isinstance(v, dict) else {name: v})
   return {k: FORMER_VALUES.get(k, {}).get(v, v) if isinstance(v, bool) else v for k, v in flat.items()}
 
 

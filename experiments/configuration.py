@@ -11,9 +11,9 @@ import math
 import jax
 
 from experiments.configs import default
-from fedsnd_jax import algorithms, mapping, mechanisms, models
+from fedsnd_jax import algorithms, mapping, mechanisms, models, settings
 from fedsnd_jax import partition as partition_lib
-from fedsnd_jax.errors import InputError, require
+from fedsnd_jax.errors import require
 from fedsnd_jax.rounds import AlgorithmInfo, Federation, LocalSchedule
 from fedsnd_jax.sampling import SAMPLINGS
 
@@ -55,11 +55,15 @@ def mechanism_settings(c) -> dict:
           for section in mechanisms.REGISTRY}
 
 
+# Fields of earlier layouts → their place now: mechanisms' flat fields, FedSND's flat section.
+MOVED = {**mechanisms.MOVED, **algorithms.MOVED}
+
+
 def refuse_moved(field: str) -> None:
-  """Raises InputError naming the new place of a field of the earlier flat layout (`dp_clip_norm`)."""
-  if field in mechanisms.MOVED:
-    raise InputError(mechanisms.MOVED[field], f"the field {field} is now {mechanisms.MOVED[field]} "
-                     f"(--config.{mechanisms.MOVED[field]}=...)")
+  """Raises InputError naming the new place of a field of an earlier layout (`dp_clip_norm`,
+  `fedsnd.noise_steps`)."""
+  if field in MOVED:
+    raise settings.moved_error(field, MOVED[field])
 
 
 def check_fields(c) -> None:

@@ -2,12 +2,12 @@ r"""Runs algorithms × α × seeds, one train run per cell, then tables and plot
 
   python -m experiments.sweep --config=experiments/configs/default.py --algorithms=fedavg,fedsnd \
       --alphas=0.1,0.5 --seeds=0,1,2 --workdir=runs/sweep \
-      [--variant=fedsnd_best:algorithm=fedsnd:fedsnd.noise_projection=True] [--config.<field>=<value> ...]
+      [--variant=fedsnd_best:algorithm=fedsnd:fedsnd.synthesis.projection=True] [--config.<field>=<value> ...]
 
 Cell `DIR/<algorithm>/alpha=<α>/seed=<s>/` is skipped when its summary.json exists, so an interrupted
 sweep resumes where it stopped (a cell that diverged is reported and kept as it is). A
 `--variant=NAME:field=value:...` is an extra "algorithm" NAME: the config with those fields set (dotted
-names reach an algorithm's section: `fedsnd.distill_rounds=3`, `moon.mu=5`). Writes DIR/results.csv (one
+names reach an algorithm's section: `fedsnd.schedule.distill_rounds=3`, `moon.mu=5`). Writes DIR/results.csv (one
 row per cell), DIR/results.md (mean ± std over seeds, numpy's population std; test and validation columns),
 DIR/accuracy_vs_round_alpha=<α>.png and DIR/final_accuracy_vs_alpha.png (`experiments/report.py`).
 `--table_only` runs nothing and tables the finished cells (listing the missing ones). `--vectorize=seeds` (or
@@ -55,7 +55,7 @@ def _parse_value(template, text: str):
 
 
 def _lookup(c, dotted: str):
-  """The config value at a dotted field name ("alpha", "fedsnd.noise_steps"); KeyError if there is none."""
+  """The config value at a dotted field name ("alpha", "fedsnd.synthesis.steps"); KeyError if there is none."""
   *sections, field = dotted.split(".")
   for section in sections:
     c = c[section]
@@ -67,7 +67,7 @@ def _lookup(c, dotted: str):
 def parse_variants(specs, base) -> dict[str, dict]:
   """{"NAME": {field: value}} from "NAME:field=value:..." strings, typed like the base config's fields.
 
-  A field is a top-level name or a dotted one inside an algorithm's section (`fedsnd.distill_rounds`).
+  A field is a top-level name or a dotted one inside an algorithm's section (`fedsnd.schedule.distill_rounds`).
   """
   variants = {}
   for spec in specs:

@@ -13,6 +13,7 @@ Adding a mechanism: one module with those four names and its test, one line in R
 from typing import NamedTuple
 
 from fedsnd_jax import attacks, privacy, robust, secure_aggregation
+from fedsnd_jax import settings as settings_lib
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 
@@ -64,12 +65,7 @@ def settings(section: str, values=None):
   Raises:
     InputError: a field the mechanism does not have.
   """
-  fields = REGISTRY[section].settings._fields
-  values = dict(values or {})
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise InputError(f"{section}.{unknown[0]}", f"{section} has no such setting; it has: {', '.join(fields)}")
-  return REGISTRY[section].settings(**values)
+  return settings_lib.from_dict(REGISTRY[section].settings, values, section)
 
 
 def switched_on(chosen: dict) -> list[str]:

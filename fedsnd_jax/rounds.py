@@ -10,7 +10,8 @@ upload transform, an attack, a data transform, an accountant), registered by a `
   step among them → the server optimiser's step towards the aggregate → round counter + 1.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -230,6 +231,8 @@ class AlgorithmSpec(NamedTuple):
       server learns is the clipped, noised aggregate of model updates), "local" DP (every upload noised by its
       client; the server may use individual models) and "secure_aggregation" (the server learns only the sum
       of the updates). Default: all three.
+    moved: fields of an earlier layout of its section → their place now, both relative to the section
+      ({"noise_steps": "synthesis.steps"}); a config naming one is refused with the new name.
   """
 
   build: Callable[..., RoundParts]
@@ -238,6 +241,7 @@ class AlgorithmSpec(NamedTuple):
   section: str
   model_options: Callable[[Any], dict] = _no_model_options
   privacy: Callable[[Any], tuple[str, ...]] = _any_privacy
+  moved: Mapping[str, str] = MappingProxyType({})
 
 
 class AlgorithmInfo(NamedTuple):

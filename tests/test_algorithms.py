@@ -8,8 +8,8 @@ import pytest
 from fedsnd_jax import algorithms, checkpoint, models
 
 # Small server budgets so FedND/FedSND rounds take milliseconds; the other algorithms keep their defaults.
-SMALL = {"fedsnd": dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4,
-                        noise_warm_start="client"),
+SMALL = {"fedsnd": {"synthesis": {"samples": 6, "steps": 3, "warm_start": "client"},
+                    "distillation": {"steps": 2, "batch": 4}},
          "moon": dict(projection_dim=8)}
 
 

@@ -7,18 +7,19 @@ import optax
 import pytest
 
 from fedsnd_jax import algorithms, client, losses, models
-from fedsnd_jax.algorithms.fedsnd import Hyperparameters, distillation, noise
-from fedsnd_jax.algorithms.fedsnd.round import distill_clients, distill_global, noise_pool
-from fedsnd_jax.algorithms.fedsnd.self_distillation import self_distillation_loss
+from fedsnd_jax.algorithms.fedsnd import distillation, self_distillation, synthesis
+from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, noise_pool, teacher_probs
 
 SHAPE = (4, 4, 1)
-SMALL = dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4)
+SMALL = {"synthesis.samples": 6, "synthesis.steps": 3, "distillation.steps": 2, "distillation.batch": 4}
+T = 2.0  # the default temperature
 
 
 def test_all_distillation_off_is_fedavg(federation, run_rounds, assert_close):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  off = dict(lambda_mutual=0.0, lambda_prev=0.0, noise_steps=2, distill_steps=0)
+  off = {"self_distillation.lambda_mutual": 0.0, "self_distillation.lambda_prev": 0.0, "synthesis.steps": 2,
+         "distillation.steps": 0}
   a, outs = run_rounds(algorithms.build("fedsnd", model, fed, off), data, 2)
   b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 2)
   assert "synthesis_time_s" in outs[0].times  # the server part did run, with D = 0
@@ -29,7 +30,8 @@ def test_all_distillation_off_is_fedavg(federation, run_rounds, assert_close):
 def test_self_distillation_terms_switch(mode, federation, run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  fedsd = algorithms.build("fedsd", model, fed, dict(lambda_mutual=1.0, lambda_prev=0.5, self_distill=mode))
+  fedsd = algorithms.build("fedsd", model, fed, {"self_distillation": {"lambda_mutual": 1.0, "lambda_prev": 0.5,
+                                                                       "mode": mode}})
   a, _ = run_rounds(fedsd, data, 1)
   b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 1)
   diff = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.abs(x - y).max()), a.params, b.params)))
@@ -43,7 +45,8 @@ def test_kl_terms_vanish_when_teacher_is_student():
   params = model.init(jax.random.key(1))
   x = jax.random.normal(jax.random.key(2), (6, *SHAPE))
   y = jnp.arange(6) % 3
-  sd = self_distillation_loss(model, lambda_mutual=1.0, lambda_prev=1.0, temperature=2.0)
+  both = self_distillation.Settings(lambda_mutual=1.0, lambda_prev=1.0, confidence_gate=False)
+  sd = self_distillation.self_distillation_loss(model, both, 2.0)
   ce = losses.cross_entropy(model.apply(params, x), y)
   np.testing.assert_allclose(sd(params, x, y, jax.random.key(3), client.ClientContext(params)), ce, rtol=1e-5,
                              atol=1e-6)
@@ -61,11 +64,12 @@ def test_confidence_gate_by_hand():
   kl = losses.kl_divergence(losses.tempered_softmax(z0, 2.0), z, 2.0)
   p_true = jax.nn.softmax(z0)[jnp.arange(6), y]
   expected = losses.cross_entropy(z, y) + 0.5 * 4.0 * p_true * kl
-  gated = self_distillation_loss(model, lambda_mutual=1.0, lambda_prev=0.5, temperature=2.0, confidence_gate=True)
+  weights = self_distillation.Settings(lambda_mutual=1.0, lambda_prev=0.5)
+  gated = self_distillation.self_distillation_loss(model, weights, 2.0)  # the gate is on by default
   got = gated(params, x, y, jax.random.key(3), client.ClientContext(teacher))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   assert not np.allclose(p_true, 1.0)  # the gate is not trivially one
-  plain = self_distillation_loss(model, lambda_mutual=1.0, lambda_prev=0.5, temperature=2.0)
+  plain = self_distillation.self_distillation_loss(model, weights._replace(confidence_gate=False), 2.0)
   assert jnp.all(plain(params, x, y, jax.random.key(3), client.ClientContext(teacher)) > got)
 
 
@@ -80,10 +84,10 @@ def test_kl_by_hand():
 def test_synthesis_lowers_teacher_ce(projection):
   model = models.build_model("mlp", SHAPE, 3)
   params = model.init(jax.random.key(0))
-  space = noise.noise_space(model, SHAPE)
-  targets = noise.balanced_targets(12, 3)
-  x, stats = noise.synthesize(space, params, jax.random.key(1), targets, steps=30, optimizer=optax.adam(0.1),
-                              projection=projection)
+  space = synthesis.noise_space(model, SHAPE)
+  targets = synthesis.balanced_targets(12, 3)
+  x, stats = synthesis.synthesize(space, params, jax.random.key(1), targets,
+                                  synthesis.Settings(steps=30, lr=0.1, projection=projection))
   assert x.shape == (12, *SHAPE)
   assert float(stats.ce_final) < 0.5 * float(stats.ce_initial)
   assert float(stats.accuracy) == 1.0
@@ -94,8 +98,8 @@ def test_synthesis_lowers_teacher_ce(projection):
 def test_synthesis_is_adam_on_the_inputs_and_stops_at_the_ce_threshold():
   model = models.build_model("mlp", SHAPE, 3)
   params = model.init(jax.random.key(0))
-  space = noise.noise_space(model, SHAPE)
-  targets = noise.balanced_targets(12, 3)
+  space = synthesis.noise_space(model, SHAPE)
+  targets = synthesis.balanced_targets(12, 3)
   x0 = jax.random.normal(jax.random.key(1), (12, *SHAPE))
   ce = lambda x: jnp.mean(losses.cross_entropy(model.apply(params, x), targets))
   opt = optax.adam(0.1)
@@ -103,8 +107,9 @@ def test_synthesis_is_adam_on_the_inputs_and_stops_at_the_ce_threshold():
   for _ in range(20):
     updates, state = opt.update(jax.grad(ce)(x), state, x)
     x = x + updates
-  run = lambda init, steps, stop: noise.synthesize(space, params, None, targets, steps=steps, optimizer=opt,
-                                                   init=init, stop_ce=stop)
+  run = lambda init, steps, stop: synthesis.synthesize(space, params, None, targets,
+                                                       synthesis.Settings(lr=0.1, stop_ce=stop), steps=steps,
+                                                       init=init)
   full, stats = run(x0, 20, 0.0)
   np.testing.assert_allclose(full, x, rtol=1e-5, atol=1e-6)
   assert int(stats.steps) == 20
@@ -129,7 +134,7 @@ def test_warm_start_starts_from_the_kept_noise(mode, rows, federation, run_round
   a position in the round (`round`: one row per position) is unchanged after round 2."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  alg = algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start=mode, noise_stop_ce=1e6))
+  alg = algorithms.build("fednd", model, fed, {**SMALL, "synthesis.warm_start": mode, "synthesis.stop_ce": 1e6})
   one, outs = run_rounds(alg, data, 1)
   two, _ = run_rounds(alg, data, 1, state=one)
   seen = np.asarray(one.algorithm.seen)
@@ -142,9 +147,9 @@ def test_warm_start_starts_from_the_kept_noise(mode, rows, federation, run_round
 def test_warm_start_round_is_client_when_every_client_takes_part(federation, run_rounds, assert_close):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 3)
-  a, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start="round")), data, 2)
-  b, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start="client")), data, 2)
-  c, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, noise_warm_start="none")), data, 2)
+  a, _ = run_rounds(algorithms.build("fednd", model, fed, {**SMALL, "synthesis.warm_start": "round"}), data, 2)
+  b, _ = run_rounds(algorithms.build("fednd", model, fed, {**SMALL, "synthesis.warm_start": "client"}), data, 2)
+  c, _ = run_rounds(algorithms.build("fednd", model, fed, {**SMALL, "synthesis.warm_start": "none"}), data, 2)
   assert_close(a.params, b.params)
   assert_close(a.algorithm.noise, b.algorithm.noise)
   assert c.algorithm is None  # a cold start keeps no noise; the warm one's second round started from it:
@@ -154,15 +159,15 @@ def test_warm_start_round_is_client_when_every_client_takes_part(federation, run
 def test_text_noise_lives_in_embedding_space():
   model = models.build_model("text_mean", (7,), 3, vocab_size=50)
   params = model.init(jax.random.key(0))
-  space = noise.noise_space(model, (7,))
+  space = synthesis.noise_space(model, (7,))
   assert space.shape == (7, 64)
-  x, stats = noise.synthesize(space, params, jax.random.key(1), noise.balanced_targets(9, 3), steps=30,
-                              optimizer=optax.adam(0.05))
+  x, stats = synthesis.synthesize(space, params, jax.random.key(1), synthesis.balanced_targets(9, 3),
+                                  synthesis.Settings(steps=30))
   assert x.shape == (9, 7, 64) and float(stats.ce_final) < 0.5 * float(stats.ce_initial)
 
 
 def test_histogram_targets_follow_the_histogram():
-  labels = noise.histogram_targets(jax.random.key(0), jnp.array([0, 30, 10]), 400)
+  labels = synthesis.histogram_targets(jax.random.key(0), jnp.array([0, 30, 10]), 400)
   counts = np.bincount(np.asarray(labels), minlength=3)
   assert counts[0] == 0 and 250 < counts[1] < 350
 
@@ -195,22 +200,26 @@ def test_soft_targets_by_hand():
 
 def _pool_setup():
   model = models.build_model("mlp", SHAPE, 3)
-  space = noise.noise_space(model, SHAPE)
+  space = synthesis.noise_space(model, SHAPE)
   teachers = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 3))
   pool = jax.random.normal(jax.random.key(1), (3, 6, *SHAPE))
-  labels = jnp.tile(noise.balanced_targets(6, 3), (3, 1))
+  labels = jnp.tile(synthesis.balanced_targets(6, 3), (3, 1))
   return space, teachers, pool, labels
 
 
-def _distill(space, teachers, pool, labels, ids, hp, histograms=None):
-  pooled, order = noise_pool(space, teachers, pool, labels, ids, hp, histograms)
-  return distill_clients(space, pooled, order, ids, jax.random.key(2), hp)
+def _plan(settings: distillation.Settings):
+  return distillation.Plan(jnp.float32(1.0), None, settings.steps)
+
+
+def _distill(space, teachers, pool, labels, ids, settings, histograms=None):
+  pooled, order = noise_pool(space, teachers, pool, labels, ids, T, histograms)
+  return distillation.distill_clients(space, pooled, order, ids, jax.random.key(2), settings, T, _plan(settings))
 
 
 @pytest.mark.parametrize("weighting", ["none", "class_count", "confidence"])
 def test_distillation_lowers_student_teacher_kl(weighting):
   space, teachers, pool, labels = _pool_setup()
-  hp = Hyperparameters(distill_steps=15, distill_batch=8, distill_lr=0.01, teacher_weighting=weighting)
+  hp = distillation.Settings(steps=15, batch=8, lr=0.01, teacher_weighting=weighting)
   hist = jnp.array([[5, 1, 0], [0, 4, 4], [2, 2, 2]])
   _, diag = _distill(space, teachers, pool, labels, jnp.array([0, 1, 2]), hp, hist)
   assert float(diag["kl_after"]) < 0.7 * float(diag["kl_before"])
@@ -220,32 +229,33 @@ def test_students_starting_kl_reuses_their_teacher_probabilities():
   # A student starts as its own upload, whose tempered softmax on the pool is already computed: kl_before from it
   # equals the forward pass it replaces.
   space, teachers, pool, labels = _pool_setup()
-  hp = Hyperparameters(distill_steps=1, distill_batch=8)
-  pooled, order = noise_pool(space, teachers, pool, labels, jnp.array([0, 1, 2]), hp)
-  _, diag = distill_clients(space, pooled, order, jnp.array([0, 1, 2]), jax.random.key(2), hp)
+  hp = distillation.Settings(steps=1, batch=8)
+  pooled, order = noise_pool(space, teachers, pool, labels, jnp.array([0, 1, 2]), T)
+  _, diag = distillation.distill_clients(space, pooled, order, jnp.array([0, 1, 2]), jax.random.key(2), hp, T,
+                                         _plan(hp))
   by_forward = []
   for j in range(3):
     targets = distillation.soft_targets(pooled.probs, pooled.owners, j, "none")
     valid = (pooled.owners != j).astype(jnp.float32)
     by_forward.append(distillation.mean_kl(space, jax.tree.map(lambda a, j=j: a[j], pooled.teachers), pooled.x,
-                                           targets, valid, hp.temperature))
+                                           targets, valid, T))
   np.testing.assert_allclose(float(diag["kl_before"]), np.mean(by_forward), rtol=1e-5)
   assert float(diag["kl_before"]) > 0.01
 
 
 def test_global_target_lowers_kl():
   space, teachers, pool, labels = _pool_setup()
-  hp = Hyperparameters(distill_steps=15, distill_batch=8, distill_lr=0.01, distill_target="global")
-  pooled, _ = noise_pool(space, teachers, pool, labels, jnp.array([0, 1, 2]), hp)
+  hp = distillation.Settings(steps=15, batch=8, lr=0.01, target="global")
+  pooled, _ = noise_pool(space, teachers, pool, labels, jnp.array([0, 1, 2]), T)
   start = jax.tree.map(lambda a: a.mean(0), teachers)
-  new, diag = distill_global(space, pooled, start, jax.random.key(2), hp)
+  new, diag = distillation.distill_global(space, pooled, start, jax.random.key(2), hp, T, _plan(hp))
   assert jax.tree.leaves(new)[0].shape == jax.tree.leaves(teachers)[0].shape[1:]
   assert float(diag["kl_after"]) < 0.7 * float(diag["kl_before"])
 
 
 def test_distillation_is_order_independent(assert_close):
   space, teachers, pool, labels = _pool_setup()
-  hp = Hyperparameters(distill_steps=5, distill_batch=4, distill_lr=0.01)
+  hp = distillation.Settings(steps=5, batch=4, lr=0.01)
   ids = jnp.array([4, 9, 17])
   out, _ = _distill(space, teachers, pool, labels, ids, hp)
   perm = jnp.array([2, 0, 1])
@@ -257,14 +267,14 @@ def test_distillation_is_order_independent(assert_close):
 def test_distillation_never_steps_batch_norm_statistics():
   # Eval-mode students read their BatchNorm statistics; Adam must not move them (a variance could go < 0).
   model = models.build_model("cnn2", SHAPE, 3, batch_norm=True, conv_impl="im2col")
-  space = noise.noise_space(model, SHAPE)
+  space = synthesis.noise_space(model, SHAPE)
   x_real = 2.0 * jax.random.normal(jax.random.key(5), (16, *SHAPE)) + 1.0
   params = model.calibrate(model.init(jax.random.key(0)), x_real)
   pool = jax.random.normal(jax.random.key(1), (12, *SHAPE))
   targets = jax.nn.softmax(jax.random.normal(jax.random.key(3), (12, 3)))
   idx = jax.random.randint(jax.random.key(4), (5, 6), 0, 12)
-  new = distillation.distill(space, params, pool, targets, idx, jax.random.key(6), optimizer=optax.adam(0.1),
-                             temperature=2.0)
+  new = distillation.distill(space, params, pool, targets, idx, jax.random.key(6), distillation.Settings(lr=0.1),
+                             2.0)
   jax.tree.map(np.testing.assert_array_equal, new["batch_stats"], params["batch_stats"])
   assert float(jnp.abs(new["params"]["Dense_0"]["bias"] - params["params"]["Dense_0"]["bias"]).max()) > 1e-3
 
@@ -272,7 +282,7 @@ def test_distillation_never_steps_batch_norm_statistics():
 def test_fedsnd_round_does_not_retrace_and_warm_start_keeps_noise(federation, run_rounds, traced):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  hp = dict(SMALL, noise_warm_start="client", noise_projection=True)
+  hp = {**SMALL, "synthesis.warm_start": "client", "synthesis.projection": True}
   alg = algorithms.build("fedsnd", model, fed, hp)
   state, _ = run_rounds(alg, data, 1)
   seen_after_one = np.asarray(state.algorithm.seen)
@@ -298,12 +308,13 @@ def test_agreement_gate_closed_is_no_distillation(federation, run_rounds, assert
   at 1.01 it always distils, as distill_agreement = 1 (the default) does below full agreement."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  closed = algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1e-9))
+  closed = algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1e-9})
   a, outs = run_rounds(closed, data, 2)
   b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
   assert_close(a.params, b.params)
-  opened, outs = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1.01)), data, 2)
+  opened = algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1.01})
+  opened, outs = run_rounds(opened, data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [1.0, 1.0]
   assert float(outs[-1].diagnostics["kl_after"]) < float(outs[-1].diagnostics["kl_before"])
 
@@ -313,11 +324,12 @@ def test_partial_participation_ungated_distils_every_round(federation, run_round
   distils); without gate_partial_participation every round distils, the same run as distill_agreement = 1."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  _, outs = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1e-9)), data, 2)
+  closed = algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1e-9})
+  _, outs = run_rounds(closed, data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
-  hp = dict(SMALL, distill_agreement=1e-9, gate_partial_participation=False)
+  hp = {**SMALL, "schedule.distill_agreement": 1e-9, "schedule.gate_partial_participation": False}
   a, outs = run_rounds(algorithms.build("fednd", model, fed, hp), data, 2)
-  b, _ = run_rounds(algorithms.build("fednd", model, fed, dict(SMALL, distill_agreement=1.0)), data, 2)
+  b, _ = run_rounds(algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1.0}), data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [1.0, 1.0]
   assert_close(a.params, b.params)
 
@@ -327,11 +339,11 @@ def test_full_server_every_round_is_the_cold_larger_server(federation, run_round
   (Gaussian) start at full_noise_steps / full_distill_steps, whatever the cheap server's warm start and steps."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  regime = dict(SMALL, noise_warm_start="round", noise_steps=1, distill_steps=1, full_server_below=1.01,
-                full_noise_steps=4, full_distill_steps=3)
+  regime = {**SMALL, "synthesis.warm_start": "round", "synthesis.steps": 1, "distillation.steps": 1,
+            "schedule": {"full_server_below": 1.01, "full_noise_steps": 4, "full_distill_steps": 3}}
   a, outs = run_rounds(algorithms.build("fedsnd", model, fed, regime), data, 3)
-  b, _ = run_rounds(algorithms.build("fedsnd", model, fed, dict(SMALL, noise_warm_start="none", noise_steps=4,
-                                                                 distill_steps=3)), data, 3)
+  cold = {**SMALL, "synthesis.warm_start": "none", "synthesis.steps": 4, "distillation.steps": 3}
+  b, _ = run_rounds(algorithms.build("fedsnd", model, fed, cold), data, 3)
   assert [float(o.diagnostics["full_server"]) for o in outs] == [1.0, 1.0, 1.0]
   assert [float(o.diagnostics["noise_steps_taken"]) for o in outs] == [4.0, 4.0, 4.0]
   assert_close(a.params, b.params)
@@ -342,7 +354,8 @@ def test_full_server_follows_the_last_rounds_agreement(federation, run_rounds):
   teacher agreement was below the threshold, taking full_noise_steps synthesis steps, else noise_steps."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  hp = dict(SMALL, noise_steps=2, full_server_below=0.4, full_noise_steps=5, full_distill_steps=3)
+  hp = {**SMALL, "synthesis.steps": 2,
+        "schedule": {"full_server_below": 0.4, "full_noise_steps": 5, "full_distill_steps": 3}}
   _, outs = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 4)
   agreement = [float(o.diagnostics["teacher_agreement"]) for o in outs]
   full = [float(o.diagnostics["full_server"]) for o in outs]
@@ -354,7 +367,7 @@ def test_full_server_follows_the_last_rounds_agreement(federation, run_rounds):
 def test_distill_rounds_and_histogram_bytes(federation, run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  hp = dict(SMALL, distill_rounds=1, teacher_weighting="class_count")
+  hp = {**SMALL, "schedule.distill_rounds": 1, "distillation.teacher_weighting": "class_count"}
   _, outs = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 2)
   assert "synthesis_time_s" in outs[0].times and "synthesis_time_s" not in outs[1].times
   assert outs[0].bytes_up - outs[1].bytes_up == 3 * 3 * 4  # C clients × NC int32 counts, distilling rounds only
@@ -364,12 +377,12 @@ def test_bn_prior_pulls_noise_statistics_to_the_model():
   model = models.build_model("cnn2", (8, 8, 1), 3, batch_norm=True)
   x_real = 2.0 * jax.random.normal(jax.random.key(5), (64, 8, 8, 1)) + 1.0
   params = model.calibrate(model.init(jax.random.key(0)), x_real)  # statistics of "real" data
-  space = noise.noise_space(model, (8, 8, 1))
-  targets = noise.balanced_targets(16, 3)
-  gap = lambda x: float(noise.bn_statistics_loss(space, params, x))
-  kw = dict(steps=40, optimizer=optax.adam(0.05), init=jax.random.normal(jax.random.key(1), (16, 8, 8, 1)))
-  x_plain, _ = noise.synthesize(space, params, None, targets, **kw)
-  x_prior, stats = noise.synthesize(space, params, None, targets, bn_prior=1.0, **kw)
+  space = synthesis.noise_space(model, (8, 8, 1))
+  targets = synthesis.balanced_targets(16, 3)
+  gap = lambda x: float(synthesis.bn_statistics_loss(space, params, x))
+  plain, init = synthesis.Settings(steps=40), jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  x_plain, _ = synthesis.synthesize(space, params, None, targets, plain, init=init)
+  x_prior, stats = synthesis.synthesize(space, params, None, targets, plain._replace(bn_prior=1.0), init=init)
   assert gap(x_prior) < 0.5 * gap(x_plain)
   assert float(stats.ce_final) < float(stats.ce_initial)
 
@@ -377,7 +390,7 @@ def test_bn_prior_pulls_noise_statistics_to_the_model():
 def test_fedsnd_with_batch_norm_and_prior_runs(federation, run_rounds):
   model = models.build_model("cnn2", SHAPE, 3, batch_norm=True)
   data, fed = federation()
-  alg = algorithms.build("fednd", model, fed, dict(SMALL, bn_prior=0.1))
+  alg = algorithms.build("fednd", model, fed, {**SMALL, "synthesis.bn_prior": 0.1})
   state, outs = run_rounds(alg, data, 2)
   # Clients calibrated their statistics; the aggregate holds their average, not the initial 0/1.
   assert not np.allclose(state.params["batch_stats"]["BatchNorm_0"]["var"], 1.0)
@@ -387,17 +400,15 @@ def test_fedsnd_with_batch_norm_and_prior_runs(federation, run_rounds):
 
 @pytest.mark.parametrize("weighting", distillation.TEACHER_WEIGHTINGS)
 def test_a_student_left_without_trusted_teachers_keeps_its_params(weighting):
-  from fedsnd_jax.algorithms.fedsnd.round import NoisePool, _distill_one
-
   model = models.build_model("mlp", (4,), 3)
-  space = noise.noise_space(model, (4,))
+  space = synthesis.noise_space(model, (4,))
   params = model.init(jax.random.key(0))
   teachers = jax.tree.map(lambda x: jnp.stack([x, x + 0.1, x - 0.1]), params)
   x = jax.random.normal(jax.random.key(1), (6, 4))
-  probs = distillation.teacher_probs(space, teachers, x, 2.0)
+  probs = teacher_probs(space, teachers, x, T)
   pool = NoisePool(teachers, x, jnp.tile(jnp.arange(3), 2), jnp.repeat(jnp.arange(3), 2), probs,
                    jnp.array([[3, 0, 1], [0, 2, 2], [1, 1, 1]]), trusted=jnp.array([True, False, False]))
-  hp = Hyperparameters(**SMALL, teacher_weighting=weighting)
-  new, before, after, right = _distill_one(space, pool, 0, params, jax.random.key(2), hp, 1.0)
+  hp = distillation.Settings(steps=2, batch=4, teacher_weighting=weighting)
+  new, before, after, right = distillation.distill_one(space, pool, 0, params, jax.random.key(2), hp, T, _plan(hp))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)  # the only trusted teacher: itself
   assert all(np.isfinite(float(v)) for v in (before, after, right))

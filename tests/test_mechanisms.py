@@ -53,12 +53,18 @@ def test_rules_refuse_poisson_sampling_and_vectorised_attacks_where_the_table_sa
 
 @pytest.mark.parametrize("old, new", [("dp_clip_norm", "dp.clip_norm"), ("secure_aggregation", "secagg.enabled"),
                                       ("aggregator", "robust.rule"), ("attack_scale", "attack.scale"),
-                                      ("byzantine_fraction", "attack.fraction")])
+                                      ("byzantine_fraction", "attack.fraction"),
+                                      ("fedsnd.noise_steps", "fedsnd.synthesis.steps"),
+                                      ("fedsnd.noise_consensus", "fedsnd.consensus.enabled"),
+                                      ("fedsnd.self_distill", "fedsnd.self_distillation.mode")])
 def test_a_field_of_the_flat_layout_is_refused_naming_its_new_place(old, new):
-  c = tiny_config.get_config()
-  c[old] = 1.0  # what a config file written for the flat layout does (`c.dp_clip_norm = 1.0`)
-  with pytest.raises(InputError, match=f"^{re.escape(new)}: the field {old} is now {re.escape(new)}"):
+  c = configuration.set_fields(tiny_config.get_config(), {"algorithm": "fedsnd"})
+  configuration.set_fields(c, {old: 1.0})  # what a config file of the flat layout does (`c.dp_clip_norm = 1.0`)
+  message = f"^{re.escape(new)}: the field {re.escape(old)} is now {re.escape(new)}"
+  with pytest.raises(InputError, match=message):
     configuration.validate(c)
+  with pytest.raises(InputError, match=message):  # on the command line, before the config is read
+    configuration.refuse_moved(old)
 
 
 def test_unknown_fields_are_refused():
@@ -66,5 +72,5 @@ def test_unknown_fields_are_refused():
   c.no_such_field = 3
   with pytest.raises(InputError, match="^no_such_field: "):
     configuration.validate(c)
-  with pytest.raises(InputError, match=r"^dp\.clip: dp has no such setting"):
+  with pytest.raises(InputError, match=r"^dp\.clip: dp has no such field"):
     mechanisms.settings("dp", {"clip": 1.0})

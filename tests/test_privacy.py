@@ -154,7 +154,8 @@ def test_huge_clip_and_no_noise_is_fedavg_with_uniform_weights(tiny, federation,
 @pytest.mark.parametrize("fields, field", [
     ({"algorithm": "fedsnd"}, "dp.local"),  # central DP cannot cover cross-client distillation
     ({"algorithm": "scaffold"}, "algorithm"),  # control variates uploaded in the clear
-    ({"algorithm": "fedsnd", "dp.local": True, "fedsnd.teacher_weighting": "class_count"}, "algorithm"),
+    ({"algorithm": "fedsnd", "dp.local": True, "fedsnd.distillation.teacher_weighting": "class_count"},
+     "algorithm"),
     ({"dp.local": True, "dp.adaptive_clip": True}, "dp.adaptive_clip"),
     ({"dp.noise_multiplier": 0.0, "dp.target_epsilon": 3.0}, "dp.target_epsilon"),
     ({"dp.delta": 0.0}, "dp.delta"),
@@ -166,7 +167,8 @@ def test_uncovered_combinations_are_refused(fields, field):
 
 def test_fedsnd_runs_under_local_dp_and_logs_only_what_dp_covers(tmp_path):
   c = _dp_tiny({"algorithm": "fedsnd", "dp.local": True})
-  c.fedsnd.update(dict(noise_samples=6, noise_steps=3, distill_steps=2, distill_batch=4))
+  c.fedsnd.synthesis.update(samples=6, steps=3)
+  c.fedsnd.distillation.update(steps=2, batch=4)
   summary = train_lib.train_and_evaluate(c, str(tmp_path))
   assert summary["epsilon"] == pytest.approx(privacy.Accountant(3, 3, 2.0, 1e-5, local=True).epsilon(4))
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

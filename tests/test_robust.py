@@ -166,7 +166,8 @@ def test_bad_robustness_settings_are_refused(fields, field):
 
 
 def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
-  from fedsnd_jax.algorithms.fedsnd.round import NoisePool, consensus
+  from fedsnd_jax.algorithms.fedsnd.consensus import flag
+  from fedsnd_jax.algorithms.fedsnd.pool import NoisePool
 
   labels = jnp.tile(jnp.arange(3), 5)  # 5 uploads × 3 samples, targets 0, 1, 2
   owners = jnp.repeat(jnp.arange(5), 3)
@@ -174,19 +175,20 @@ def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
   wrong = jax.nn.one_hot((labels + 1) % 3, 3) * 0.8 + 0.1
   probs = jnp.stack([right, right, right, wrong, right])  # upload 3 disagrees everywhere
   pool = NoisePool(None, None, labels, owners, probs, None)
-  trusted, scores = consensus(pool, threshold=3.0)
+  trusted, scores = flag(pool, threshold=3.0)
   np.testing.assert_array_equal(trusted, [True, True, True, False, True])
   np.testing.assert_allclose(scores, [1, 1, 1, 0, 1])
 
 
-@pytest.mark.parametrize("mode", [dict(distill_rounds=1), dict(distill_target="global")])
+@pytest.mark.parametrize("mode", [{"schedule.distill_rounds": 1}, {"distillation.target": "global"}])
 def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path, mode):
   # Honest clients must learn something for a consensus to exist: 30 local steps, α = 1. The defence holds in
   # every mode: after distill_rounds (round 2 here distils no more) and when distilling into the aggregate.
   c = _byzantine_tiny({"algorithm": "fednd", "attack.kind": "gaussian", "attack.fraction": 0.2,
                        "attack.scale": 100.0, "rounds": 2, "local_steps": 30, "alpha": 1.0})
-  c.fedsnd.update(dict(noise_samples=20, noise_steps=30, distill_steps=2, distill_batch=8, noise_consensus=True,
-                       **mode))
+  configuration.set_fields(c, {f"fedsnd.{k}": v for k, v in {
+      "synthesis.samples": 20, "synthesis.steps": 30, "distillation.steps": 2, "distillation.batch": 8,
+      "consensus.enabled": True, **mode}.items()})
   summary = train_lib.train_and_evaluate(c, str(tmp_path))
   byzantine = set(np.flatnonzero(attacks.byzantine_clients(10, 0.2, c.seed)).tolist())
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -199,7 +201,7 @@ def test_noise_consensus_finds_the_byzantine_clients_end_to_end(tmp_path, mode):
 
 
 def test_untrusted_uploads_neither_vote_nor_are_voted_on_in_teacher_agreement():
-  from fedsnd_jax.algorithms.fedsnd.round import NoisePool, agreement
+  from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, agreement
 
   # 4 uploads × 2 samples; upload 3 is flagged. Honest teachers name the first sample of each honest owner right
   # and the second wrong, and the flagged owner's noise right; the flagged teacher is right everywhere.

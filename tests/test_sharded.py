@@ -21,7 +21,7 @@ y = (x.reshape(40, -1).sum(1) % 3).astype(np.int32)
 data = federated_data.to_device(x, y, partition(y, 5, "iid", seed=0), np.array([8.0]), np.array([5.0]))
 model = models.build_model("mlp", (4, 4, 1), 3)
 fed = Federation(5, 5, LocalSchedule(4, steps=2), 0.05, 0.9, 0.0, (4, 4, 1), 3)
-server = dict(noise_samples=4, noise_steps=3, distill_steps=2, distill_batch=4)
+server = {"synthesis.samples": 4, "synthesis.steps": 3, "distillation.steps": 2, "distillation.batch": 4}
 for build in (lambda cm: algorithms.build("fedavg", model, fed, client_map=cm),
               lambda cm: algorithms.build("fednd", model, fed, server, client_map=cm)):
   finals = {}

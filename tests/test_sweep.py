@@ -13,7 +13,7 @@ from fedsnd_jax.errors import InputError
 def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
   base = tiny.get_config()
   base.rounds = 2
-  variants = sweep.parse_variants(["sd_prev:algorithm=fedsd:fedsnd.self_distill=previous"], base)
+  variants = sweep.parse_variants(["sd_prev:algorithm=fedsd:fedsnd.self_distillation.mode=previous"], base)
   rows = sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0], [0], variants)
   assert len(rows) == 4
   for name in ("results.csv", "results.md", "accuracy_vs_round_alpha=0.3.png", "accuracy_vs_round_alpha=1.png",
@@ -21,7 +21,8 @@ def test_sweep_outputs_and_resume(tmp_path, monkeypatch):
     assert (tmp_path / name).stat().st_size > 0, name
   with open(tmp_path / "sd_prev" / "alpha=0.3" / "seed=0" / "config.json") as f:
     cfg = json.load(f)
-  assert cfg["algorithm"] == "fedsd" and cfg["fedsnd"]["self_distill"] == "previous" and cfg["alpha"] == 0.3
+  assert cfg["algorithm"] == "fedsd" and cfg["alpha"] == 0.3
+  assert cfg["fedsnd"]["self_distillation"]["mode"] == "previous"
   calls = []
   monkeypatch.setattr(train_lib, "train_and_evaluate", lambda *a, **k: calls.append(a))
   sweep.sweep(base, str(tmp_path), ["fedavg", "sd_prev"], [0.3, 1.0], [0], variants)
@@ -60,7 +61,7 @@ def _first_round_at(path, target):
 def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
   base = tiny.get_config()
   base.rounds = 3
-  base.fedsnd.noise_samples, base.fedsnd.noise_steps, base.fedsnd.distill_steps = 16, 20, 5
+  base.fedsnd.synthesis.samples, base.fedsnd.synthesis.steps, base.fedsnd.distillation.steps = 16, 20, 5
   sweep.sweep(base, str(tmp_path), ["fedavg", "fednd"], [0.5], [0])
   cells = {alg: tmp_path / alg / "alpha=0.5" / "seed=0" for alg in ("fedavg", "fednd")}
   finals = {}
@@ -88,7 +89,7 @@ def test_rounds_to_target_ratio_and_diagnostics(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["noalg", "x:algorithm=fedsnd:nosuchfield=1", "x:algorithm=fedsnd:fedsnd=1",
                                   "x:algorithm=fedsnd:noise_projection=True",  # the section is part of the name
-                                  "x:algorithm=fedsnd:fedsnd.noise_projection=maybe"])
+                                  "x:algorithm=fedsnd:fedsnd.synthesis.projection=maybe"])
 def test_bad_variants(spec):
   with pytest.raises(InputError, match="^variant: "):
     sweep.parse_variants([spec], tiny.get_config())
@@ -106,7 +107,7 @@ def test_vectorised_sweep_equals_cell_by_cell(tmp_path, algorithm):
   # padded and every run's local schedule must still be its own. Validation splits differ per seed too.
   base = tiny.get_config()
   base.rounds, base.local_steps, base.local_epochs, base.validation_fraction = 2, 0, 1, 0.1
-  base.fedsnd.noise_samples, base.fedsnd.noise_steps, base.fedsnd.distill_steps = 4, 3, 2
+  base.fedsnd.synthesis.samples, base.fedsnd.synthesis.steps, base.fedsnd.distillation.steps = 4, 3, 2
   seq, vec = tmp_path / "seq", tmp_path / "vec"
   alphas, vectorize = ([0.3, 1.0], ["seeds", "alphas"]) if algorithm == "fedavg" else ([0.3], ["seeds"])
   sweep.sweep(base, str(seq), [algorithm], alphas, [0, 1])

@@ -56,9 +56,9 @@ def test_workdir_contract(tmp_path):
 
 def _fedsnd_tiny():
   config = tiny.get_config()
-  config.algorithm, config.fedsnd.noise_warm_start, config.validation_fraction = "fedsnd", "client", 0.2
-  f = config.fedsnd
-  f.noise_samples, f.noise_steps, f.distill_steps, f.distill_batch = 8, 5, 3, 8
+  config.algorithm, config.fedsnd.synthesis.warm_start, config.validation_fraction = "fedsnd", "client", 0.2
+  synthesis, distillation = config.fedsnd.synthesis, config.fedsnd.distillation
+  synthesis.samples, synthesis.steps, distillation.steps, distillation.batch = 8, 5, 3, 8
   return config
 
 
@@ -71,7 +71,7 @@ def test_fedsnd_end_to_end(tmp_path):
   assert summary["algorithm"] == "fedsnd" and 0 <= summary["final_accuracy"] <= 1
   assert summary["final_val_accuracy"] == records[-1]["val_accuracy"]
   with open(tmp_path / "config.json") as f:
-    assert json.load(f)["fedsnd"]["noise_warm_start"] == "client"
+    assert json.load(f)["fedsnd"]["synthesis"]["warm_start"] == "client"
 
 
 def _scaffold_tiny():
@@ -121,10 +121,11 @@ BAD_VALUES = [
     ({"rounds": 0}, "rounds"),
     ({"batch_size": -1}, "batch_size"),
     ({"client_lr": 0.0}, "client_lr"),
-    ({"algorithm": "fedsnd", "fedsnd.teacher_weighting": "loudest"}, "fedsnd.teacher_weighting"),
+    ({"algorithm": "fedsnd", "fedsnd.distillation.teacher_weighting": "loudest"},
+     "fedsnd.distillation.teacher_weighting"),
     ({"algorithm": "fednd", "clients_per_round": 1}, "clients_per_round"),
     ({"client_lr": float("inf")}, "client_lr"),
-    ({"algorithm": "fedsnd", "fedsnd.distill_lr": float("nan")}, "fedsnd.distill_lr"),
+    ({"algorithm": "fedsnd", "fedsnd.distillation.lr": float("nan")}, "fedsnd.distillation.lr"),
     ({"algorithm": "moon", "moon.tau": 0.0}, "moon.tau"),
     ({"dataset": "npz:{nan_npz}"}, "dataset"),
     ({"algorithm": "fedsnd", "dp.clip_norm": 1.0}, "dp.local"),

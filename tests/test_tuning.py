@@ -1,5 +1,6 @@
 """benchmarks.tuning and benchmarks.leaderboard: equal budgets, two stages, run reuse, the table by hand."""
 
+import functools
 import json
 import os
 
@@ -7,6 +8,7 @@ import pytest
 
 from benchmarks import distill_gain, leaderboard, server_cost, tuning
 from experiments import configuration
+from fedsnd_jax.algorithms import fedsnd as fedsnd_lib
 
 
 def test_every_algorithm_gets_the_same_budget():
@@ -52,9 +54,10 @@ def test_tuning_reuses_a_finished_run_of_the_same_configuration_and_replaces_a_s
   tuning.run(str(tmp_path), "s", "fedsnd_1", fedsnd)  # a grid's old candidate, at index 1
   tuning.run(str(tmp_path), "s", "fedsnd_0", fedsnd)  # the same configuration, now at index 0: copied
   assert ran == ["fedavg_3", "fedsnd_1"] and (tmp_path / "s" / "fedsnd_0" / "summary.json").exists()
-  tuning.run(str(tmp_path), "s", "fedsnd_1", tuning.apply(fedsnd, {"fedsnd.lambda_prev": 0.3}))  # replaced
+  replaced = tuning.apply(fedsnd, {"fedsnd.self_distillation.lambda_prev": 0.3})
+  tuning.run(str(tmp_path), "s", "fedsnd_1", replaced)
   assert ran[-1] == "fedsnd_1" and json.loads((tmp_path / "s" / "fedsnd_1" / "config.json").read_text())[
-      "fedsnd"]["lambda_prev"] == 0.3
+      "fedsnd"]["self_distillation"]["lambda_prev"] == 0.3
   tuning.run(str(tmp_path), "s", "fedsnd_9", tuning.apply(fedsnd, {"rounds": 3}))  # other rounds: not the same
   assert ran[-1] == "fedsnd_9"
 
@@ -124,12 +127,12 @@ def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
 
 def test_a_tuned_winner_whose_defaults_changed_since_is_refused():
   # Chosen when FedSND's server was the former one (G 50): the same overrides run the cheap server today.
-  then = tuning.apply(tuning.setting_config("xdevice_a0.1"), {"algorithm": "fedsnd", "fedsnd.noise_steps": 50})
+  then = tuning.apply(tuning.setting_config("xdevice_a0.1"), {"algorithm": "fedsnd", "fedsnd.synthesis.steps": 50})
   entry = {"overrides": {"algorithm": "fedsnd"}, "config": tuning.ran(then), "evidence": [{}]}
-  assert tuning.drifted(entry, "xdevice_a0.1") == ["fedsnd.noise_steps"]
-  with pytest.raises(ValueError, match="fedsnd.noise_steps"):
+  assert tuning.drifted(entry, "xdevice_a0.1") == ["fedsnd.synthesis.steps"]
+  with pytest.raises(ValueError, match="fedsnd.synthesis.steps"):
     leaderboard.chosen({"xdevice_a0.1": {"fedsnd": entry}}, "xdevice_a0.1", "fedsnd")
-  entry["overrides"]["fedsnd.noise_steps"] = 50  # pinned: runs what was chosen
+  entry["overrides"]["fedsnd.synthesis.steps"] = 50  # pinned: runs what was chosen
   assert leaderboard.chosen({"xdevice_a0.1": {"fedsnd": entry}}, "xdevice_a0.1", "fedsnd")[0] == entry["overrides"]
   # Another algorithm's section, and the seed, are not part of what ran.
   then.fedprox.mu, then.seed = 5.0, 0
@@ -153,7 +156,8 @@ def test_leaderboard_defaults_row_reuses_fedsnds_runs_only_when_they_ran_the_sam
   monkeypatch.setattr(leaderboard.report, "read_metrics", lambda f: [{"round": 1, "test_accuracy": 0.5}])
   fedavg = {"overrides": {"algorithm": "fedavg", "epochs×": 2}, "evidence": [{}]}
   for fedsnd, expected in (({"algorithm": "fedsnd", "epochs×": 2}, "fedsnd"),
-                           ({"algorithm": "fedsnd", "fedsnd.lambda_prev": 0.3}, leaderboard.DEFAULTS)):
+                           ({"algorithm": "fedsnd", "fedsnd.self_distillation.lambda_prev": 0.3},
+                            leaderboard.DEFAULTS)):
     calls.clear()
     tuned = {"s": {"fedavg": fedavg, "fedsnd": {"overrides": fedsnd, "evidence": [{}]}}}
     leaderboard.leaderboard(str(tmp_path), ["s"], [leaderboard.DEFAULTS], [0], tuned)
@@ -203,7 +207,8 @@ def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   (tmp_path / "config.json").write_text(config.to_json())
   assert not tuning.stale(str(tmp_path), config)
   assert not tuning.stale(str(tmp_path / "absent"), config)
-  other = tuning.apply(config, {"fedsnd.lambda_prev": 0.5, "rounds": 3})  # another section; a resumable field
+  # another section; a resumable field
+  other = tuning.apply(config, {"fedsnd.self_distillation.lambda_prev": 0.5, "rounds": 3})
   assert not tuning.stale(str(tmp_path), other)
   assert tuning.stale(str(tmp_path), tuning.apply(config, {"fedgen.generative_alpha": 3.0}))
   assert tuning.stale(str(tmp_path), tuning.apply(config, {"lr×": 2.0}))
@@ -212,23 +217,31 @@ def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   assert tuning.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
   (tmp_path / "summary.json").write_text("{}")
   assert not tuning.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
-  fedsnd = tuning.apply(config, {"algorithm": "fedsnd", "fedsnd.noise_warm_start": "none"})
+  fedsnd = tuning.apply(config, {"algorithm": "fedsnd", "fedsnd.synthesis.warm_start": "none"})
   older = json.loads(fedsnd.to_json())
-  del older["fedsnd"]["noise_stop_ce"]  # a field added inside the section since
-  older["fedsnd"]["noise_warm_start"] = False  # its former value for "none"
+  del older["fedsnd"]["synthesis"]["stop_ce"]  # a field added inside the section since
+  older["fedsnd"]["synthesis"]["warm_start"] = False  # its former value for "none"
   (tmp_path / "config.json").write_text(json.dumps(older))
   assert not tuning.stale(str(tmp_path), fedsnd)
-  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_warm_start": "client"}))
-  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.noise_stop_ce": 0.3}))  # not its default
+  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.synthesis.warm_start": "client"}))
+  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.synthesis.stop_ce": 0.3}))  # not its default
+  nested = json.loads(fedsnd.to_json())["fedsnd"]
+  flat = {old: functools.reduce(dict.get, new.split("."), nested) for old, new in fedsnd_lib.MOVED.items()}
+  (tmp_path / "config.json").write_text(json.dumps({**json.loads(fedsnd.to_json()),
+                                                    "fedsnd": {**flat, "temperature": nested["temperature"]}}))
+  assert not tuning.stale(str(tmp_path), fedsnd)  # saved in the flat layout of earlier versions: the same run
+  assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.synthesis.steps": 7}))
 
 
 def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike():
-  tuned = {"digits": {"fedsnd": {"overrides": {"algorithm": "fedsnd", "epochs×": 2, "fedsnd.lambda_prev": 0.3}}}}
+  overrides = {"algorithm": "fedsnd", "epochs×": 2, "fedsnd.self_distillation.lambda_prev": 0.3}
+  tuned = {"digits": {"fedsnd": {"overrides": overrides}}}
   base, runs = server_cost.plan("digits", tuned)
   assert base.local_epochs == 2 * tuning.setting_config("digits").local_epochs
-  assert base.fedsnd.lambda_prev == tuning.setting_config("digits").fedsnd.lambda_prev  # server study only
+  own = tuning.setting_config("digits").fedsnd.self_distillation
+  assert base.fedsnd.self_distillation.lambda_prev == own.lambda_prev  # server study only
   assert [r[0] for r in runs][0] == "fedavg" and runs[-1][0] == "fedavg_again"
-  assert any(o.get("fedsnd.noise_warm_start") == "client" for _, _, o in runs)  # all 20 clients come back
+  assert any(o.get("fedsnd.synthesis.warm_start") == "client" for _, _, o in runs)  # all 20 clients come back
   for _, _, overrides in runs:
     configuration.validate(tuning.apply(base, overrides))
 

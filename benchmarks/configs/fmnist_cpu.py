@@ -12,9 +12,10 @@ Settings chosen on that validation split (by `benchmarks.fedsnd_tuning`, since r
 - client lr 0.03 and 2 local epochs for every algorithm: FedAvg's best of lr {0.01, 0.03, 0.1} × epochs
   {1, 2} (70.72 %; lr 0.1 with 2 epochs diverged).
 - FedSND's best variant: class-count teacher weighting with distillation in the first 3 rounds only
-  (`fedsnd.teacher_weighting=class_count`, `fedsnd.distill_rounds=3`): 73.52 %, against 72.64 % for FedSND at
-  the library defaults, 73.60 % for FedSD (client side only) and 71.64 % for FedND (server side only). Noise
-  projection, distilling into the global model and the BatchNorm-statistics prior all ranked lower.
+  (`fedsnd.distillation.teacher_weighting=class_count`, `fedsnd.schedule.distill_rounds=3`): 73.52 %, against
+  72.64 % for FedSND at the library defaults, 73.60 % for FedSD (client side only) and 71.64 % for FedND (server
+  side only). Noise projection, distilling into the global model and the BatchNorm-statistics prior all ranked
+  lower.
 """
 
 from experiments.configs import fmnist
@@ -32,7 +33,7 @@ def get_config():
   c.batch_size = 32
   c.rounds = 12
   c.client_map = "loop"  # fastest on 2 CPU cores for 10 clients (see benchmarks/RESULTS.md)
-  c.fedsnd.noise_samples = 32
+  c.fedsnd.synthesis.samples = 32
   c.checkpoint_every = 0
   c.target_accuracy = 0.7  # FedAvg ends near 73 % at α = 0.1 on this protocol: 80 % is never reached there
   return c

@@ -22,10 +22,10 @@ def get_config():
   c.batch_size = 32
   c.client_lr = 0.05
   c.client_map = "loop"
-  c.fedsnd.noise_samples = 32
-  c.fedsnd.noise_steps = 50
-  c.fedsnd.distill_steps = 10
-  c.fedsnd.noise_warm_start = "none"  # RESULTS §6's server (from Gaussian noise), not the library's since §10
+  c.fedsnd.synthesis.samples = 32
+  c.fedsnd.synthesis.steps = 50
+  c.fedsnd.distillation.steps = 10
+  c.fedsnd.synthesis.warm_start = "none"  # RESULTS §6's server (from Gaussian noise), not the library's since §10
   c.checkpoint_every = 0
   c.target_accuracy = 0.8
   return c

@@ -5,7 +5,7 @@ Every field is documented here; the binaries turn them into builder arguments.
 
 import ml_collections
 
-from fedsnd_jax import algorithms, mechanisms
+from fedsnd_jax import algorithms, mechanisms, settings
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -53,16 +53,17 @@ def get_config() -> ml_collections.ConfigDict:
   # (fedsnd_jax/secure_aggregation.py; secagg.enabled), robust.* robust aggregation (fedsnd_jax/robust.py;
   # robust.rule other than mean), attack.* Byzantine clients (fedsnd_jax/attacks.py; attack.kind other than
   # none, with attack.fraction > 0).
-  for section, settings in mechanisms.sections().items():
-    c[section] = ml_collections.ConfigDict(settings()._asdict())
+  for section, mechanism in mechanisms.sections().items():
+    c[section] = ml_collections.ConfigDict(settings.as_dict(mechanism()))
   # Each algorithm's own hyperparameters, one section per algorithm (`--config.<section>.<field>=`), with
   # the defaults its module cites from the paper: fedprox.mu; moon.mu, moon.tau, moon.projection_dim,
   # moon.classifier_on_projection; feddyn.alpha; fedntd.beta, fedntd.tau; fedgen.*, fedftg.* (their modules'
-  # `Hyperparameters`); fedsnd.* (FedSND's client and
-  # server settings, shared by fedsd and fednd: fedsnd_jax/algorithms/fedsnd/round.py, `Hyperparameters`).
+  # `Hyperparameters`); fedsnd.* (FedSND's settings, shared by fedsd and fednd, nested by concern:
+  # fedsnd.self_distillation.*, fedsnd.synthesis.*, fedsnd.distillation.*, fedsnd.schedule.*, fedsnd.consensus.*
+  # and fedsnd.temperature; each part's `Settings` in fedsnd_jax/algorithms/fedsnd/<part>.py documents it).
   # FedAvg and SCAFFOLD have none of their own.
   for section, hyperparameters in algorithms.sections().items():
-    c[section] = ml_collections.ConfigDict(hyperparameters()._asdict())
+    c[section] = ml_collections.ConfigDict(settings.as_dict(hyperparameters()))
   # Run.
   c.rounds = 30
   c.seed = 0

@@ -5,7 +5,7 @@ Adding an algorithm: one module here (the paper cited, its update equations, `Hy
 `build`, `SPEC`), its test, and one line in REGISTRY (README, "Adding an algorithm").
 """
 
-from fedsnd_jax import models
+from fedsnd_jax import models, settings
 from fedsnd_jax.algorithms import fedavg, feddyn, fedftg, fedgen, fedntd, fedprox, fedsnd, moon, scaffold
 from fedsnd_jax.driver import build_rounds
 from fedsnd_jax.errors import InputError
@@ -38,18 +38,22 @@ def get(name: str) -> AlgorithmSpec:
 
 
 def hyperparameters(name: str, values=None):
-  """The algorithm's Hyperparameters from a mapping of overrides (None: the defaults).
+  """The algorithm's Hyperparameters from a (nested) mapping of overrides (None: the defaults).
 
   Raises:
-    InputError: a field the algorithm does not have.
+    InputError: a field the algorithm does not have (naming its new place if it moved).
   """
   spec = get(name)
-  values = dict(values or {})
-  unknown = sorted(set(values) - set(spec.hyperparameters._fields))
-  if unknown:
-    raise InputError(f"{spec.section}.{unknown[0]}", f"{name} has no such hyperparameter; it has: "
-                     f"{', '.join(spec.hyperparameters._fields) or 'none'}")
-  return spec.hyperparameters(**values)
+  return settings.from_dict(spec.hyperparameters, values, spec.section, moved(spec))
+
+
+def moved(spec: AlgorithmSpec) -> dict[str, str]:
+  """The spec's moved fields as dotted config names ("fedsnd.noise_steps" → "fedsnd.synthesis.steps")."""
+  return {f"{spec.section}.{old}": f"{spec.section}.{new}" for old, new in spec.moved.items()}
+
+
+# Every algorithm's moved fields, as dotted config names.
+MOVED = {old: new for spec in REGISTRY.values() for old, new in moved(spec).items()}
 
 
 def model_options(name: str, hp) -> dict:

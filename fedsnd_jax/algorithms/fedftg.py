@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from fedsnd_jax import client, federated_data, generators, losses, models
-from fedsnd_jax.algorithms.fedsnd import noise
+from fedsnd_jax.algorithms.fedsnd import synthesis
 from fedsnd_jax.errors import check_range
 from fedsnd_jax.models import Model
 from fedsnd_jax.rounds import (
@@ -101,7 +101,7 @@ def hard_sample_kl(ensemble_logits, student_logits, temperature: float):
 
 def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundParts:
   num_classes = federation.num_classes
-  space = noise.noise_space(model, federation.input_shape)
+  space = synthesis.noise_space(model, federation.input_shape)
   generator = generators.conditional_mlp(num_classes, space.shape, noise_dim=hp.noise_dim,
                                          hidden=(hp.hidden_dim, hp.hidden_dim), noise="normal")
   generator_opt = optax.adam(hp.generator_lr)

@@ -2,30 +2,64 @@
 
 Every uploaded model j is a student (vmapped over j) that learns, for D steps, on batches drawn only
 from the pool of the other clients' pseudo-samples, with loss T²·KL(p ‖ σ(f(x̃; w_j')/T)). Teachers are
-the uploaded models, fixed, so the result does not depend on client order. Position t in the C axis is
-the t-th uploaded client; `owners[i]` is the position of the client whose noise sample i is.
+the uploaded models, fixed, so the result does not depend on client order (`pool.NoisePool`).
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedsnd_jax import losses, models
-from fedsnd_jax.algorithms.fedsnd.noise import NoiseSpace
+from fedsnd_jax.algorithms.fedsnd.pool import NoisePool
+from fedsnd_jax.algorithms.fedsnd.synthesis import NoiseSpace
+from fedsnd_jax.errors import check_range, require
 
 TEACHER_WEIGHTINGS = ("none", "class_count", "confidence")
+TARGETS = ("clients", "global")
 
 
-def teacher_probs(space: NoiseSpace, teachers, pool, temperature: float):
-  """σ(f(x̃_i; w_t)/T) of every teacher t on every pool sample i.
+class Settings(NamedTuple):
+  """Cross-client distillation (`fedsnd.distillation.*`).
 
-  Args:
-    teachers: stacked params [C, P]. pool: [CQ, *shape].
-
-  Returns:
-    [C, CQ, NC].
+  Attributes:
+    steps: D optimiser steps per student; batch: Bd; lr: Adam's learning rate.
+    lr_decay: the step size of round r is multiplied by decay**r.
+    teacher_weighting: none | class_count (teachers weighted by how much of the sample's target class they
+      have seen; uploads label histograms) | confidence.
+    target: clients (each uploaded model, the paper) | global (the aggregate, FedDF style).
+    student_train_mode: students with dropout (default eval mode).
   """
-  return jax.vmap(lambda p: losses.tempered_softmax(space.apply(p, pool), temperature))(teachers)
+
+  steps: int = 5
+  batch: int = 64
+  lr: float = 1e-3
+  lr_decay: float = 1.0
+  teacher_weighting: str = "none"
+  target: str = "clients"
+  student_train_mode: bool = False
+
+
+def validate(settings: Settings, section: str) -> None:
+  for field, allowed in (("teacher_weighting", TEACHER_WEIGHTINGS), ("target", TARGETS)):
+    value = getattr(settings, field)
+    require(value in allowed, f"{section}.{field}", f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+  check_range(settings, section, positive=("batch", "lr", "lr_decay"), non_negative=("steps",))
+
+
+class Plan(NamedTuple):
+  """This round's distillation, as the schedule decides it.
+
+  Attributes:
+    scale: [] float32 multiplying every update (0 when the regime gate is closed; the step-size decay).
+    steps: int32 [] steps to take this round under the regime-aware budget, or None: all `most`.
+    most: the steps drawn (batches sampled) per student.
+  """
+
+  scale: jax.Array
+  steps: jax.Array | None
+  most: int
 
 
 def soft_targets(probs, owners, student, weighting: str, histograms=None, labels=None, trusted=None):
@@ -37,7 +71,7 @@ def soft_targets(probs, owners, student, weighting: str, histograms=None, labels
   confidence:  Σ_t m_t·p_t / Σ_t m_t over t ≠ student, m_t = max_c p_t(c) on that sample.
 
   Args:
-    probs: [C, CQ, NC] from `teacher_probs`. owners: [CQ] int positions. student: int position (or −1 for
+    probs: [C, CQ, NC] from `pool.teacher_probs`. owners: [CQ] int positions. student: int position (or −1 for
       "no student": every teacher counts, as for distilling into the global model).
     weighting: one of TEACHER_WEIGHTINGS. histograms: [C, NC] label counts and labels: [CQ] target labels
       (class_count only).
@@ -79,36 +113,37 @@ def sample_batches(key, owners, student, steps: int, batch_size: int, trusted=No
 
 def mean_kl(space: NoiseSpace, params, pool, targets, weights, temperature: float, probs=None):
   """T²·Σ_i weights_i·KL(targets_i ‖ σ(f(x̃_i; w)/T)) / Σ weights (eval mode). weights: [CQ]. probs: [CQ, NC]
-  σ(f(x̃; w)/T) when already known (a teacher's row of `teacher_probs`): no forward pass then."""
+  σ(f(x̃; w)/T) when already known (a teacher's row of `pool.teacher_probs`): no forward pass then."""
   logits = space.apply(params, pool) if probs is None else temperature * jnp.log(jnp.maximum(probs, 1e-30))
   kl = losses.kl_divergence(targets, logits, temperature)
   return temperature**2 * jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, temperature: float,
-            train_mode: bool = False, step_scale=1.0, num_steps=None):
+def distill(space: NoiseSpace, params, x, targets, idx, key, settings: Settings, temperature: float,
+            plan: Plan | None = None):
   """D optimiser steps of T²·mean KL(targets ‖ σ(f(x̃; w)/T)) on the given pool batches.
 
   Args:
     params: the student's starting params.
-    pool: [CQ, *shape] pseudo-samples. targets: [CQ, NC] soft labels.
+    x: [CQ, *shape] pseudo-samples. targets: [CQ, NC] soft labels.
     idx: [D, Bd] pool indices of each step's batch.
-    key: dropout key (train_mode only).
-    optimizer: optax transformation (fresh state); BatchNorm statistics stay frozen (`models.freeze_statistics`).
-    train_mode: run the student with dropout.
-    step_scale: scalar multiplying every update (a decaying distillation step size).
-    num_steps: int32 [] steps to take, at most D (None: all D); the rest are skipped (not vmapped over
-      students, so they cost nothing).
+    key: dropout key (`student_train_mode` only).
+    settings: Adam's learning rate (fresh state; BatchNorm statistics stay frozen, `models.freeze_statistics`)
+      and whether the student runs with dropout.
+    plan: the round's step-size factor and steps to take, at most D (None: all D at factor 1); the steps past
+      `plan.steps` are skipped (not vmapped over students, so they cost nothing).
 
   Returns:
     the distilled params.
   """
+  optimizer, train_mode = optax.adam(settings.lr), settings.student_train_mode
+  step_scale, num_steps = (1.0, None) if plan is None else (plan.scale, plan.steps)
 
   def step(carry, batch, step_key):
     params, opt_state = carry
 
     def objective(p):
-      logits = space.apply(p, pool[batch], train=train_mode, rng=step_key if train_mode else None)
+      logits = space.apply(p, x[batch], train=train_mode, rng=step_key if train_mode else None)
       return temperature**2 * jnp.mean(losses.kl_divergence(targets[batch], logits, temperature))
 
     grads = jax.grad(objective)(params)
@@ -126,3 +161,57 @@ def distill(space: NoiseSpace, params, pool, targets, idx, key, *, optimizer, te
   optimizer = models.freeze_statistics(optimizer)
   (params, _), _ = jax.lax.scan(scanned, (params, optimizer.init(params)), (jnp.arange(idx.shape[0]), idx, keys))
   return params
+
+
+def distill_one(space: NoiseSpace, pool: NoisePool, student: int, params, key, settings: Settings,
+                temperature: float, plan: Plan, start_probs=None):
+  """Distils `params` on the pool without the noise of position `student` (−1: on all of it). start_probs:
+  [CQ, NC] σ(f(x̃; params)/T) when known (`params` is an uploaded model: its row of `pool.probs`).
+
+  Returns:
+    (params, KL before, KL after, how often the soft target's argmax is the sample's label).
+  """
+  targets = soft_targets(pool.probs, pool.owners, student, settings.teacher_weighting, pool.histograms,
+                         pool.labels, pool.trusted)
+  valid, teachers = pool.owners != student, jnp.arange(pool.probs.shape[0]) != student
+  if pool.trusted is not None:
+    valid, teachers = valid & pool.trusted[pool.owners], teachers & pool.trusted
+  usable = jnp.any(valid) & jnp.any(teachers)  # no other trusted noise or teacher: the student keeps its params
+  valid = valid.astype(jnp.float32)
+  batch_key, train_key = jax.random.split(key)
+  idx = sample_batches(batch_key, pool.owners, student, plan.most, settings.batch, pool.trusted)
+  def steps(p):
+    return distill(space, p, pool.x, targets, idx, train_key, settings, temperature, plan)
+
+  # A closed gate (scale 0) would step by 0: skip the steps (the predicate is not vmapped, so this stays a cond).
+  new = jax.lax.cond(plan.scale > 0, steps, lambda p: p, params)
+  new = jax.tree.map(lambda n, p: jnp.where(usable, n, p), new, params)
+  before = mean_kl(space, params, pool.x, targets, valid, temperature, start_probs)
+  after = mean_kl(space, new, pool.x, targets, valid, temperature)
+  right = jnp.sum((jnp.argmax(targets, -1) == pool.labels) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  return new, before, after, right
+
+
+def distill_clients(space: NoiseSpace, pool: NoisePool, order, ids, key, settings: Settings, temperature: float,
+                    plan: Plan):
+  """Every uploaded model, a student on the other clients' noise (vmapped); teachers stay the uploads.
+
+  Every random draw is keyed by client id. Returns ([C, P] students in the given order, diagnostics).
+  """
+  sorted_ids = ids[order]
+
+  def student(j, params, cid):
+    return distill_one(space, pool, j, params, jax.random.fold_in(key, cid), settings, temperature, plan,
+                       pool.probs[j])
+
+  new, before, after, right = jax.vmap(student)(jnp.arange(sorted_ids.shape[0]), pool.teachers, sorted_ids)
+  inverse = jnp.argsort(order)
+  return jax.tree.map(lambda a: a[inverse], new), {
+      "kl_before": jnp.mean(before), "kl_after": jnp.mean(after), "soft_target_accuracy": jnp.mean(right)}
+
+
+def distill_global(space: NoiseSpace, pool: NoisePool, start, key, settings: Settings, temperature: float,
+                   plan: Plan):
+  """The aggregate `start` [P], a student on all the noise with every teacher (FedDF style)."""
+  new, before, after, right = distill_one(space, pool, -1, start, key, settings, temperature, plan)
+  return new, {"kl_before": before, "kl_after": after, "soft_target_accuracy": right}

@@ -1,27 +1,55 @@
 """FedSND's client side: self-distillation against local over-fitting (DESIGN §2.2)."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from fedsnd_jax import losses
 from fedsnd_jax.client import LossFn
+from fedsnd_jax.errors import check_range, require
 from fedsnd_jax.models import Model
 
-SELF_DISTILL_MODES = ("none", "dropout", "previous", "both")
+MODES = ("none", "dropout", "previous", "both")
 
 
-def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: float, temperature: float,
-                           mode: str = "both", confidence_gate: bool = False) -> LossFn:
+class Settings(NamedTuple):
+  """Client self-distillation (`fedsnd.self_distillation.*`).
+
+  Attributes:
+    mode: which terms are on: none | dropout | previous | both.
+    lambda_mutual: λ_mutual, the two dropout views distil each other. The paper's reading is 1; the default is
+      0 (one forward pass): at 1 it cost 2.2–2.8 points on a model that under-fits and 1.1 on the README's
+      main job, on the validation split (benchmarks/tuning.py; RESULTS §8).
+    lambda_prev: λ_prev, the received global model as teacher; with it alone FedSD gained 4–13 points on
+      cross-device Fashion-MNIST (RESULTS §8).
+    confidence_gate: weight each example's self-distillation terms by their teacher's probability of the true
+      label (ours; the terms fade while a model under-fits).
+  """
+
+  mode: str = "both"
+  lambda_mutual: float = 0.0
+  lambda_prev: float = 0.1
+  confidence_gate: bool = True
+
+
+def validate(settings: Settings, section: str) -> None:
+  require(settings.mode in MODES, f"{section}.mode",
+          f"unknown value {settings.mode!r}; allowed: {', '.join(MODES)}")
+  check_range(settings, section, non_negative=("lambda_mutual", "lambda_prev"))
+
+
+def self_distillation_loss(model: Model, settings: Settings, temperature: float) -> LossFn:
   """Local loss with two dropout views distilling each other and the received model as teacher.
 
   L = ½[CE(z₁, y) + CE(z₂, y)] + λ_m·T²·½[KL(σ(z₁/T) ‖ σ(z₂/T)) + KL(σ(z₂/T) ‖ σ(z₁/T))]
       + λ_p·T²·KL(σ(f(x; w⁰)/T) ‖ σ(z₁/T)),
   z_i = f(x; w, ξ_i) with independent dropout keys, w⁰ the round's received params (`context.received`)
-  in eval mode under stop_gradient. `mode` switches terms off (none | dropout | previous |
-  both). With λ_m = 0 there is one forward pass, z₁ with the whole `rng`, and the CE term is CE(z₁, y):
+  in eval mode under stop_gradient, T the temperature. `settings.mode` switches terms off (none | dropout |
+  previous | both). With λ_m = 0 there is one forward pass, z₁ with the whole `rng`, and the CE term is CE(z₁, y):
   all terms off is FedAvg's loss exactly.
 
-  confidence_gate (ours): every KL term of an example is weighted by its teacher's probability of the true
+  The confidence gate (ours): every KL term of an example is weighted by its teacher's probability of the true
   label, under stop_gradient — g_m = ½[σ(z₁)_y + σ(z₂)_y] for the mutual term, g_p = σ(f(x; w⁰))_y for the
   previous-model term — so a teacher speaks only where it is right: while the local or the received model
   still under-fits, its soft labels would brake learning, and the terms fade towards plain CE.
@@ -29,8 +57,9 @@ def self_distillation_loss(model: Model, *, lambda_mutual: float, lambda_prev: f
   Returns:
     loss_fn(params, x [B, ...], y [B], rng, context) -> [B].
   """
-  lam_m = lambda_mutual if mode in ("dropout", "both") else 0.0
-  lam_p = lambda_prev if mode in ("previous", "both") else 0.0
+  lam_m = settings.lambda_mutual if settings.mode in ("dropout", "both") else 0.0
+  lam_p = settings.lambda_prev if settings.mode in ("previous", "both") else 0.0
+  confidence_gate = settings.confidence_gate
   t2 = temperature**2
 
   def loss_fn(params, x, y, rng, context):
