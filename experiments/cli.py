@@ -23,11 +23,19 @@ def parse_flags(argv):
     lines = str(e).strip().splitlines()
     print(f"error: {lines[0]}{' ' + lines[-1] if len(lines) > 1 else ''}", file=sys.stderr)
   except (KeyError, AttributeError) as e:  # ml_collections' answer to an unknown --config.<field>
-    print(f"error: config: unknown field {str(e).strip(chr(34))}; see experiments/configs/default.py",
-          file=sys.stderr)
+    print(f"error: config: unknown field {unknown_field(e)}; see experiments/configs/default.py", file=sys.stderr)
   except TypeError as e:  # a config file setting a field to a value of another type (a section to a value)
     print(f"error: config: {e}", file=sys.stderr)
   sys.exit(2)
+
+
+def unknown_field(e: Exception) -> str:
+  """The field ml_collections' error names, with its suggestion if it made one: `stepz (Did you mean "steps"
+  instead of "stepz"?)`."""
+  while e.args and isinstance(e.args[0], Exception):  # an AttributeError wraps the KeyError
+    e = e.args[0]
+  name, _, hint = str(e.args[0] if e.args else e).partition("\n")
+  return name.strip("'\"") + (f" ({hint})" if hint else "")
 
 
 def multi_process_problem(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str:

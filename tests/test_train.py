@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import configuration, train_lib
+from experiments import cli, configuration, train_lib
 from experiments.configs import tiny
 from fedsnd_jax import loop
 from fedsnd_jax.errors import InputError
@@ -211,3 +211,13 @@ def test_a_live_run_holds_its_workdir(tmp_path):
   # A lock file left by a dead process is no lock: flock is released with its holder.
   (holder / loop.LOCK_FILE).write_text("pid 999999 on nowhere since 2000-01-01\n")
   assert train_lib.train_and_evaluate(tiny.get_config(), str(holder))["rounds"] == 3
+
+
+def test_an_unknown_nested_field_is_named_with_the_suggestion():
+  c = tiny.get_config()
+  with pytest.raises(AttributeError) as e:
+    getattr(c.fedsnd.synthesis, "stepz")  # noqa: B009 (ml_collections on --config.fedsnd.synthesis.stepz=5)
+  assert cli.unknown_field(e.value) == 'stepz (Did you mean "steps" instead of "stepz"?)'
+  with pytest.raises(AttributeError) as e:
+    getattr(c, "nosuch")  # noqa: B009
+  assert cli.unknown_field(e.value) == "nosuch"
