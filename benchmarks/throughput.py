@@ -119,7 +119,8 @@ def throughput_rows(model_name: str, conv_impl: str):
     for strategy in _STRATEGIES.value:
       if (strategy == "vmap" and num > _MAX_VMAP.value) or (strategy == "loop" and num > _MAX_LOOP.value):
         continue
-      phase = driver.make_client_phase(model, client.supervised_loss(model), opt, schedule, steps, strategy,
+      federation = rounds.Federation(num, num, schedule, 0.01, 0.9, 0.0, SHAPE, 10)  # its optimiser is `opt`
+      phase = driver.make_client_phase(model, client.supervised_loss(model), federation, steps, strategy,
                                        _CHUNK.value)
       out, first, steady = _timed(phase, (params, None, data), (ids, keys, None))
       results[strategy] = out.params

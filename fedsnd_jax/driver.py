@@ -41,11 +41,12 @@ from fedsnd_jax.rounds import (
 from fedsnd_jax.sampling import SAMPLINGS, cohort_cap, round_keys
 
 
-def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: LocalSchedule, num_steps: int,
-                      client_map: str, chunk_size: int, upload_transform=None, traced: bool = False):
+def make_client_phase(model, loss_fn: client.LossFn, federation: Federation, num_steps: int, client_map: str,
+                      chunk_size: int, upload_transform=None, traced: bool = False):
   """Returns client_phase((params, shared, data), (ids [C], keys [C], own)) -> stacked ClientOutput.
 
-  Every client starts from the received params and takes `num_steps` step slots of `schedule`; its loss sees
+  Every client starts from the received params and takes `num_steps` step slots of the federation's schedule,
+  with its client optimiser; its loss sees
   ClientContext(params, shared, own[c]), `own` being per-client state stacked [C, ...] (or None).
   `upload_transform(received, trained, key)`, if given, is what each client does to its trained params before
   uploading them (local DP noise). The `loop` map drives each client's steps from the host
@@ -54,7 +55,7 @@ def make_client_phase(model, loss_fn: client.LossFn, client_opt, schedule: Local
   """
   stepped = client_map == "loop" and not traced
   make = host_loop.make_stepped_client_update if stepped else client.make_client_update
-  update = make(loss_fn, client_opt, schedule, num_steps, calibrate=model.calibrate)
+  update = make(loss_fn, federation.client_optimizer(), federation.schedule, num_steps, calibrate=model.calibrate)
   transform = upload_transform and (jax.jit(upload_transform) if stepped else upload_transform)
 
   def one(params, shared, data, cid, key, own):
@@ -317,9 +318,8 @@ def build_rounds(parts: RoundParts, model: models.Model, federation: Federation,
   aggregator = mechanisms.aggregator or aggregation.weighted_mean()
 
   def clients(traced: bool) -> Callable[[int], Callable]:
-    return lambda num_steps: make_client_phase(model, parts.client_loss, federation.client_optimizer(),
-                                               federation.schedule, num_steps, client_map, chunk_size,
-                                               mechanisms.upload_transform, traced)
+    return lambda num_steps: make_client_phase(model, parts.client_loss, federation, num_steps, client_map,
+                                               chunk_size, mechanisms.upload_transform, traced)
 
   r = describe(parts, model, federation, server_opt, aggregator, clients(False))
   if federation.sampling == "poisson":

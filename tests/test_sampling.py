@@ -48,8 +48,7 @@ def test_poisson_round_is_fedavg_over_the_sampled_clients_only(tiny, federation,
   alg = algorithms.build("fedavg", model, fed._replace(sampling="poisson"))
   state = alg.init(jax.random.key(0))
   phase = driver.make_client_phase(model, algorithms.get("fedavg").build(model, None, fed).client_loss,
-                                   fed.client_optimizer(), fed.schedule, fed.schedule.num_steps(data.max_count),
-                                   "vmap", 8)
+                                   fed, fed.schedule.num_steps(data.max_count), "vmap", 8)
   partial = 0
   for _ in range(6):
     ids, keys, _ = sampling.round_keys(state.rng, state.round, 3, 1, 3)
