@@ -1,4 +1,4 @@
-r"""Runs algorithms × α × seeds, one train run per cell, then tables and plots (DESIGN §5).
+r"""Runs algorithms × α × seeds, one train run per cell, then tables and plots (docs/design.md §10).
 
   python -m experiments.sweep --config=experiments/configs/default.py --algorithms=fedavg,fedsnd \
       --alphas=0.1,0.5 --seeds=0,1,2 --workdir=runs/sweep \

@@ -1,4 +1,4 @@
-r"""Runs one federated experiment and writes DESIGN §5's output contract into --workdir.
+r"""Runs one federated experiment and writes the output contract (docs/design.md §10) into --workdir.
 
   python -m experiments.train --config=experiments/configs/default.py --workdir=runs/digits \
       --config.alpha=0.5 --config.client_map=chunked

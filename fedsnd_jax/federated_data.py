@@ -1,4 +1,4 @@
-"""Device-resident federated training data and on-device batch schedules (DESIGN §3).
+"""Device-resident federated training data and on-device batch schedules (docs/design.md §9).
 
 The training set is placed on the device once; clients are rows of a padded index table. Each local
 step gathers its batch by index on the device, so a round moves no data between host and device.

@@ -1,6 +1,6 @@
 """Non-IID partitioners: split training example indices over K clients (seeded numpy, deterministic).
 
-Conventions (DESIGN §4) — α in one is not comparable to α in another:
+Conventions (docs/design.md §9) — α in one is not comparable to α in another:
   iid              uniform random split into near-equal parts.
   dirichlet_label  for each class, its examples are split over clients by proportions ~ Dir(α·1_K)
                    (NIID-Bench / MOON; a client already holding ≥ N/K examples gets no more; when that

@@ -1,7 +1,8 @@
 """Process-wide XLA set-up; must run before jax is first imported.
 
 On CPU, jaxlib ≥ 0.10's default YNN fusions made a small CNN train 2.5–4× slower and compile 3–5× slower
-(DESIGN §6); `--xla_cpu_experimental_ynn_fusion_type=reduce,individual_convolution` keeps only the two that pay.
+(docs/design.md §11); `--xla_cpu_experimental_ynn_fusion_type=reduce,individual_convolution` keeps only the two
+that pay.
 Measured on 2 cores (jax 0.10.2, 2026-11-28; 20 clients × 10 cnn2 SGD steps of batch 32 at top level, two
 worker threads, as the CPU `loop` map runs them): no YNN fusion 3,510–3,729 examples/s, these two 4,541, the
 default set 4,451–4,533 (without `reduce`: 3,876–4,061); the same clients vmapped with im2col 2,263 vs 2,633, and

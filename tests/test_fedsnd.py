@@ -1,4 +1,4 @@
-"""FedSND's identities (DESIGN §2.7) and the mechanics of synthesis and cross-client distillation."""
+"""FedSND's identities (docs/design.md §7) and the mechanics of synthesis and cross-client distillation."""
 
 import jax
 import jax.numpy as jnp

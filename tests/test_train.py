@@ -1,4 +1,4 @@
-"""The binary's output contract, resume, and input validation (DESIGN §5)."""
+"""The binary's output contract, resume, and input validation (docs/design.md §10)."""
 
 import json
 import os

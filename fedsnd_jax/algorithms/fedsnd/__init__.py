@@ -1,5 +1,5 @@
 """FedSND: F. Zheng et al., "Federated Learning on Non-iid Data via Local and Global Distillation",
-arXiv 2306.14443, 2023 (the abstract calls it FedND), as this project specifies it (DESIGN §2).
+arXiv 2306.14443, 2023 (the abstract calls it FedND), as this project reads it (docs/design.md).
 
   client k (self-distillation, `self_distillation.py`):
     L = ½[CE(z₁, y) + CE(z₂, y)] + λ_m·T²·½[KL(σ(z₁/T) ‖ σ(z₂/T)) + KL(σ(z₂/T) ‖ σ(z₁/T))]

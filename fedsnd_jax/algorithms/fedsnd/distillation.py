@@ -1,4 +1,4 @@
-"""FedSND's server side, part 2: cross-client distillation on the other clients' noise (DESIGN §2.4).
+"""FedSND's server side, part 2: cross-client distillation on the other clients' noise (docs/design.md §4).
 
 Every uploaded model j is a student (vmapped over j) that learns, for D steps, on batches drawn only
 from the pool of the other clients' pseudo-samples, with loss T²·KL(p ‖ σ(f(x̃; w_j')/T)). Teachers are

@@ -1,11 +1,11 @@
 """FedSND's round: client self-distillation, then the server's noise synthesis and cross-client distillation.
 
-Round (DESIGN §2.1): sampled clients train locally (self-distillation for FedSD and FedSND, else plain CE;
-`self_distillation.py`); the server synthesises noise per uploaded model (§2.3, step `synthesis`,
-`synthesis.py`), distils every uploaded model on the other clients' noise (§2.4, step `distill`,
-`distillation.py`) and aggregates the distilled models (§2.5). With `distillation.target=global` it aggregates
+Round (docs/design.md §1): sampled clients train locally (self-distillation for FedSD and FedSND, else plain CE;
+`self_distillation.py`); the server synthesises noise per uploaded model (§3, step `synthesis`,
+`synthesis.py`), distils every uploaded model on the other clients' noise (§4, step `distill`,
+`distillation.py`) and aggregates the distilled models (§1). With `distillation.target=global` it aggregates
 the uploads first and distils the aggregate instead. `schedule.py` decides which rounds distil and how much
-server work each runs; `consensus.py` leaves suspicious uploads out. The variants of §2.6 are fields of the
+server work each runs; `consensus.py` leaves suspicious uploads out. The variants are fields of the
 `Hyperparameters` sections.
 """
 

@@ -1,4 +1,4 @@
-"""FedSND's client side: self-distillation against local over-fitting (DESIGN §2.2)."""
+"""FedSND's client side: self-distillation against local over-fitting (docs/design.md §2)."""
 
 from typing import NamedTuple
 

@@ -1,4 +1,5 @@
-"""FedSND's server side, part 1: adaptive noise synthesis, one pseudo-sample set per uploaded model (DESIGN §2.3).
+"""FedSND's server side, part 1: adaptive noise synthesis, one pseudo-sample set per uploaded model
+(docs/design.md §3).
 
 Only the inputs are optimised; the model is fixed and in eval mode. vmap `synthesize` over the stacked
 uploaded models.
@@ -34,7 +35,7 @@ class Settings(NamedTuple):
     stop_ce: stop a model's synthesis early once its mean CE on its targets is ≤ this (0 = never): with a warm
       start that already fits, few or no steps run. Steps taken are logged as `noise_steps_taken`.
     l2: β of the L2 prior on the inputs.
-    projection: rescale every sample to a real sample's norm after every step (§2.6).
+    projection: rescale every sample to a real sample's norm after every step.
     warm_start: where synthesis starts: none (Gaussian) | client (the noise made for the same client at its
       last participation; Gaussian the first time) | round (the previous round's noise at the same position in
       the round: for cross-device runs, where a client rarely comes back; with every client in every round the
