@@ -1,25 +1,24 @@
-r"""The leaderboard: every algorithm at its tuned setting on real Fashion-MNIST, evaluation seeds 0–2.
+r"""The leaderboard: every algorithm at its tuned setting on real Fashion-MNIST, evaluation seeds 0–2, one pass.
 
-  bash benchmarks/leaderboard.sh        # all settings and algorithms (see the script for the CPU scale)
-  python -m benchmarks.leaderboard --settings=xdevice_a0.1 --algorithms=fedavg,fedsnd --seeds=0,1,2
+  python -m benchmarks.leaderboard        # the four settings, every algorithm; rewrites its RESULTS.md block
+  python -m benchmarks.leaderboard --settings=xdevice_a0.1 --algorithms=fedavg,fedsnd --results=
 
+The settings are `benchmarks.tuning.SETTINGS`' Fashion-MNIST protocols (the MLP; 10 clients all participating
+for 50 rounds, and cross-device, 100 clients 10 a round, for 150 rounds: `benchmarks/configs/fmnist_mlp*.py`).
 Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.json`, written by
 `benchmarks.tuning` on the validation split at tuning seed 100) where that setting was tuned, else with the first
 candidate of its grid (its paper's defaults); the "setting" column says which, and how many configurations the
-tuning compared. The row `fedsnd_defaults` is FedSND at the library defaults of its own section, at tuned FedAvg's
-client settings: whether those defaults are safe (issue 13) is read off it against FedAvg's row (where FedSND's
-tuning kept exactly that, the row reuses FedSND's runs); `fedsnd_momentum` is tuned FedSND on tuned FedAvgM's
-server optimiser, whether FedSND adds to server momentum (no tuning of its own either). Runs land in
+tuning compared. Two rows have no tuning of their own: `fedsnd_defaults`, FedSND at the library defaults of its
+own section at tuned FedAvg's client settings (are the defaults safe?), and `fedsnd_momentum`, tuned FedSND on
+tuned FedAvgM's server optimiser (does FedSND add to server momentum?). Runs land in
 `--workdir/<setting>/<algorithm>/seed=<s>/` and are skipped when finished, so an interrupted leaderboard resumes;
 a folder that ran another configuration of the algorithm (its tuning changed since) or other rounds runs again.
 
-Per setting, one table: test accuracy final and last-5 mean (mean ± population std over seeds), rounds to
-target and wall-clock to target, client and server seconds per round (mean over rounds 2+, round 1 compiles).
-The target is tuned FedAvg's mean final test accuracy on the same seeds: "rounds to reach what FedAvg ends at"
-(seeds that never reach it are left out of the mean; `reached` counts them). Wall-clock to target is rounds to
-target × (client + server seconds per round): where a server's cost shows. Each setting's table is kept in
-`<workdir>/<setting>.md`; all settings' tables found there (not only this run's) go to `--output`, and between
-the leaderboard markers of `--results` (benchmarks/RESULTS.md) when given.
+Per setting, one table and one figure. The table: final test accuracy, the plateau (each seed's mean over the
+last fifth of the run) and how far it still moved, rounds / client + server seconds / upload bytes to tuned
+FedAvg's plateau, and client and server seconds per round. The figure: test accuracy against rounds, cumulative
+upload and cumulative seconds, one line per algorithm with its seed band. Both go to the `leaderboard` block of
+`--results` (benchmarks/RESULTS.md), the figures to `--plots`.
 """
 
 import json
@@ -29,19 +28,18 @@ import shutil
 import numpy as np
 from absl import app, flags, logging
 
-from benchmarks import tuning
+from benchmarks import results, tuning
 from experiments import report, train_lib
 from fedsnd_jax import loop
 
 # Rows of FedSND composed from other rows' tuning, with no tuning of their own: the library defaults of its own
-# section at tuned FedAvg's client settings (issue 13's first target, "never more than 0.5 points below tuned
-# FedAvg", is read off it), and FedSND's tuned setting on tuned FedAvgM's server optimiser (does FedSND add to
-# momentum? Both were tuned at FedAvg's client settings).
+# section at tuned FedAvg's client settings (are they safe: never more than 0.5 points below tuned FedAvg?), and
+# FedSND's tuned setting on tuned FedAvgM's server optimiser (does FedSND add to momentum? Both were tuned at
+# FedAvg's client settings).
 DEFAULTS, MOMENTUM = "fedsnd_defaults", "fedsnd_momentum"
 COMPOSED = {DEFAULTS: "library defaults", MOMENTUM: "tuned FedSND on FedAvgM's server"}
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "scaffold", "feddyn", "moon", "fedntd", "fedgen", "fedftg", "fedsnd",
               DEFAULTS, MOMENTUM)
-BEGIN, END = "<!-- leaderboard:begin -->", "<!-- leaderboard:end -->"
 
 
 def chosen(tuned: dict, setting: str, algorithm: str) -> tuple[dict, str]:
@@ -88,44 +86,115 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
   return folders
 
 
-def _mean_std(values) -> str:
-  values = [v for v in values if v is not None]
+FLAT = 0.3  # points: a curve whose last-window mean moved less than this from the window before is flat
+
+
+def window(rounds: int) -> int:
+  """The plateau's window: the last fifth of the run (at least 5 rounds), long enough to average out the
+  round-to-round swings of non-IID training (several points cross-device)."""
+  return max(5, rounds // 5)
+
+
+def _mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
+  values = [scale * v for v in values if v is not None]
   if not values:
     return "–"
-  return f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def _accuracy(records) -> np.ndarray:
+  return np.array([r["test_accuracy"] for r in records])
+
+
+def plateau(metrics: list[list[dict]]) -> tuple[list[float], float]:
+  """(each seed's mean accuracy over the last `window` rounds, how far the seeds' mean moved between the
+  window before and the last one, in accuracy units)."""
+  curves = np.array([_accuracy(m) for m in metrics])
+  w = window(curves.shape[1])
+  last = curves[:, -w:].mean(1)
+  before = curves[:, -2 * w:-w].mean(1) if curves.shape[1] >= 2 * w else np.full_like(last, np.nan)
+  return list(last), float(last.mean() - before.mean())
+
+
+def seconds(records: list[dict], summary: dict) -> np.ndarray:
+  """Cumulative client + server seconds per round, round 1 (which compiles) counted at the mean of the others."""
+  per_round = np.array([r["client_time_s"] + r["server_time_s"] for r in records])
+  per_round[0] = summary["mean_client_time_s"] + summary["mean_server_time_s"]
+  return np.cumsum(per_round)
+
+
+def target_of(rows: dict[str, dict]) -> float | None:
+  """Tuned FedAvg's plateau accuracy (mean over seeds of the last-window mean), the target every row races to."""
+  return float(np.mean(plateau(rows["fedavg"]["metrics"])[0])) if "fedavg" in rows else None
 
 
 def table(setting: str, rows: dict[str, dict]) -> str:
   """The Markdown table of one setting; `rows` maps algorithms to {summaries, metrics, setting: what ran}."""
-  fedavg = rows.get("fedavg")
-  target = float(np.mean([s["final_accuracy"] for s in fedavg["summaries"]])) if fedavg else None
-  header = ["algorithm", "setting", "final acc", "last-5 mean", f"rounds to {100 * target:.1f} %" if target else
-            "rounds to target", "reached", "wall-clock to target s", "client s/round", "server s/round"]
-  lines = [f"**{setting}** (target: tuned FedAvg's mean final accuracy)\n",
+  target = target_of(rows)
+  rounds = len(next(iter(rows.values()))["metrics"][0])
+  header = ["algorithm", "setting", "final acc", f"plateau (last {window(rounds)} rounds)", "plateau moved",
+            f"rounds to {100 * target:.1f} %" if target else "rounds to target", "reached", "s to target",
+            "MB up to target", "client s/round", "server s/round"]
+  lines = [f"**{setting}** (target: tuned FedAvg's plateau accuracy)\n",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for algorithm, row in rows.items():
-    summaries = row["summaries"]
-    per_round = [s["mean_client_time_s"] + s["mean_server_time_s"] for s in summaries]
-    to_target = [loop.rounds_to_target(m, target) if target else None for m in row["metrics"]]
-    wall = [r * t if r is not None else None for r, t in zip(to_target, per_round, strict=True)]
+    summaries, metrics = row["summaries"], row["metrics"]
+    level, moved = plateau(metrics)
+    reach = [loop.rounds_to_target(m, target) if target else None for m in metrics]
+    at = [(m[r - 1], s) if r else None for m, s, r in zip(metrics, summaries, reach, strict=True)]
+    wall = [seconds(m, s)[r - 1] if r else None for m, s, r in zip(metrics, summaries, reach, strict=True)]
     diverged = sum(bool(s.get("diverged")) for s in summaries)
-    name = algorithm
-    if diverged:
-      name += f" ({diverged} of {len(summaries)} diverged: their last finite round is tabled)"
-    cells = [name, row["setting"],
-             _mean_std([100 * s["final_accuracy"] for s in summaries]),
-             _mean_std([100 * s["last5_mean_accuracy"] for s in summaries]),
-             _mean_std(to_target), f"{sum(r is not None for r in to_target)}/{len(summaries)}", _mean_std(wall),
-             f"{np.mean([s['mean_client_time_s'] for s in summaries]):.2f}",
-             f"{np.mean([s['mean_server_time_s'] for s in summaries]):.2f}"]
+    name = algorithm + (f" ({diverged} of {len(summaries)} diverged: last finite round)" if diverged else "")
+    cells = [name, row["setting"], _mean_std([s["final_accuracy"] for s in summaries], 100),
+             _mean_std(level, 100), "–" if np.isnan(moved) else f"{100 * moved:+.2f}", _mean_std(reach, digits=1),
+             f"{sum(r is not None for r in reach)}/{len(summaries)}", _mean_std(wall, digits=1),
+             _mean_std([a[0]["bytes_up"] / 1e6 if a else None for a in at], digits=1),
+             f"{np.mean([s['mean_client_time_s'] for s in summaries]):.3f}",
+             f"{np.mean([s['mean_server_time_s'] for s in summaries]):.3f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
-def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> None:
-  """Runs the missing cells of `settings` and writes each setting's table to `<workdir>/<setting>.md`."""
+def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
+  """Test accuracy against rounds, cumulative upload bytes and cumulative client + server seconds: one line per
+  algorithm (mean over seeds) with its band (± std over seeds), both as moving means over `smooth` rounds
+  (a 30th of the run) so that a dozen curves that swing by points from round to round stay legible."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
+  colours = plt.get_cmap("tab20").colors
+  for colour, (algorithm, row) in zip(colours[::1], rows.items(), strict=False):
+    acc = np.array([_accuracy(m) for m in row["metrics"]])
+    smooth = max(1, acc.shape[1] // 30)
+    kernel = np.ones(smooth) / smooth
+    mean, std = (np.convolve(v, kernel, mode="same") for v in (acc.mean(0), acc.std(0)))
+    xs = (np.arange(1, acc.shape[1] + 1),
+          np.mean([[r["bytes_up"] / 1e6 for r in m] for m in row["metrics"]], 0),
+          np.mean([seconds(m, s) for m, s in zip(row["metrics"], row["summaries"], strict=True)], 0))
+    for ax, x in zip(axes, xs, strict=True):
+      ax.plot(x, mean, color=colour, label=algorithm, linewidth=1.2)
+      ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
+  for ax, label in zip(axes, ("round", "cumulative upload MB", "cumulative client + server seconds"), strict=True):
+    ax.set_xlabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test accuracy (mean ± std over seeds, moving mean)")
+  axes[0].set_ylim(bottom=max(0.0, min(ax.get_ylim()[0] for ax in axes)))
+  axes[2].legend(fontsize=7, ncol=2, loc="lower right")
+  fig.suptitle(setting)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> dict[str, dict]:
+  """Runs the missing cells of `settings`; returns each setting's rows, with a table after every algorithm in
+  `<workdir>/<setting>.md` to follow a long run."""
+  out = {}
   for setting in settings:
-    rows = {}
+    rows = out.setdefault(setting, {})
     for algorithm in algorithms:
       overrides, how = chosen(tuned, setting, algorithm)
       if algorithm in COMPOSED and overrides == chosen(tuned, setting, "fedsnd")[0]:  # FedSND's tuning chose it
@@ -134,32 +203,28 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> None:
         folders = run_cells(workdir, setting, algorithm, overrides, seeds)
       rows[algorithm] = {"summaries": [report.read_summary(f) for f in folders],
                          "metrics": [report.read_metrics(f) for f in folders], "setting": how}
-      partial = table(setting, rows)
-      with open(os.path.join(workdir, f"{setting}.md"), "w") as f:  # a table after every algorithm
-        f.write(partial)
+      with open(os.path.join(workdir, f"{setting}.md"), "w") as f:
+        f.write(table(setting, rows))
+  return out
 
 
-def collected(workdir: str, seeds) -> str:
-  """Every setting's table in `workdir` (this run's and earlier runs'), in the order of tuning.SETTINGS, so a
-  run of one setting keeps the others' tables in RESULTS.md."""
-  text = [f"Evaluation seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std.\n"]
-  for setting in tuning.SETTINGS:
-    path = os.path.join(workdir, f"{setting}.md")
-    if os.path.exists(path):
-      with open(path) as f:
-        text.append(f.read())
+def block(boards: dict[str, dict], seeds, plots: str, results_path: str) -> str:
+  """The RESULTS block: each setting's table and its curves (written to `plots`, linked relative to
+  `results_path`)."""
+  text = [f"Evaluation seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std over seeds. "
+          "\"plateau\" is each seed's mean test accuracy over the last fifth of its rounds; \"plateau moved\" is "
+          "how far the seeds' mean moved from the fifth before (a curve counts as converged when it moved less "
+          f"than {FLAT} points). Rounds, seconds and upload MB to target: "
+          "the first round at or above tuned FedAvg's plateau (seeds that never get there are left out; "
+          "\"reached\" counts them); seconds are client + server seconds, round 1 (which compiles) counted at the "
+          "mean of the others. Seconds per round: mean over rounds 2+.\n"]
+  os.makedirs(plots, exist_ok=True)
+  for setting, rows in boards.items():
+    path = os.path.join(plots, f"leaderboard_{setting}.png")
+    plot(path, setting, rows)
+    text += [table(setting, rows), f"![{setting}: accuracy against rounds, upload and seconds]"
+             f"({os.path.relpath(path, os.path.dirname(results_path) or '.')})\n"]
   return "\n".join(text)
-
-
-def write_between_markers(path: str, text: str) -> None:
-  """Replaces what lies between BEGIN and END in `path` (both must be there) by `text`."""
-  with open(path) as f:
-    content = f.read()
-  if BEGIN not in content or END not in content:
-    raise ValueError(f"{path} has no {BEGIN} … {END} markers")
-  head, rest = content.split(BEGIN, 1)
-  with open(path, "w") as f:
-    f.write(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
 
 
 def main(argv):
@@ -176,24 +241,21 @@ def main(argv):
       tuned = json.load(f)["settings"]
   os.makedirs(flag.workdir, exist_ok=True)
   seeds = [int(s) for s in flag.seeds]
-  leaderboard(flag.workdir, flag.settings, flag.algorithms, seeds, tuned)
-  text = collected(flag.workdir, seeds)
-  with open(flag.output, "w") as f:
-    f.write(text)
-  if flag.results:
-    write_between_markers(flag.results, text)
+  boards = leaderboard(flag.workdir, flag.settings, flag.algorithms, seeds, tuned)
+  text = block(boards, seeds, flag.plots, flag.results or os.path.join(flag.workdir, "leaderboard.md"))
   print(text, flush=True)
+  results.publish(flag.results, flag.block, text, "Leaderboard")
 
 
 def define_flags():  # only when run as a program (tests import this module beside the sweep's flags)
   flags.DEFINE_list("settings", ["fmnist10_a0.1", "fmnist10_a0.5", "xdevice_a0.1", "xdevice_a0.5"], "Settings.")
   flags.DEFINE_list("algorithms", list(ALGORITHMS), "Algorithms (names of benchmarks.tuning.GRIDS, and "
-                    f"{DEFAULTS}).")
+                    f"{DEFAULTS}, {MOMENTUM}).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Evaluation seeds (disjoint from the tuning seed, 100).")
   flags.DEFINE_string("tuned", "benchmarks/configs/tuned.json", "The tuning's chosen settings.")
-  flags.DEFINE_string("workdir", "runs/leaderboard", "Output folder.")
-  flags.DEFINE_string("output", "runs/leaderboard/leaderboard.md", "Where the tables go.")
-  flags.DEFINE_string("results", "", "A Markdown file whose leaderboard markers receive the tables.")
+  flags.DEFINE_string("workdir", "runs/leaderboard", "Run folders.")
+  flags.DEFINE_string("plots", "benchmarks/plots", "Where each setting's curves go.")
+  results.define_flags("leaderboard")
 
 
 if __name__ == "__main__":

@@ -165,41 +165,31 @@ def test_leaderboard_defaults_row_reuses_fedsnds_runs_only_when_they_ran_the_sam
 
 
 def test_leaderboard_table_by_hand():
-  def run(final, accuracies, client_s, server_s):
-    summary = {"final_accuracy": final, "last5_mean_accuracy": final, "mean_client_time_s": client_s,
-               "mean_server_time_s": server_s}
-    return summary, [{"round": r, "test_accuracy": a} for r, a in enumerate(accuracies, 1)]
+  def run(final, accuracies, client_s, server_s, diverged=False):
+    summary = {"final_accuracy": final, "mean_client_time_s": client_s, "mean_server_time_s": server_s,
+               "diverged": diverged}
+    return summary, [{"round": r, "test_accuracy": a, "client_time_s": 9.0 if r == 1 else client_s,
+                      "server_time_s": server_s, "bytes_up": 10e6 * r} for r, a in enumerate(accuracies, 1)]
 
-  fedavg = [run(0.6, [0.5, 0.6], 1.0, 0.0), run(0.8, [0.7, 0.8], 1.0, 0.0)]  # target: mean final 70 %
-  fedsnd = [run(0.75, [0.4, 0.75], 1.0, 3.0), run(0.65, [0.6, 0.65], 1.0, 3.0)]
-  fedsnd[1][0]["diverged"] = True
+  # 10 rounds: the plateau is the last 5. FedAvg's plateaus 50 % and 75 %: the target is 62.5 %, which seed 1
+  # reaches at round 6 (6 s: round 1's compiling 9 s counted at the mean, 1 s; 60 MB up); seed 0 never.
+  fedavg = [run(0.5, [0.5] * 10, 1.0, 0.0), run(0.75, [0.5] * 5 + [0.75] * 5, 1.0, 0.0)]
+  # FedSND seed 0 reaches it at round 10 (10 × (1 + 3) s, 100 MB); seed 1 diverged and never does.
+  fedsnd = [run(0.75, [0.25] * 9 + [0.75], 1.0, 3.0), run(0.5, [0.5] * 10, 1.0, 3.0, diverged=True)]
   rows = {name: {"summaries": [s for s, _ in runs], "metrics": [m for _, m in runs], "setting": how}
           for name, runs, how in (("fedavg", fedavg, "best of 4"), ("fedsnd", fedsnd, "paper default"))}
   lines = leaderboard.table("s", rows).splitlines()
-  assert "rounds to 70.0 %" in lines[2]
-  # FedAvg reaches 70 % at round 1 in seed 1 only; FedSND at round 2 in seed 0 only: 2 × (1 + 3) s.
-  assert lines[4].split(" | ")[1:8] == ["best of 4", "70.00 ± 10.00", "70.00 ± 10.00", "1.00 ± 0.00", "1/2",
-                                        "1.00 ± 0.00", "1.00"]
+  assert "plateau (last 5 rounds)" in lines[2] and "rounds to 62.5 %" in lines[2]
+  assert lines[4].split(" | ")[1:] == ["best of 4", "62.50 ± 12.50", "62.50 ± 12.50", "+12.50", "6.0 ± 0.0", "1/2",
+                                       "6.0 ± 0.0", "60.0 ± 0.0", "1.000", "0.000 |"]
   assert lines[5].startswith("| fedsnd (1 of 2 diverged")
-  assert lines[5].split(" | ")[1:8] == ["paper default", "70.00 ± 5.00", "70.00 ± 5.00", "2.00 ± 0.00", "1/2",
-                                        "8.00 ± 0.00", "1.00"]
+  # plateaus (0.25·4 + 0.75)/5 = 35 % and 50 %; the seeds' mean moved from 37.5 % to 42.5 %
+  assert lines[5].split(" | ")[1:] == ["paper default", "62.50 ± 12.50", "42.50 ± 7.50", "+5.00", "10.0 ± 0.0",
+                                       "1/2", "40.0 ± 0.0", "100.0 ± 0.0", "1.000", "3.000 |"]
 
 
-def test_leaderboard_writes_between_its_markers(tmp_path):
-  path = tmp_path / "RESULTS.md"
-  path.write_text(f"head\n{leaderboard.BEGIN}\nold\n{leaderboard.END}\ntail\n")
-  leaderboard.write_between_markers(str(path), "new")
-  assert path.read_text() == f"head\n{leaderboard.BEGIN}\nnew\n{leaderboard.END}\ntail\n"
-  path.write_text("no markers")
-  with pytest.raises(ValueError, match="markers"):
-    leaderboard.write_between_markers(str(path), "new")
-
-
-def test_leaderboard_collects_every_settings_table_in_the_settings_order(tmp_path):
-  (tmp_path / "xdevice_a0.1.md").write_text("X\n")
-  (tmp_path / "fmnist10_a0.1.md").write_text("F\n")
-  assert leaderboard.collected(str(tmp_path), [0, 1]).splitlines() == [
-      "Evaluation seeds 0, 1; accuracies in %, mean ± population std.", "", "F", "", "X"]
+def test_the_plateau_window_is_a_fifth_of_the_run():
+  assert [leaderboard.window(r) for r in (2, 50, 150)] == [5, 10, 30]
 
 
 def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
@@ -274,3 +264,18 @@ def test_distill_gain_table_by_hand(tmp_path):
   write("unfinished", [rec(0.5, 0.6, 0.5)])
   os.remove(tmp_path / "unfinished" / "summary.json")
   assert distill_gain.table(str(tmp_path), 0.85).splitlines()[2:] == ["| every | +10.00 (1) | +1.00 (2) |"]
+
+
+def test_a_winner_at_its_grids_edge_gets_the_next_candidate_past_it():
+  fedavg = tuning.GRIDS["fedavg"]
+  assert tuning.beyond(fedavg, {"algorithm": "fedavg", "epochs×": 2}) == {"algorithm": "fedavg", "epochs×": 4.0}
+  assert tuning.beyond(fedavg, {"algorithm": "fedavg", "lr×": 0.5}) == {"algorithm": "fedavg", "lr×": 0.25}
+  assert tuning.beyond(fedavg, {"algorithm": "fedavg"}) is None  # the setting's own: inside the grid
+  prox = tuning.GRIDS["fedprox"]  # μ ∈ {0.001, 0.01, 0.1, 1}
+  assert tuning.beyond(prox, {"algorithm": "fedprox", "fedprox.mu": 1.0})["fedprox.mu"] == pytest.approx(10.0)
+  assert tuning.beyond(prox, {"algorithm": "fedprox", "fedprox.mu": 0.001})["fedprox.mu"] == pytest.approx(1e-4)
+  assert tuning.beyond(prox, {"algorithm": "fedprox", "fedprox.mu": 0.1}) is None
+  assert tuning.beyond(tuning.GRIDS["fedavgm"], tuning.GRIDS["fedavgm"][2]) is None  # two knobs: no single edge
+  # at FedAvg's client settings (stage 2) the shared fields do not count as knobs
+  staged = [tuning.compose({"epochs×": 2}, g) for g in prox]
+  assert tuning.beyond(staged, staged[3]) == {**staged[3], "fedprox.mu": pytest.approx(10.0)}

@@ -1,0 +1,36 @@
+"""benchmarks.results: a block is rewritten in place, every other byte kept; its header is measured."""
+
+import re
+
+import pytest
+
+from benchmarks import results
+
+
+def test_a_block_is_replaced_and_nothing_else():
+  begin, end = results.markers("b")
+  other_begin, other_end = results.markers("c")
+  content = f"# R\n\nintro\n{begin}\nold\n{end}\nbetween\n{other_begin}\nkeep\n{other_end}\ntail\n"
+  assert results.replace_block(content, "b", "new\n", "B") == content.replace("\nold\n", "\nnew\n")
+
+
+def test_a_missing_block_is_appended_under_its_title():
+  assert results.replace_block("# R\n", "b", "text", "Title") == (
+      "# R\n\n## Title\n\n<!-- b:begin -->\ntext\n<!-- b:end -->\n")
+
+
+def test_a_block_without_its_end_marker_is_refused():
+  with pytest.raises(ValueError, match="end marker"):
+    results.replace_block("<!-- b:begin -->\nold\n", "b", "new", "B")
+
+
+def test_publish_writes_the_measured_header(tmp_path):
+  path = tmp_path / "R.md"
+  results.publish(str(path), "b", "| a |", "B", wall_s=125)
+  text = path.read_text()
+  header = text.split("<!-- b:begin -->\n")[1].splitlines()[0]
+  pattern = r"_`python .+` · \d+ CPU cores \(\w+\).* · commit .+ · \d{4}-\d\d-\d\d · wall time 2 min 5 s_"
+  assert re.fullmatch(pattern, header), header
+  results.publish(str(path), "b", "| b |", "B", wall_s=3)
+  assert "| a |" not in path.read_text() and path.read_text().count("<!-- b:begin -->") == 1
+  results.publish("", "b", "x", "B")  # no file: nothing written, no error
