@@ -6,7 +6,7 @@ Every FedSND run also evaluates the same round's plain average of the uploads (`
 `eval_models`). For the finished runs under `--workdir` that distilled in every round (their `distill_gate` is 1
 throughout), the table gives distilled minus undistilled validation accuracy, in points, averaged over the rounds
 whose teacher agreement was below `--agreement` and over the others: the rounds the agreement gate at that
-threshold would have closed (RESULTS §11).
+threshold would have closed.
 """
 
 import glob

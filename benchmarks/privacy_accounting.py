@@ -6,7 +6,7 @@ No training: every cell is `privacy.Accountant(...).epsilon(rounds)`. Central DP
 replace-one), under Poisson sampling (RDP and PLD, add-or-remove, the cohort cap's overflow charged as
 (1 + e^ε)·rounds·p to δ, p printed), and local DP (replace-one, no amplification: RDP and PLD). Prints one
 Markdown table, and for each Poisson row the check δ_M(ε) + (1 + e^ε)·T·p ≤ δ against a fresh dp-accounting
-accountant.
+accountant; the table also rewrites its block of benchmarks/RESULTS.md (`--results`, `--block`).
 """
 
 import math
@@ -15,9 +15,11 @@ import time
 import dp_accounting
 from absl import app, flags, logging
 
+from benchmarks import results
 from fedsnd_jax import privacy
 
 _DELTA = flags.DEFINE_float("delta", 1e-5, "δ of every guarantee.")
+results.define_flags("privacy-accounting")
 
 # (K, C, σ, rounds): the reduced cross-device protocol, longer runs, and the private benchmark (fmnist_dp.py).
 CASES = ((100, 10, 1.0, 20), (100, 10, 2.0, 100), (1_000, 100, 1.0, 100), (10_000, 100, 1.0, 1_000),
@@ -54,7 +56,9 @@ def main(argv):
     check = _holds(_poisson_total(k, c, sigma, rounds, pld), delta)
     lines.append(f"| {k:,} | {c} | {sigma:g} | {rounds:,} | {central} | "
                  f"{privacy.overflow_chance(k, c, 'poisson'):.1e} | {check} | {local} |")
-  print("\n".join(lines) + f"\n\nwall time {time.perf_counter() - start:.1f} s", flush=True)
+  text = "\n".join(lines)
+  print(text + f"\n\nwall time {time.perf_counter() - start:.1f} s", flush=True)
+  results.publish(flags.FLAGS.results, flags.FLAGS.block, text, "Privacy accounting")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ For every algorithm it runs the config without DP (ε = ∞), then, for each tar
 that dp-accounting's calibration gives for the config's rounds, clients and dp.delta (fixed clipping at
 --clip_norm): central DP where the algorithm allows it, else local DP. Each cell is one `experiments.train` run
 in `<workdir>/<algorithm>/eps=<ε>/seed=<s>/` (finished cells are reused; a run whose loss stops being finite is
-reported with its round). Prints one Markdown table.
+reported with its round). Prints one Markdown table, and rewrites its block of benchmarks/RESULTS.md
+(`--results`, `--block`).
 """
 
 import os
@@ -16,6 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from benchmarks import results
 from experiments import configuration, report, train_lib
 from fedsnd_jax import algorithms, loop, privacy
 
@@ -26,6 +28,7 @@ _EPSILONS = flags.DEFINE_list("epsilons", ["8", "3", "1"], "Target ε values (pl
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Dirichlet α.")
 _CLIP = flags.DEFINE_float("clip_norm", 1.0, "S, the L2 clip of a client's update.")
+results.define_flags("privacy-tradeoff")
 
 
 def _mode(c) -> str:
@@ -72,12 +75,14 @@ def main(argv):
       rows.append(f"| {name} | {dp}{note} | {eps_text} | {'–' if sigma is None else f'{sigma:.2f}'} | {cells} |")
       print(rows[-1], flush=True)
   c = _CONFIG.value
-  print(f"\nAccuracy vs ε: {c.dataset}, {c.num_clients} clients ({c.clients_per_round} per round), "
-        f"α = {_ALPHA.value}, {c.rounds} rounds, δ = {c.dp.delta}, S = {_CLIP.value}, seeds "
-        f"{', '.join(_SEEDS.value)}\n")
-  print("| algorithm | DP | target ε | σ | ε spent | final acc % | last-5 mean % | server s/round |")
-  print("|---|---|---|---|---|---|---|---|")
-  print("\n".join(rows))
+  text = "\n".join([
+      f"Accuracy vs ε: {c.dataset}, {c.num_clients} clients ({c.clients_per_round} per round), "
+      f"α = {_ALPHA.value}, {c.rounds} rounds, δ = {c.dp.delta}, S = {_CLIP.value}, seeds "
+      f"{', '.join(_SEEDS.value)}\n",
+      "| algorithm | DP | target ε | σ | ε spent | final acc % | last-5 mean % | server s/round |",
+      "|---|---|---|---|---|---|---|---|", *rows])
+  print(f"\n{text}", flush=True)
+  results.publish(flags.FLAGS.results, flags.FLAGS.block, text, "Accuracy against ε")
 
 
 if __name__ == "__main__":

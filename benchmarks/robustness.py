@@ -12,7 +12,8 @@ uploads it flagged). Each cell is one `experiments.train` run in
 `<workdir>/<algorithm>/<aggregator>/<attack>/frac=<f>/alpha=<α>/seed=<s>/` (finished cells are reused);
 robust rules are built for f = ⌈fraction·C⌉ Byzantine uploads per round. Prints, per algorithm, fraction and
 α, a Markdown table of final test accuracy (%, mean over seeds; "div" where the run diverged) and the
-aggregator's mean server seconds per round.
+aggregator's mean server seconds per round; the tables also rewrite their block of benchmarks/RESULTS.md
+(`--results`, `--block`).
 """
 
 import math
@@ -22,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from benchmarks import results
 from experiments import report, train_lib
 from fedsnd_jax import attacks, loop
 
@@ -34,6 +36,7 @@ _ATTACKS = flags.DEFINE_list("attacks", ["none", "sign_flip", "gaussian", "alie"
 _FRACTIONS = flags.DEFINE_list("fractions", ["0.1", "0.2"], "Byzantine fractions.")
 _ALPHAS = flags.DEFINE_list("alphas", ["0.5", "0.1"], "Dirichlet α values.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds.")
+results.define_flags("robustness")
 
 
 def _cell(algorithm, aggregator, attack, fraction, alpha, seed):
@@ -105,7 +108,9 @@ def main(argv):
             recall = f"{tp / (tp + fn):.2f}" if tp + fn else "–"
             lines.append(f"| {aggregator} | {attack} | {precision} | {recall} | {fp / max(honest, 1):.1%} |")
         tables.append("\n".join(lines))
-  print("\n".join(tables))
+  text = "\n".join(tables)
+  print(text, flush=True)
+  results.publish(flags.FLAGS.results, flags.FLAGS.block, text, "Byzantine robustness")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ params ("gap": max over leaves of ‖p − p_ref‖ / ‖p_ref‖ against the fi
 script). "ceiling" is one centralised jitted train step at the same batch of 32, called repeatedly: what one
 model can do. "bound" (up to --max_bound_batch) is one model's step at batch C×32: what the device does with
 the whole round's batch when every client shares one set of weights, an upper mark for the vectorised strategies.
-Prints Markdown tables with the device named, each row as soon as its C is done.
+Prints Markdown tables with the device named, each row as soon as its C is done, then rewrites their block of
+benchmarks/RESULTS.md (`--results`, `--block`).
 """
 
 import resource
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import results
 from fedsnd_jax import algorithms, client, driver, federated_data, host_loop, losses, models, rounds
 from fedsnd_jax.partition import partition
 
@@ -33,6 +35,7 @@ _ROUND_CLIENTS = flags.DEFINE_integer("round_clients", 10, "Clients per round fo
 _BOUND = flags.DEFINE_integer("max_bound_batch", 4096, "Time one model at batch C×32 up to this batch.")
 _CONV = flags.DEFINE_string("conv_impl", "auto", "auto | xla | im2col.")
 _ROUND_TABLE = flags.DEFINE_bool("round_table", True, "Also time FedSND's round beside FedAvg's.")
+results.define_flags("throughput")
 
 BATCH = 32
 SHAPE = (28, 28, 1)
@@ -175,21 +178,30 @@ def main(argv):
   conv_impl, backend = _CONV.value, jax.default_backend()
   resolved = (f" ({host_loop.default_conv_impl(backend, True)} in top-level client steps, "
               f"{host_loop.default_conv_impl(backend)} elsewhere)" if conv_impl == "auto" else "")
-  print(f"device: {device.device_kind} ({backend}, {jax.device_count()} device(s)); "
-        f"jax {jax.__version__}; conv_impl {conv_impl}{resolved}; batch {BATCH}/client, "
-        f"{_STEPS.value} local steps\n")
-  print("| model | clients | strategy | examples/s | vs loop | vs ceiling | compile s | peak MiB (so far) | gap |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  lines = []
+
+  def emit(*new):  # printed as it comes, and kept for the RESULTS block
+    lines.extend(new)
+    print("\n".join(new), flush=True)
+
+  emit(f"device: {device.device_kind} ({backend}, {jax.device_count()} device(s)); "
+       f"jax {jax.__version__}; conv_impl {conv_impl}{resolved}; batch {BATCH}/client, "
+       f"{_STEPS.value} local steps\n",
+       "| model | clients | strategy | examples/s | vs loop | vs ceiling | compile s | peak MiB (so far) | gap |",
+       "|---|---|---|---|---|---|---|---|---|")
   for name in _MODELS.value:
     for row in throughput_rows(name, conv_impl):
-      print(row, flush=True)
-  if not _ROUND_TABLE.value:
-    return
-  print(f"\nRound time, cnn2, {_ROUND_CLIENTS.value} clients, client_map {_STRATEGIES.value[0]}, FedSND with "
-        f"default server settings (64 samples × 100 synthesis steps, 20 distillation steps of 64), seconds:\n")
-  print("| algorithm | client | server | synthesis | distillation | round | vs FedAvg |")
-  print("|---|---|---|---|---|---|---|")
-  print("\n".join(round_table(conv_impl)), flush=True)
+      emit(row)
+  if _ROUND_TABLE.value:
+    hp = algorithms.hyperparameters("fedsnd")  # what `round_table` builds FedSND with
+    synthesis, distillation = hp.synthesis, hp.distillation
+    emit(f"\nRound time, cnn2, {_ROUND_CLIENTS.value} clients, client_map {_STRATEGIES.value[0]}, FedSND with "
+         f"the library's server settings ({synthesis.samples} samples, warm start {synthesis.warm_start}, "
+         f"{synthesis.steps} synthesis steps, {distillation.steps} distillation steps of {distillation.batch}), "
+         "seconds:\n",
+         "| algorithm | client | server | synthesis | distillation | round | vs FedAvg |",
+         "|---|---|---|---|---|---|---|", *round_table(conv_impl))
+  results.publish(flags.FLAGS.results, flags.FLAGS.block, "\n".join(lines), "Client-mapping throughput")
 
 
 if __name__ == "__main__":

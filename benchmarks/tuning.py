@@ -49,7 +49,9 @@ SETTINGS = {
 # overrides (dotted names inside an algorithm's section); "lr×" and "epochs×" scale the client learning rate and
 # local epochs. FedAvg's candidates are client settings (stage 1); every other algorithm's apply on top of the
 # client settings FedAvg chose (stage 2; `candidates`).
-# FedSND's server before the library took the cheap one (RESULTS §10), as the Fashion-MNIST protocols ran it.
+# FedSND's full server: fresh Gaussian noise every round, G 50 synthesis and D 10 distillation steps. The library's
+# default is the cheap warm-started server (G 10, D 5): its noise is easier, teachers agree on more of it, and the
+# agreement gate closes sooner, so cross-device it distils in fewer rounds.
 FORMER_SERVER = {"fedsnd.synthesis.warm_start": "none", "fedsnd.synthesis.steps": 50,
                  "fedsnd.distillation.steps": 10}
 GRIDS = {
@@ -57,8 +59,9 @@ GRIDS = {
     "fedavgm": [{"algorithm": "fedavg", "server_momentum": m, "server_lr": lr}
                 for m, lr in ((0.9, 0.3), (0.5, 1.0), (0.9, 0.1), (0.7, 0.5))],
     "fedprox": [{"algorithm": "fedprox", "fedprox.mu": mu} for mu in (0.01, 0.1, 0.001, 1.0)],
-    # SCAFFOLD has no knob of its own; it diverged at FedAvg's client settings in 3 of 6 evaluation runs (RESULTS
-    # §9), so its candidates trade step size: a smaller client lr, or a global step size (server lr) below 1.
+    # SCAFFOLD has no knob of its own; it diverged at FedAvg's client settings in 3 of 6 evaluation runs
+    # (benchmarks/RESULTS.md#leaderboard), so its candidates trade step size: a smaller client lr, or a global
+    # step size (server lr) below 1.
     "scaffold": [{"algorithm": "scaffold", **g} for g in ({}, {"lr×": 0.5}, {"server_lr": 0.5}, {"lr×": 0.25})],
     "feddyn": [{"algorithm": "feddyn", "feddyn.alpha": a} for a in (0.01, 0.1, 0.001, 0.03)],
     "moon": [{"algorithm": "moon", "moon.mu": mu} for mu in (1.0, 5.0, 0.1, 10.0)],
@@ -68,7 +71,7 @@ GRIDS = {
     "fedftg": [{"algorithm": "fedftg", **g} for g in (
         {}, {"fedftg.distill_lr": 0.03}, {"fedftg.distill_lr": 0.003}, {"fedftg.beta_tran": 0.0})],
     # The library defaults first (at FedAvg's client settings: the leaderboard's fedsnd_defaults row), then the
-    # previous-model weight, distillation in the first rounds only, and the former, larger server.
+    # previous-model weight, distillation in the first rounds only, and the full, larger server.
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
         {}, {"fedsnd.self_distillation.lambda_prev": 0.3}, {"fedsnd.schedule.distill_rounds": 3}, FORMER_SERVER)],
 }
@@ -76,17 +79,18 @@ GRIDS = {
 # FedSND's candidate defaults: the library's own defaults first, then the alternatives the evidence points at.
 DEFAULT_CANDIDATES = {
     "library": {},
-    "former_server": FORMER_SERVER,  # the library's server until RESULTS §10 (on digits: G 50, D 10, not 100, 20)
+    "former_server": FORMER_SERVER,  # the full server (Gaussian start, G 50, D 10), on digits too
     "paper": {"fedsnd.self_distillation.lambda_mutual": 1.0, "fedsnd.self_distillation.confidence_gate": False,
               "fedsnd.schedule.distill_agreement": 1.0},
     # the two-stage tuning's winner cross-device at α 0.5
     "lambda_prev_0.3": {"fedsnd.self_distillation.lambda_prev": 0.3},
-    # FedSND on a momentum server: level with tuned FedAvgM cross-device (RESULTS §9); 0.5 / 1.0 is FedAvgM's
-    # validation winner in two of the four Fashion-MNIST settings.
+    # FedSND on a momentum server: level with tuned FedAvgM cross-device (benchmarks/RESULTS.md#leaderboard);
+    # 0.5 / 1.0 is FedAvgM's validation winner in two of the four Fashion-MNIST settings.
     "server_momentum": {"server_momentum": 0.5, "server_lr": 1.0},
-    # Distil every round: cross-device at α 0.1 the agreement gate closes from round ~11 on (RESULTS §11).
+    # Distil every round: cross-device at α 0.1 the agreement gate closes from round ~11 on
+    # (benchmarks/RESULTS.md#tuning).
     "always_distil": {"fedsnd.schedule.distill_agreement": 1.0},
-    # The regime-aware server budget: the former server while the last round's teacher agreement is below 0.8.
+    # The regime-aware server budget: the full server while the last round's teacher agreement is below 0.8.
     "regime_server": {"fedsnd.schedule.full_server_below": 0.8},
 }
 
@@ -180,7 +184,7 @@ def ran(config) -> dict:
 
 def drifted(entry: dict, setting: str) -> list[str]:
   """The fields in which a tuned entry's overrides, applied today, run otherwise than its winner did when it was
-  chosen (`entry["config"]`): a library default changed since (e.g. FedSND's server, RESULTS §10)."""
+  chosen (`entry["config"]`): a library default changed since (e.g. FedSND's synthesis steps)."""
   if "config" not in entry:
     return []
   return differences(entry["config"], apply(setting_config(setting), entry["overrides"]), also_ignored=("seed",))

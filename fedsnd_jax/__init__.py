@@ -1,6 +1,6 @@
 """fedsnd-jax: vectorised simulation of federated learning on non-IID data, centred on FedSND.
 
-The public API for use from Python (README, "Using the library from Python"); the modules hold the rest (a
+The public API for use from Python (docs/library.md, "A run from Python"); the modules hold the rest (a
 partition of the data: `fedsnd_jax.partition.partition`, a name this namespace keeps for the module).
 """
 

@@ -42,7 +42,7 @@ def default_conv_impl(backend: str, top_level_step: bool = False) -> str:
   runs ~10–20× slower than the same convolution at top level (2-core CPU, cnn2, batch 32: 297 vs 3,529
   examples/s in a scan; 144 under vmap over 10 clients); im2col (shifted slices + one matmul) keeps
   3,144 and 2,410. At top level XLA's convolution is the faster one once two steps run at once (2-core CPU,
-  cnn2 SGD steps of batch 32, 2026-11-28: one thread 2,642–3,007 examples/s with XLA's, 3,171–3,306 with
+  cnn2 SGD steps of batch 32: one thread 2,642–3,007 examples/s with XLA's, 3,171–3,306 with
   im2col; two threads 4,137–4,857 against 3,391–3,639), which is how the CPU `loop` map runs clients
   (`make_stepped_client_update`, one worker thread per core). On an H100 (jax 0.11.2,
   benchmarks/throughput.py, cnn2, 10 local steps) a vmapped XLA convolution becomes a grouped convolution: vmap
@@ -139,7 +139,7 @@ def threaded_loop(one: Callable, workers: int = 0) -> Callable:
   thread-local settings (`jax.default_matmul_precision`, `jax.debug_nans`, … as context managers) reach that
   first client only: set them globally (`jax.config.update`) for a `loop` run.
 
-  Measured on 2 CPU cores (cnn2 SGD steps of batch 32, XLA's convolution, 2026-11-28): one thread 2,642–3,007
+  Measured on 2 CPU cores (cnn2 SGD steps of batch 32, XLA's convolution): one thread 2,642–3,007
   examples/s, two threads 4,137–4,320; one thread dispatching two clients' steps in turn gained nothing
   (2,619–2,686): XLA:CPU runs a call on the thread that makes it.
   """

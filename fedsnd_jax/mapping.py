@@ -29,12 +29,12 @@ MESH_AXIS = "clients"
 def default_client_map(backend: str) -> str:
   """`loop` on CPU, `vmap` elsewhere.
 
-  Measured on 2 CPU cores (2026-11-28, sixth session; the round driver's client phase, 20 clients × 10 SGD steps
-  of batch 32 on Fashion-MNIST, conv_impl=auto): cnn2 loop 4,541 examples/s (host-stepped, two threads), vmap
-  2,633 (0.58×); the MLP loop 81k, vmap 92k (1.13×, within a few ms a round). Before the loop drove steps from
-  the host (benchmarks/throughput.py, 100 clients): loop 2,781, chunked(10) 2,293, vmap 2,110. On an H100 at
-  100 clients vmap ran cnn2 (im2col) 3.3–4.5× and the MLP 53× faster than the (scanned) loop, cnn2 at 0.98× of
-  one model's step at batch 3,200.
+  Measured on 2 CPU cores (the round driver's client phase, 20 clients × 10 SGD steps of batch 32 on
+  Fashion-MNIST, conv_impl=auto): cnn2 loop 4,541 examples/s (host-stepped, two threads), vmap 2,633 (0.58×);
+  the MLP loop 81k, vmap 92k (1.13×, within a few ms a round). With the loop's local steps scanned on device (as
+  in vectorised runs) instead, cnn2 at 100 clients (benchmarks/throughput.py's setting): loop 2,781, chunked(10)
+  2,293, vmap 2,110. On an H100 at 100 clients vmap ran cnn2 (im2col) 3.3–4.5× and the MLP 53× faster than the
+  (scanned) loop, cnn2 at 0.98× of one model's step at batch 3,200.
   """
   return "loop" if backend == "cpu" else "vmap"
 

@@ -7,7 +7,7 @@ settings and then the rules below; `build` merges what the mechanisms that are o
 (`algorithm.MechanismParts`).
 
 Adding a mechanism: one module with those four names and its test, one line in REGISTRY, one row in RULES
-(README, "Adding a mechanism").
+(docs/library.md, "Adding a mechanism").
 """
 
 from typing import NamedTuple

@@ -3,7 +3,7 @@
 On CPU, jaxlib ≥ 0.10's default YNN fusions made a small CNN train 2.5–4× slower and compile 3–5× slower
 (docs/design.md §11); `--xla_cpu_experimental_ynn_fusion_type=reduce,individual_convolution` keeps only the two
 that pay.
-Measured on 2 cores (jax 0.10.2, 2026-11-28; 20 clients × 10 cnn2 SGD steps of batch 32 at top level, two
+Measured on 2 cores (jax 0.10.2; 20 clients × 10 cnn2 SGD steps of batch 32 at top level, two
 worker threads, as the CPU `loop` map runs them): no YNN fusion 3,510–3,729 examples/s, these two 4,541, the
 default set 4,451–4,533 (without `reduce`: 3,876–4,061); the same clients vmapped with im2col 2,263 vs 2,633, and
 FedSND's server on digits (MLP) 1.02 vs 1.08 s and on Fashion-MNIST (cnn2, im2col) 7.54 vs 7.61 s a round.

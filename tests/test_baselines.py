@@ -84,7 +84,7 @@ def test_scaffold_divides_by_each_clients_own_momentum_displacement(tiny, federa
   steps = -(-np.asarray(data.counts) // 4)  # clients of different sizes take different numbers of steps
   assert len(set(steps.tolist())) > 1
   displacement = lr_k = LR * (steps - 0.9 * (1 - 0.9**steps) / 0.1) / 0.1
-  assert not np.allclose(lr_k, LR * steps / 0.1)  # the old divisor K·lr/(1 − β)
+  assert not np.allclose(lr_k, LR * steps / 0.1)  # not K·lr/(1 − β), momentum's steady state
   # w_i = w_g − displacement_i · c_i from zero controls; the first round's aggregate is Σ n_i/N · w_i.
   uploads = jax.tree.map(lambda wg, c: wg[None] - displacement.reshape((-1,) + (1,) * wg.ndim) * c,
                          state0.params, state1.algorithm.c_clients)

@@ -107,9 +107,9 @@ def test_local_dp_under_pld_is_the_replace_one_gaussian_of_sensitivity_2s():
   exact = direct.self_compose(rounds).get_epsilon_for_delta(delta)
   pld = privacy.Accountant(10, 10, sigma, delta, local=True, kind="pld").epsilon(rounds)
   rdp = privacy.Accountant(10, 10, sigma, delta, local=True, kind="rdp").epsilon(rounds)
-  assert pld == pytest.approx(exact, rel=1e-3)  # 17.86; halving σ twice gave 46.2
+  assert pld == pytest.approx(exact, rel=1e-3)  # 17.86; σ halved twice would give 46.2
   assert pld <= rdp <= 1.2 * pld  # RDP: α·2²/(2σ²) per round, converted: 19.05
-  # And calibration: PLD's σ for a target ε is below RDP's (it was twice RDP's).
+  # And calibration: PLD's σ for a target ε is at most RDP's.
   pld_sigma = privacy.noise_for_epsilon(8.0, rounds, 10, 10, delta, local=True, kind="pld")
   assert pld_sigma <= privacy.noise_for_epsilon(8.0, rounds, 10, 10, delta, local=True, kind="rdp")
   assert privacy.Accountant(10, 10, pld_sigma, delta, local=True, kind="pld").epsilon(rounds) <= 8.0

@@ -108,7 +108,7 @@ def test_poisson_accounting_charges_the_cohort_cap_as_one_plus_e_to_the_epsilon(
 
 def test_the_private_benchmarks_epsilon_holds_with_its_cohort_cap():
   # benchmarks/configs/fmnist_dp.py: 3,000 clients, 600 a round (Poisson), 30 rounds, σ = 1, PLD, δ = 10⁻⁵.
-  # At the former cap (p ≈ 8·10⁻¹⁰, charged as T·p) the (1 + e^ε)·T·p term alone was 6.8·10⁻⁵.
+  # A cap that overflows with p ≈ 8·10⁻¹⁰ a round would not hold: its (1 + e^ε)·T·p term alone is 6.8·10⁻⁵ > δ.
   k, c, rounds, delta = 3000, 600, 30, 1e-5
   overflow = sampling.cohort_cap(k, c)[1]
   eps = privacy.Accountant(k, c, 1.0, delta, sampling="poisson", kind="pld").epsilon(rounds)
@@ -127,7 +127,7 @@ def test_capped_epsilon_is_the_smallest_that_holds():
   eps = privacy._capped_epsilon(reference, 1e-5, failure)
   total = lambda e: reference.get_delta(e) + (1 + math.exp(e)) * failure
   assert total(eps) <= 1e-5 < total(0.999 * eps)
-  assert eps > reference.get_epsilon(1e-5 - failure)  # the former charge (T·p) under-reports
+  assert eps > reference.get_epsilon(1e-5 - failure)  # charging T·p alone under-reports
   assert privacy._capped_epsilon(reference, 1e-5, 1e-5) == math.inf  # the overflow alone spends δ
 
 

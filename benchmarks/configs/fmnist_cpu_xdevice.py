@@ -2,8 +2,8 @@
 
 Real Fashion-MNIST (`idx:` source), 2-conv CNN, a fixed 10,000-example training subset less 10 % validation
 (~90 examples per client), dirichlet_label, 20 rounds of 10 clients. Client settings are the 10-client
-protocol's (`fmnist_cpu.py`: 2 local epochs of batch 32 at lr 0.03, chosen for FedAvg by
-`benchmarks.fedsnd_tuning`), not re-tuned here. FedSND's server budget is that protocol's too: 32
+protocol's (`fmnist_cpu.py`: 2 local epochs of batch 32 at lr 0.03, chosen for FedAvg on that protocol's
+validation split), not re-tuned here. FedSND's server budget is that protocol's too: 32
 pseudo-samples per uploaded model and the library's synthesis and distillation steps, so its server cost per
 round is the same in both settings.
 """

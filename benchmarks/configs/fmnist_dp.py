@@ -1,7 +1,7 @@
 """Fashion-MNIST where client-level DP can train on 2 CPU cores: many small clients a round, a small model.
 
 Client-level DP adds noise of norm ≈ σ·S·√P / C to the averaged update (P parameters, C clients a round), so the
-reduced protocols' 10 clients a round and 824k-parameter CNN drown in it (RESULTS §5). Here: the full 60,000-image
+reduced protocols' 10 clients a round and 824k-parameter CNN drown in it. Here: the full 60,000-image
 training set over 3,000 clients (20 images each on average, dirichlet_label α from the command line; with
 min_size 2 at α = 0.5 the partition allows no more clients), Poisson sampling at q = 0.2 (600 a round, PLD
 accounting), the 2-hidden-layer MLP (199k parameters), 30 rounds of one local epoch (batch 10, lr 0.1), clients

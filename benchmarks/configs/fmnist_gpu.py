@@ -1,8 +1,9 @@
 """Full Fashion-MNIST (60,000 training examples less a 10 % validation split) for the GPU checks.
 
 10 clients all participating (the NIID-Bench protocol), 2-conv CNN, 2 local epochs of batch 32 at the
-client lr the CPU tuning chose for FedAvg (0.03; benchmarks/RESULTS.md), 20 rounds, FedSND's default
-server settings. Scaled down from the literature's 50 rounds × 10 epochs to fit the GPU time budget.
+client lr chosen for FedAvg on the validation split of the reduced CPU protocol (0.03, `fmnist_cpu.py`), 20
+rounds, FedSND's default server settings. Scaled down from the literature's 50 rounds × 10 epochs to fit the
+time budget of benchmarks/gpu_checks.sh.
 """
 
 from experiments.configs import fmnist

@@ -2,7 +2,7 @@
 validation, config section), and `build`, which hands the algorithm's round parts to the one round driver.
 
 Adding an algorithm: one module here (the paper cited, its update equations, `Hyperparameters`, `validate`,
-`build`, `SPEC`), its test, and one line in REGISTRY (README, "Adding an algorithm").
+`build`, `SPEC`), its test, and one line in REGISTRY (docs/library.md, "Adding an algorithm").
 """
 
 from fedsnd_jax import models, settings
