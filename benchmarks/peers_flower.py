@@ -9,7 +9,7 @@ ServerApp (the Message-API `FedAvg` strategy: every one of the K clients trains 
 their models, federated evaluation off) and a ClientApp (PyTorch on CPU: cnn2, 824,458 params, dropout 0.2; 1
 shuffled epoch of batch 32, plain SGD at lr 0.05). Ray gets every CPU; each client asks for --client_cpus of
 them and runs PyTorch with as many threads (1: one client per core at once; all CPUs: one client at a time; on
-2 idle cores, 2 threads a client one at a time ran 2,416 examples/s against 3,087 for 1; RESULTS §3). Each Ray
+2 idle cores, 2 threads a client one at a time ran 2,416 examples/s against 3,087 for 1). Each Ray
 actor loads the work and builds the model once and keeps them.
 
 A round is timed on the server, from `configure_train` to the end of `aggregate_train`: building the K train

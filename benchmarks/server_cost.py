@@ -30,7 +30,7 @@ TARGET_POINTS = 0.5
 
 def variants(warm: str) -> dict[str, dict]:
   """FedSND server settings, by name: the full server at the protocol's Q first (Q, G, D: pseudo-samples per
-  model, synthesis steps, distillation steps; Gaussian start; `tuning.FORMER_SERVER`), then a larger one, then
+  model, synthesis steps, distillation steps; Gaussian start; `tuning.FULL_SERVER`), then a larger one, then
   the levers, each applied on the full server. `warm`: the warm start that suits the setting (`client` when
   every client comes back each round, else `round`)."""
   synthesis, distillation = "fedsnd.synthesis.", "fedsnd.distillation."
@@ -46,7 +46,7 @@ def variants(warm: str) -> dict[str, dict]:
       "Q 16, D 5": {synthesis + "samples": 16, distillation + "steps": 5},
       "distil in rounds 1-3 only": {"fedsnd.schedule.distill_rounds": 3},
   }
-  return {name: {**tuning.FORMER_SERVER, **overrides} for name, overrides in levers.items()}
+  return {name: {**tuning.FULL_SERVER, **overrides} for name, overrides in levers.items()}
 
 
 def medians(workdir: str) -> dict:

@@ -52,16 +52,15 @@ SETTINGS = {
 # FedSND's full server: fresh Gaussian noise every round, G 50 synthesis and D 10 distillation steps. The library's
 # default is the cheap warm-started server (G 10, D 5): its noise is easier, teachers agree on more of it, and the
 # agreement gate closes sooner, so cross-device it distils in fewer rounds.
-FORMER_SERVER = {"fedsnd.synthesis.warm_start": "none", "fedsnd.synthesis.steps": 50,
-                 "fedsnd.distillation.steps": 10}
+FULL_SERVER = {"fedsnd.synthesis.warm_start": "none", "fedsnd.synthesis.steps": 50,
+               "fedsnd.distillation.steps": 10}
 GRIDS = {
     "fedavg": [{"algorithm": "fedavg", **g} for g in ({}, {"lr×": 0.5}, {"lr×": 2.0}, {"epochs×": 2})],
     "fedavgm": [{"algorithm": "fedavg", "server_momentum": m, "server_lr": lr}
                 for m, lr in ((0.9, 0.3), (0.5, 1.0), (0.9, 0.1), (0.7, 0.5))],
     "fedprox": [{"algorithm": "fedprox", "fedprox.mu": mu} for mu in (0.01, 0.1, 0.001, 1.0)],
-    # SCAFFOLD has no knob of its own; it diverged at FedAvg's client settings in 3 of 6 evaluation runs
-    # (benchmarks/RESULTS.md#leaderboard), so its candidates trade step size: a smaller client lr, or a global
-    # step size (server lr) below 1.
+    # SCAFFOLD has no knob of its own and can diverge at FedAvg's client settings, so its candidates trade step
+    # size: a smaller client lr, or a global step size (server lr) below 1.
     "scaffold": [{"algorithm": "scaffold", **g} for g in ({}, {"lr×": 0.5}, {"server_lr": 0.5}, {"lr×": 0.25})],
     "feddyn": [{"algorithm": "feddyn", "feddyn.alpha": a} for a in (0.01, 0.1, 0.001, 0.03)],
     "moon": [{"algorithm": "moon", "moon.mu": mu} for mu in (1.0, 5.0, 0.1, 10.0)],
@@ -73,22 +72,20 @@ GRIDS = {
     # The library defaults first (at FedAvg's client settings: the leaderboard's fedsnd_defaults row), then the
     # previous-model weight, distillation in the first rounds only, and the full, larger server.
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
-        {}, {"fedsnd.self_distillation.lambda_prev": 0.3}, {"fedsnd.schedule.distill_rounds": 3}, FORMER_SERVER)],
+        {}, {"fedsnd.self_distillation.lambda_prev": 0.3}, {"fedsnd.schedule.distill_rounds": 3}, FULL_SERVER)],
 }
 
 # FedSND's candidate defaults: the library's own defaults first, then the alternatives the evidence points at.
 DEFAULT_CANDIDATES = {
     "library": {},
-    "former_server": FORMER_SERVER,  # the full server (Gaussian start, G 50, D 10), on digits too
+    "full_server": FULL_SERVER,  # Gaussian start, G 50, D 10
     "paper": {"fedsnd.self_distillation.lambda_mutual": 1.0, "fedsnd.self_distillation.confidence_gate": False,
               "fedsnd.schedule.distill_agreement": 1.0},
-    # the two-stage tuning's winner cross-device at α 0.5
+    # a stronger previous-model teacher
     "lambda_prev_0.3": {"fedsnd.self_distillation.lambda_prev": 0.3},
-    # FedSND on a momentum server: level with tuned FedAvgM cross-device (benchmarks/RESULTS.md#leaderboard);
-    # 0.5 / 1.0 is FedAvgM's validation winner in two of the four Fashion-MNIST settings.
+    # FedSND on a momentum server (one of FedAvgM's candidates).
     "server_momentum": {"server_momentum": 0.5, "server_lr": 1.0},
-    # Distil every round: cross-device at α 0.1 the agreement gate closes from round ~11 on
-    # (benchmarks/RESULTS.md#tuning).
+    # Distil every round: no agreement gate.
     "always_distil": {"fedsnd.schedule.distill_agreement": 1.0},
     # The regime-aware server budget: the full server while the last round's teacher agreement is below 0.8.
     "regime_server": {"fedsnd.schedule.full_server_below": 0.8},

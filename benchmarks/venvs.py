@@ -1,4 +1,4 @@
-"""Separate venvs for peer libraries that must not enter the project's own venv (FedJAX, ByzFL)."""
+"""Separate venvs for peer libraries that must not enter the project's own venv (FedJAX, Flower, pfl, ByzFL)."""
 
 import os
 import subprocess
@@ -12,15 +12,25 @@ def venv_python(venv: str, check: str, installs: list[list[str]], label: str) ->
   """
   python = os.path.join(venv, "bin", "python")
 
-  def ready() -> bool:
-    return os.path.exists(python) and subprocess.run([python, "-c", check], capture_output=True).returncode == 0
+  def import_error() -> str | None:
+    """None when `python -c check` succeeds in the venv, else the last line of its stderr."""
+    if not os.path.exists(python):
+      return f"no {python}"
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    return None if out.returncode == 0 else (lines[-1] if lines else f"exit status {out.returncode}")
 
-  if ready():
+  if import_error() is None:
     return python
   print(f"{label}: building the venv {venv} (once; a few minutes)", flush=True)
   subprocess.run([sys.executable, "-m", "venv", venv], check=True)
   for args in installs:
-    subprocess.run([python, "-m", "pip", "install", "-q", *args], check=True)
-  if not ready():
-    raise RuntimeError(f"{label}: the venv {venv} still fails `python -c {check!r}` after installing")
+    # pip's errors go to stderr and stay on the CalledProcessError, whose last line says what failed.
+    out = subprocess.run([python, "-m", "pip", "install", "-q", *args], stderr=subprocess.PIPE, text=True)
+    if out.returncode:
+      sys.stderr.write(out.stderr)
+      raise subprocess.CalledProcessError(out.returncode, out.args, stderr=out.stderr)
+  error = import_error()
+  if error is not None:
+    raise RuntimeError(f"{label}: the venv {venv} still fails `python -c {check!r}` after installing: {error}")
   return python

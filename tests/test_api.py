@@ -1,4 +1,4 @@
-"""The public API (`fedsnd_jax/__init__.py`) runs the Python example of docs/library.md; its modules stay reachable."""
+"""The public API (`fedsnd_jax/__init__.py`) runs the Python example of docs/library.md; modules stay reachable."""
 
 import json
 

@@ -9,7 +9,7 @@ validation split that every choice is made on.
 
 Settings chosen on that validation split (α = 0.1, seed 0, ranked by the last-5-round mean of validation
 accuracy; FedSND's server at 50 synthesis steps from Gaussian noise and 10 distillation steps,
-`benchmarks.tuning.FORMER_SERVER`):
+`benchmarks.tuning.FULL_SERVER`):
 - client lr 0.03 and 2 local epochs for every algorithm: FedAvg's best of lr {0.01, 0.03, 0.1} × epochs
   {1, 2} (70.72 %; lr 0.1 with 2 epochs diverged).
 - FedSND's best variant: class-count teacher weighting with distillation in the first 3 rounds only

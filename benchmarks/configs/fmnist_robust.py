@@ -4,7 +4,7 @@ Real Fashion-MNIST (Debian's dataset-fashion-mnist), the 2-hidden-layer MLP (199
 10,000-example training subset over 20 clients all participating (so robust rules see every upload each round,
 as Krum's and the median's guarantees assume), 20 rounds of 1 local epoch (batch 32, lr 0.05), the full
 10,000-image test set. FedSND's server: 32 pseudo-samples per model, 50 synthesis steps from Gaussian noise, 10
-distillation steps (`benchmarks.tuning.FORMER_SERVER`). Scaled down to fit: the MLP instead of the CNN, and a
+distillation steps (`benchmarks.tuning.FULL_SERVER`). Scaled down to fit: the MLP instead of the CNN, and a
 training subset instead of the full training set.
 """
 

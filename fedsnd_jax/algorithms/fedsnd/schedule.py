@@ -23,9 +23,8 @@ class Settings(NamedTuple):
       of each other's noise (`teacher_agreement`; 1 = every round). Each round's decision is logged as
       `distill_gate`.
     gate_partial_participation: apply that gate also when fewer clients take part in a round than the
-      federation has (default on). Off, cross-device runs distil every round: +2.0 validation points at α 0.1,
-      +7.0 final on test, but −3.7 final on test at α 0.5, so not the default (benchmarks/tuning.py's
-      `always_distil` candidate; benchmarks/RESULTS.md#tuning).
+      federation has (default on). Off, cross-device runs distil every round (the `always_distil` candidate of
+      `python -m benchmarks.tuning --defaults` measures the difference).
     full_server_below: the regime-aware server budget: the first round, and every round after one whose
       teacher agreement was below this, run the full server — synthesis from a Gaussian start for
       `full_noise_steps` steps and `full_distill_steps` distillation steps — and the others the cheap one (the

@@ -19,10 +19,10 @@ class Settings(NamedTuple):
   Attributes:
     mode: which terms are on: none | dropout | previous | both.
     lambda_mutual: λ_mutual, the two dropout views distil each other. The paper's reading is 1; the default is
-      0 (one forward pass): at 1 it cost 2.2–2.8 points on a model that under-fits and 1.1 on the README's
-      main job, on the validation split (benchmarks/tuning.py; benchmarks/RESULTS.md#tuning).
-    lambda_prev: λ_prev, the received global model as teacher; with it alone FedSD gained 4–13 points on
-      cross-device Fashion-MNIST (benchmarks/RESULTS.md#tuning).
+      0 (one forward pass), because the views' mutual KL slows local training while a model under-fits (the
+      `paper` candidate of `python -m benchmarks.tuning --defaults` measures it).
+    lambda_prev: λ_prev, the received global model as teacher, against forgetting the classes a client does
+      not hold.
     confidence_gate: weight each example's self-distillation terms by their teacher's probability of the true
       label (ours; the terms fade while a model under-fits).
   """

@@ -28,10 +28,9 @@ class Settings(NamedTuple):
   Attributes:
     samples: Q pseudo-samples per uploaded model.
     steps: G Adam steps on the inputs (at most); lr: their learning rate. The default server (warm start
-      `round`, G = 10, distillation D = 5) is the cheap one of benchmarks/server_cost.py, and the safest FedSND
-      default on the validation split: never more than 0.28 points below tuned FedAvg over the project's six
-      settings, where a Gaussian-start server (G 100, D 20 on digits; G 50, D 10 on Fashion-MNIST) lost up to
-      2.28 (benchmarks/tuning.py --defaults; benchmarks/RESULTS.md#tuning).
+      `round`, G = 10, distillation D = 5) is the cheap one of benchmarks/server_cost.py; `python -m
+      benchmarks.tuning --defaults` ranks it against a Gaussian-start server (G 50, D 10) by the worst case of
+      its validation gain over tuned FedAvg.
     stop_ce: stop a model's synthesis early once its mean CE on its targets is ≤ this (0 = never): with a warm
       start that already fits, few or no steps run. Steps taken are logged as `noise_steps_taken`.
     l2: β of the L2 prior on the inputs.
