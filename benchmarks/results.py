@@ -97,8 +97,9 @@ def publish(path: str, name: str, text: str, title: str, wall_s: float | None = 
   if os.path.exists(path):
     with open(path) as f:
       content = f.read()
+  content = replace_block(content, name, f"{header(wall_s)}\n\n{text}", title)  # before the file is opened
   with open(path, "w") as f:
-    f.write(replace_block(content, name, f"{header(wall_s)}\n\n{text}", title))
+    f.write(content)
   print(f"[results] block {name} of {path} rewritten", flush=True)
 
 
