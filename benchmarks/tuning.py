@@ -22,6 +22,7 @@ configuration anywhere in the setting's folder is reused (`stale`), so an interr
 import json
 import os
 import shutil
+import time
 
 from absl import app, flags, logging
 
@@ -32,6 +33,7 @@ from experiments.configs import default
 from fedsnd_jax import algorithms, loop
 
 TUNING_SEED = 100
+_STARTED = time.time()  # a finished run older than this was made by an earlier invocation, and is reused
 
 # name -> (base config module, overrides). The settings FedSND's defaults must be safe in: the README's main job;
 # the same at a tenth of its local work, a model that under-fits for all 30 rounds; and the leaderboard's four
@@ -108,7 +110,7 @@ def apply(base, candidate: dict):
     if field == "lr×":
       c.client_lr = base.client_lr * value
     elif field == "epochs×":
-      c.local_epochs = base.local_epochs * value
+      c.local_epochs = round(base.local_epochs * value)
     else:
       c.update_from_flattened_dict({field: value})
   return c
@@ -208,6 +210,7 @@ def run(root: str, setting: str, name: str, config) -> dict:
   another name is copied there, a folder that ran another configuration is replaced."""
   workdir = os.path.join(root, setting, name)
   same = finished_run(os.path.join(root, setting), config)
+  earlier = bool(same) and os.path.getmtime(os.path.join(same, "summary.json")) < _STARTED
   if same != workdir and os.path.exists(workdir) and (same or stale(workdir, config)):
     shutil.rmtree(workdir)
   if same and same != workdir:
@@ -221,8 +224,9 @@ def run(root: str, setting: str, name: str, config) -> dict:
   val = report.val_history(workdir)
   score = 0.0 if summary.get("diverged") else sum(val[-5:]) / len(val[-5:])
   row = {"name": name, "val_final": val[-1], "val_last5": score, "client_s": summary["mean_client_time_s"],
-         "server_s": summary["mean_server_time_s"], "diverged": bool(summary.get("diverged"))}
-  print(f"[tuning] {setting} {name}: val last-5 {score:.4f}", flush=True)
+         "server_s": summary["mean_server_time_s"], "diverged": bool(summary.get("diverged")), "earlier": earlier}
+  print(f"[tuning] {setting} {name}: val last-5 {score:.4f}" + (" (an earlier run, reused)" if earlier else ""),
+        flush=True)
   return row
 
 
@@ -262,7 +266,7 @@ def tune(root: str, setting: str, algorithm: str, tuned: dict, budget: int, roun
   return {"overrides": best["candidate"], "config": ran(apply(base, best["candidate"])),  # against later changes
           "val_last5": best["val_last5"], "protocol": "two-stage",
           "evidence": [{"overrides": r["candidate"], "val_last5": r["val_last5"], "val_final": r["val_final"],
-                        "diverged": r["diverged"]} for r in rows]}
+                        "diverged": r["diverged"], "earlier_run": r["earlier"]} for r in rows]}
 
 
 def defaults_table(root: str, settings, tuned, rounds: int = 0) -> str:
@@ -300,6 +304,11 @@ def evidence_markdown(tuned: dict, settings) -> str:
         cells.append(f"**{name}: {score}**" if e["overrides"] == entry["overrides"] else f"{name}: {score}")
       text.append(f"| {algorithm} | {'; '.join(cells)} |")
     text.append("")
+  evidence = [e for s in settings for entry in tuned.get(s, {}).values() for e in entry["evidence"]]
+  earlier = sum(bool(e.get("earlier_run")) for e in evidence)
+  text.append(f"{len(evidence)} candidate runs; {earlier} of them finished by an earlier invocation of this "
+              "command (same configuration, same machine) and reused, so the wall time above covers the other "
+              f"{len(evidence) - earlier}.\n")
   return "\n".join(text)
 
 

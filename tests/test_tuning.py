@@ -266,6 +266,14 @@ def test_distill_gain_table_by_hand(tmp_path):
   assert distill_gain.table(str(tmp_path), 0.85).splitlines()[2:] == ["| every | +10.00 (1) | +1.00 (2) |"]
 
 
+def test_a_candidate_past_the_epochs_edge_is_a_valid_config():
+  base = tuning.setting_config("digits")
+  past = tuning.beyond(tuning.GRIDS["fedavg"], {"algorithm": "fedavg", "epochs×": 2})
+  c = tuning.apply(base, past)  # raised: a float number of epochs does not fit the config's int field
+  assert c.local_epochs == 4 * base.local_epochs and isinstance(c.local_epochs, int)
+  configuration.validate(c)
+
+
 def test_a_winner_at_its_grids_edge_gets_the_next_candidate_past_it():
   fedavg = tuning.GRIDS["fedavg"]
   assert tuning.beyond(fedavg, {"algorithm": "fedavg", "epochs×": 2}) == {"algorithm": "fedavg", "epochs×": 4.0}
