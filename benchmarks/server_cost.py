@@ -1,6 +1,6 @@
 r"""FedSND's server cost against its accuracy: the levers that make a round cheaper, side by side.
 
-  python -m benchmarks.server_cost --setting=fmnist10_a0.1 --workdir=runs/server_cost
+  python -m benchmarks.server_cost [--setting=xdevice_a0.1] [--workdir=runs/server_cost]
 
 One setting of `benchmarks.tuning` (digits, or real Fashion-MNIST with the MLP), at the tuning seed on the
 validation split: FedAvg, then FedSND with each server setting of `variants`, then FedAvg again (the two FedAvg
@@ -152,7 +152,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("setting", "fmnist10_a0.1", "A setting of benchmarks.tuning.")
+  flags.DEFINE_string("setting", "xdevice_a0.1", "A setting of benchmarks.tuning.")
   flags.DEFINE_string("workdir", "runs/server_cost", "Output folder.")
   flags.DEFINE_string("tuned", "benchmarks/configs/tuned.json", "Tuned settings (FedSND's client settings).")
   flags.DEFINE_string("output", "", "Markdown table (default: <workdir>/<setting>.md).")
