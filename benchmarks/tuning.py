@@ -117,7 +117,8 @@ def apply(base, candidate: dict):
 
 
 def label(candidate: dict) -> str:
-  return ", ".join(f"{k}={v}" for k, v in candidate.items() if k != "algorithm") or "setting's own"
+  return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in candidate.items()
+                   if k != "algorithm") or "setting's own"
 
 
 def compose(first: dict, then: dict) -> dict:
@@ -246,7 +247,7 @@ def beyond(grid: list[dict], best: dict) -> dict | None:
   if len(values) < 2 or best[field] not in (values[0], values[-1]):
     return None
   low, high = (values[1], values[0]) if best[field] == values[0] else (values[-2], values[-1])
-  return {**best, field: high * high / low}
+  return {**best, field: float(f"{high * high / low:.6g}")}  # 0.01, not 0.010000000000000002
 
 
 def tune(root: str, setting: str, algorithm: str, tuned: dict, budget: int, rounds: int = 0,

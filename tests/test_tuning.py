@@ -308,3 +308,9 @@ def test_leaderboard_tables_a_seed_that_diverged_early_or_before_its_first_round
   # the target, 62.5 %, is reached by seed 0 alone, at round 16
   assert lines[5].split(" | ")[1:] == ["x", "62.50 ± 12.50", "62.50 ± 12.50", "+50.00", "16.0 ± 0.0", "1/3",
                                        "16.0 ± 0.0", "16.0 ± 0.0", "1.000", "0.000 |"]
+
+
+def test_a_value_past_the_edge_is_written_as_a_person_would():
+  moon = [tuning.compose({"epochs×": 2}, g) for g in tuning.GRIDS["moon"]]  # μ ∈ {0.1, 1, 5, 10}
+  past = tuning.beyond(moon, moon[2])
+  assert past["moon.mu"] == 0.01 and tuning.label(past) == "epochs×=2, moon.mu=0.01"
