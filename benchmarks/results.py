@@ -43,14 +43,18 @@ def machine() -> str:
 
 
 def commit() -> str:
-  """The short HEAD commit, "+ local changes" when tracked files differ from it; "unknown" outside git."""
+  """The short HEAD commit, "+ local changes to <paths>" when tracked files differ from it; "unknown" outside
+  git."""
   try:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                            text=True, check=True)
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
-  return head.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "")
+  changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip()]
+  if not changed:
+    return head.stdout.strip()
+  return f"{head.stdout.strip()} + local changes to {', '.join(changed[:3])}" + (" …" if len(changed) > 3 else "")
 
 
 def command() -> str:
@@ -93,8 +97,9 @@ def publish(path: str, name: str, text: str, title: str, wall_s: float | None = 
   if os.path.exists(path):
     with open(path) as f:
       content = f.read()
+  content = replace_block(content, name, f"{header(wall_s)}\n\n{text}", title)  # before the file is opened
   with open(path, "w") as f:
-    f.write(replace_block(content, name, f"{header(wall_s)}\n\n{text}", title))
+    f.write(content)
   print(f"[results] block {name} of {path} rewritten", flush=True)
 
 

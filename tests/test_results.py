@@ -1,6 +1,7 @@
 """benchmarks.results: a block is rewritten in place, every other byte kept; its header is measured."""
 
 import re
+import subprocess
 
 import pytest
 
@@ -34,3 +35,15 @@ def test_publish_writes_the_measured_header(tmp_path):
   results.publish(str(path), "b", "| b |", "B", wall_s=3)
   assert "| a |" not in path.read_text() and path.read_text().count("<!-- b:begin -->") == 1
   results.publish("", "b", "x", "B")  # no file: nothing written, no error
+
+
+def test_the_header_names_no_local_change_when_the_tree_is_clean(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # a repository whose only tracked file is the results file itself
+  for command in (["git", "init", "-q"], ["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                                                   "--allow-empty", "-m", "init"]):
+    subprocess.run(command, check=True)
+  (tmp_path / "R.md").write_text("# R\n")
+  subprocess.run(["git", "add", "R.md"], check=True)
+  subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "r"], check=True)
+  results.publish("R.md", "b", "x", "B")
+  assert "local changes" not in (tmp_path / "R.md").read_text()
