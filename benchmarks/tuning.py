@@ -22,6 +22,7 @@ configuration anywhere in the setting's folder is reused (`stale`), so an interr
 import json
 import os
 import shutil
+import time
 
 from absl import app, flags, logging
 
@@ -32,6 +33,7 @@ from experiments.configs import default
 from fedsnd_jax import algorithms, loop
 
 TUNING_SEED = 100
+_STARTED = time.time()  # a finished run older than this was made by an earlier invocation, and is reused
 
 # name -> (base config module, overrides). The settings FedSND's defaults must be safe in: the README's main job;
 # the same at a tenth of its local work, a model that under-fits for all 30 rounds; and the leaderboard's four
@@ -49,16 +51,18 @@ SETTINGS = {
 # overrides (dotted names inside an algorithm's section); "lr×" and "epochs×" scale the client learning rate and
 # local epochs. FedAvg's candidates are client settings (stage 1); every other algorithm's apply on top of the
 # client settings FedAvg chose (stage 2; `candidates`).
-# FedSND's server before the library took the cheap one (RESULTS §10), as the Fashion-MNIST protocols ran it.
-FORMER_SERVER = {"fedsnd.synthesis.warm_start": "none", "fedsnd.synthesis.steps": 50,
-                 "fedsnd.distillation.steps": 10}
+# FedSND's full server: fresh Gaussian noise every round, G 50 synthesis and D 10 distillation steps. The library's
+# default is the cheap warm-started server (G 10, D 5): its noise is easier, teachers agree on more of it, and the
+# agreement gate closes sooner, so cross-device it distils in fewer rounds.
+FULL_SERVER = {"fedsnd.synthesis.warm_start": "none", "fedsnd.synthesis.steps": 50,
+               "fedsnd.distillation.steps": 10}
 GRIDS = {
     "fedavg": [{"algorithm": "fedavg", **g} for g in ({}, {"lr×": 0.5}, {"lr×": 2.0}, {"epochs×": 2})],
     "fedavgm": [{"algorithm": "fedavg", "server_momentum": m, "server_lr": lr}
                 for m, lr in ((0.9, 0.3), (0.5, 1.0), (0.9, 0.1), (0.7, 0.5))],
     "fedprox": [{"algorithm": "fedprox", "fedprox.mu": mu} for mu in (0.01, 0.1, 0.001, 1.0)],
-    # SCAFFOLD has no knob of its own; it diverged at FedAvg's client settings in 3 of 6 evaluation runs (RESULTS
-    # §9), so its candidates trade step size: a smaller client lr, or a global step size (server lr) below 1.
+    # SCAFFOLD has no knob of its own and can diverge at FedAvg's client settings, so its candidates trade step
+    # size: a smaller client lr, or a global step size (server lr) below 1.
     "scaffold": [{"algorithm": "scaffold", **g} for g in ({}, {"lr×": 0.5}, {"server_lr": 0.5}, {"lr×": 0.25})],
     "feddyn": [{"algorithm": "feddyn", "feddyn.alpha": a} for a in (0.01, 0.1, 0.001, 0.03)],
     "moon": [{"algorithm": "moon", "moon.mu": mu} for mu in (1.0, 5.0, 0.1, 10.0)],
@@ -68,25 +72,24 @@ GRIDS = {
     "fedftg": [{"algorithm": "fedftg", **g} for g in (
         {}, {"fedftg.distill_lr": 0.03}, {"fedftg.distill_lr": 0.003}, {"fedftg.beta_tran": 0.0})],
     # The library defaults first (at FedAvg's client settings: the leaderboard's fedsnd_defaults row), then the
-    # previous-model weight, distillation in the first rounds only, and the former, larger server.
+    # previous-model weight, distillation in the first rounds only, and the full, larger server.
     "fedsnd": [{"algorithm": "fedsnd", **g} for g in (
-        {}, {"fedsnd.self_distillation.lambda_prev": 0.3}, {"fedsnd.schedule.distill_rounds": 3}, FORMER_SERVER)],
+        {}, {"fedsnd.self_distillation.lambda_prev": 0.3}, {"fedsnd.schedule.distill_rounds": 3}, FULL_SERVER)],
 }
 
 # FedSND's candidate defaults: the library's own defaults first, then the alternatives the evidence points at.
 DEFAULT_CANDIDATES = {
     "library": {},
-    "former_server": FORMER_SERVER,  # the library's server until RESULTS §10 (on digits: G 50, D 10, not 100, 20)
+    "full_server": FULL_SERVER,  # Gaussian start, G 50, D 10
     "paper": {"fedsnd.self_distillation.lambda_mutual": 1.0, "fedsnd.self_distillation.confidence_gate": False,
               "fedsnd.schedule.distill_agreement": 1.0},
-    # the two-stage tuning's winner cross-device at α 0.5
+    # a stronger previous-model teacher
     "lambda_prev_0.3": {"fedsnd.self_distillation.lambda_prev": 0.3},
-    # FedSND on a momentum server: level with tuned FedAvgM cross-device (RESULTS §9); 0.5 / 1.0 is FedAvgM's
-    # validation winner in two of the four Fashion-MNIST settings.
+    # FedSND on a momentum server (one of FedAvgM's candidates).
     "server_momentum": {"server_momentum": 0.5, "server_lr": 1.0},
-    # Distil every round: cross-device at α 0.1 the agreement gate closes from round ~11 on (RESULTS §11).
+    # Distil every round: no agreement gate.
     "always_distil": {"fedsnd.schedule.distill_agreement": 1.0},
-    # The regime-aware server budget: the former server while the last round's teacher agreement is below 0.8.
+    # The regime-aware server budget: the full server while the last round's teacher agreement is below 0.8.
     "regime_server": {"fedsnd.schedule.full_server_below": 0.8},
 }
 
@@ -107,7 +110,7 @@ def apply(base, candidate: dict):
     if field == "lr×":
       c.client_lr = base.client_lr * value
     elif field == "epochs×":
-      c.local_epochs = base.local_epochs * value
+      c.local_epochs = round(base.local_epochs * value)
     else:
       c.update_from_flattened_dict({field: value})
   return c
@@ -180,7 +183,7 @@ def ran(config) -> dict:
 
 def drifted(entry: dict, setting: str) -> list[str]:
   """The fields in which a tuned entry's overrides, applied today, run otherwise than its winner did when it was
-  chosen (`entry["config"]`): a library default changed since (e.g. FedSND's server, RESULTS §10)."""
+  chosen (`entry["config"]`): a library default changed since (e.g. FedSND's synthesis steps)."""
   if "config" not in entry:
     return []
   return differences(entry["config"], apply(setting_config(setting), entry["overrides"]), also_ignored=("seed",))
@@ -207,6 +210,7 @@ def run(root: str, setting: str, name: str, config) -> dict:
   another name is copied there, a folder that ran another configuration is replaced."""
   workdir = os.path.join(root, setting, name)
   same = finished_run(os.path.join(root, setting), config)
+  earlier = bool(same) and os.path.getmtime(os.path.join(same, "summary.json")) < _STARTED
   if same != workdir and os.path.exists(workdir) and (same or stale(workdir, config)):
     shutil.rmtree(workdir)
   if same and same != workdir:
@@ -220,8 +224,9 @@ def run(root: str, setting: str, name: str, config) -> dict:
   val = report.val_history(workdir)
   score = 0.0 if summary.get("diverged") else sum(val[-5:]) / len(val[-5:])
   row = {"name": name, "val_final": val[-1], "val_last5": score, "client_s": summary["mean_client_time_s"],
-         "server_s": summary["mean_server_time_s"], "diverged": bool(summary.get("diverged"))}
-  print(f"[tuning] {setting} {name}: val last-5 {score:.4f}", flush=True)
+         "server_s": summary["mean_server_time_s"], "diverged": bool(summary.get("diverged")), "earlier": earlier}
+  print(f"[tuning] {setting} {name}: val last-5 {score:.4f}" + (" (an earlier run, reused)" if earlier else ""),
+        flush=True)
   return row
 
 
@@ -261,7 +266,7 @@ def tune(root: str, setting: str, algorithm: str, tuned: dict, budget: int, roun
   return {"overrides": best["candidate"], "config": ran(apply(base, best["candidate"])),  # against later changes
           "val_last5": best["val_last5"], "protocol": "two-stage",
           "evidence": [{"overrides": r["candidate"], "val_last5": r["val_last5"], "val_final": r["val_final"],
-                        "diverged": r["diverged"]} for r in rows]}
+                        "diverged": r["diverged"], "earlier_run": r["earlier"]} for r in rows]}
 
 
 def defaults_table(root: str, settings, tuned, rounds: int = 0) -> str:
@@ -299,6 +304,11 @@ def evidence_markdown(tuned: dict, settings) -> str:
         cells.append(f"**{name}: {score}**" if e["overrides"] == entry["overrides"] else f"{name}: {score}")
       text.append(f"| {algorithm} | {'; '.join(cells)} |")
     text.append("")
+  evidence = [e for s in settings for entry in tuned.get(s, {}).values() for e in entry["evidence"]]
+  earlier = sum(bool(e.get("earlier_run")) for e in evidence)
+  text.append(f"{len(evidence)} candidate runs; {earlier} of them finished by an earlier invocation of this "
+              "command (same configuration, same machine) and reused, so the wall time above covers the other "
+              f"{len(evidence) - earlier}.\n")
   return "\n".join(text)
 
 

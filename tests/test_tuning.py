@@ -126,7 +126,7 @@ def test_leaderboard_uses_the_tuned_winner_else_the_papers_default():
 
 
 def test_a_tuned_winner_whose_defaults_changed_since_is_refused():
-  # Chosen when FedSND's server was the former one (G 50): the same overrides run the cheap server today.
+  # Chosen under another library default (G 50): the same overrides run the library's G 10 server now.
   then = tuning.apply(tuning.setting_config("xdevice_a0.1"), {"algorithm": "fedsnd", "fedsnd.synthesis.steps": 50})
   entry = {"overrides": {"algorithm": "fedsnd"}, "config": tuning.ran(then), "evidence": [{}]}
   assert tuning.drifted(entry, "xdevice_a0.1") == ["fedsnd.synthesis.steps"]
@@ -210,7 +210,7 @@ def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   fedsnd = tuning.apply(config, {"algorithm": "fedsnd", "fedsnd.synthesis.warm_start": "none"})
   older = json.loads(fedsnd.to_json())
   del older["fedsnd"]["synthesis"]["stop_ce"]  # a field added inside the section since
-  older["fedsnd"]["synthesis"]["warm_start"] = False  # its former value for "none"
+  older["fedsnd"]["synthesis"]["warm_start"] = False  # the bool an earlier layout saved for "none"
   (tmp_path / "config.json").write_text(json.dumps(older))
   assert not tuning.stale(str(tmp_path), fedsnd)
   assert tuning.stale(str(tmp_path), tuning.apply(fedsnd, {"fedsnd.synthesis.warm_start": "client"}))
@@ -264,6 +264,14 @@ def test_distill_gain_table_by_hand(tmp_path):
   write("unfinished", [rec(0.5, 0.6, 0.5)])
   os.remove(tmp_path / "unfinished" / "summary.json")
   assert distill_gain.table(str(tmp_path), 0.85).splitlines()[2:] == ["| every | +10.00 (1) | +1.00 (2) |"]
+
+
+def test_a_candidate_past_the_epochs_edge_is_a_valid_config():
+  base = tuning.setting_config("digits")
+  past = tuning.beyond(tuning.GRIDS["fedavg"], {"algorithm": "fedavg", "epochs×": 2})
+  c = tuning.apply(base, past)  # raised: a float number of epochs does not fit the config's int field
+  assert c.local_epochs == 4 * base.local_epochs and isinstance(c.local_epochs, int)
+  configuration.validate(c)
 
 
 def test_a_winner_at_its_grids_edge_gets_the_next_candidate_past_it():
