@@ -1,8 +1,8 @@
-r"""FedSND's server cost against its accuracy (issue 15): the levers that make a round cheaper, side by side.
+r"""FedSND's server cost against its accuracy: the levers that make a round cheaper, side by side.
 
   python -m benchmarks.server_cost --setting=fmnist10_a0.1 --workdir=runs/server_cost
 
-One setting of `benchmarks.tuning` (real Fashion-MNIST, reduced CPU protocol), at the tuning seed on the
+One setting of `benchmarks.tuning` (digits, or real Fashion-MNIST with the MLP), at the tuning seed on the
 validation split: FedAvg, then FedSND with each server setting of `variants`, then FedAvg again (the two FedAvg
 runs show how much the machine's speed drifted meanwhile). Every run uses FedSND's tuned client settings in that
 setting (benchmarks/configs/tuned.json; FedAvg the same ones), so only the server differs. Columns: validation
@@ -10,8 +10,9 @@ accuracy, final and last-5 mean; client and server seconds per round (median ove
 the round (client + server) as a multiple of FedAvg's (the mean of its two runs' medians). The target: a setting
 whose last-5 accuracy is within 0.5 points of the most accurate FedSND setting's, at a round ≤ 2× FedAvg's.
 
-Writes the table (`--output`, markdown) and the accuracy-vs-server-seconds plot with its Pareto front (`--plot`).
-Finished runs are reused: delete a run's folder to time it again.
+Prints the table and rewrites its block of benchmarks/RESULTS.md (`--results`, `--block`); also writes it to
+`--output` (markdown) and the accuracy-vs-server-seconds plot with its Pareto front to `--plot`. Finished runs are
+reused: delete a run's folder to time it again.
 """
 
 import json
@@ -20,7 +21,7 @@ import statistics
 
 from absl import app, flags, logging
 
-from benchmarks import tuning
+from benchmarks import results, tuning
 from experiments import report
 
 TARGET_RATIO = 2.0
@@ -28,24 +29,24 @@ TARGET_POINTS = 0.5
 
 
 def variants(warm: str) -> dict[str, dict]:
-  """FedSND server settings, by name: the protocol's former server first (Q, G, D: pseudo-samples per model,
-  synthesis steps, distillation steps; Gaussian start), then the former library server, then the levers, each
-  on the former protocol server. `warm`: the warm start that suits the setting (`client` when every client
-  comes back each round, else `round`)."""
+  """FedSND server settings, by name: the full server at the protocol's Q first (Q, G, D: pseudo-samples per
+  model, synthesis steps, distillation steps; Gaussian start; `tuning.FULL_SERVER`), then a larger one, then
+  the levers, each applied on the full server. `warm`: the warm start that suits the setting (`client` when
+  every client comes back each round, else `round`)."""
   synthesis, distillation = "fedsnd.synthesis.", "fedsnd.distillation."
   levers = {
-      "protocol server (Q 32, G 50, D 10)": {},
-      "former library server (Q 64, G 100, D 20)": {synthesis + "samples": 64, synthesis + "steps": 100,
-                                                     distillation + "steps": 20},
+      "full server (Q 32, G 50, D 10)": {},
+      "larger server (Q 64, G 100, D 20)": {synthesis + "samples": 64, synthesis + "steps": 100,
+                                            distillation + "steps": 20},
       "G 10": {synthesis + "steps": 10},
       f"warm start ({warm}), G 10": {synthesis + "warm_start": warm, synthesis + "steps": 10},
       f"warm start ({warm}), stop at CE 0.3": {synthesis + "warm_start": warm, synthesis + "stop_ce": 0.3},
-      f"warm start ({warm}), G 10, D 5 (the library's server since RESULTS §10)": {
+      f"warm start ({warm}), G 10, D 5 (the library's default server)": {
           synthesis + "warm_start": warm, synthesis + "steps": 10, distillation + "steps": 5},
       "Q 16, D 5": {synthesis + "samples": 16, distillation + "steps": 5},
       "distil in rounds 1-3 only": {"fedsnd.schedule.distill_rounds": 3},
   }
-  return {name: {**tuning.FORMER_SERVER, **overrides} for name, overrides in levers.items()}
+  return {name: {**tuning.FULL_SERVER, **overrides} for name, overrides in levers.items()}
 
 
 def medians(workdir: str) -> dict:
@@ -143,9 +144,10 @@ def main(argv):
   with open(flag.tuned) as f:
     rows = measure(flag.workdir, flag.setting, json.load(f)["settings"])
   text = table(flag.setting, rows)
-  print(text)
+  print(text, flush=True)
   with open(flag.output or os.path.join(flag.workdir, f"{flag.setting}.md"), "w") as f:
     f.write(text + "\n")
+  results.publish(flag.results, flag.block, text, "FedSND's server cost")
   plot(flag.plot or os.path.join(flag.workdir, f"{flag.setting}.png"), flag.setting, rows)
 
 
@@ -155,4 +157,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("tuned", "benchmarks/configs/tuned.json", "Tuned settings (FedSND's client settings).")
   flags.DEFINE_string("output", "", "Markdown table (default: <workdir>/<setting>.md).")
   flags.DEFINE_string("plot", "", "The Pareto plot (default: <workdir>/<setting>.png).")
+  results.define_flags("server-cost")
   app.run(main)

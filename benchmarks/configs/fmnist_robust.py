@@ -1,11 +1,11 @@
-"""Fashion-MNIST for the attack × aggregator grid (issue 14), scaled to ~10 s per FedAvg cell on 2 CPU cores.
+"""Fashion-MNIST for the attack × aggregator grid (benchmarks/robustness.py), ~10 s per FedAvg cell on 2 CPU cores.
 
 Real Fashion-MNIST (Debian's dataset-fashion-mnist), the 2-hidden-layer MLP (199k parameters), a fixed
 10,000-example training subset over 20 clients all participating (so robust rules see every upload each round,
 as Krum's and the median's guarantees assume), 20 rounds of 1 local epoch (batch 32, lr 0.05), the full
-10,000-image test set. FedSND's server: 32 pseudo-samples per model, 50 synthesis steps, 10 distillation steps
-(the reduced protocol's, benchmarks/configs/fmnist_cpu.py). What the issue's grid asked for and this drops: the
-CNN and the full training set.
+10,000-image test set. FedSND's server: 32 pseudo-samples per model, 50 synthesis steps from Gaussian noise, 10
+distillation steps (`benchmarks.tuning.FULL_SERVER`). Scaled down to fit: the MLP instead of the CNN, and a
+training subset instead of the full training set.
 """
 
 from experiments.configs import fmnist
@@ -25,7 +25,7 @@ def get_config():
   c.fedsnd.synthesis.samples = 32
   c.fedsnd.synthesis.steps = 50
   c.fedsnd.distillation.steps = 10
-  c.fedsnd.synthesis.warm_start = "none"  # RESULTS §6's server (from Gaussian noise), not the library's since §10
+  c.fedsnd.synthesis.warm_start = "none"  # from Gaussian noise, not the library's warm start
   c.checkpoint_every = 0
   c.target_accuracy = 0.8
   return c
