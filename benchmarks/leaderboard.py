@@ -24,6 +24,7 @@ upload and cumulative seconds, one line per algorithm with its seed band. Both g
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 from absl import app, flags, logging
@@ -96,42 +97,74 @@ def window(rounds: int) -> int:
 
 
 def _mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
-  values = [scale * v for v in values if v is not None]
+  values = [scale * v for v in values if v is not None and np.isfinite(v)]
   if not values:
     return "–"
   return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
+def _mean(values, digits: int = 3) -> str:
+  values = [v for v in values if v is not None and np.isfinite(v)]
+  return f"{np.mean(values):.{digits}f}" if values else "–"
+
+
 def _accuracy(records) -> np.ndarray:
-  return np.array([r["test_accuracy"] for r in records])
+  return np.array([r["test_accuracy"] for r in records], dtype=np.float64)
+
+
+def _padded(series: list[np.ndarray]) -> np.ndarray:
+  """[seeds, rounds], NaN after a seed's last record (a run that diverged stops early)."""
+  out = np.full((len(series), max(1, max(len(x) for x in series))), np.nan)
+  for i, x in enumerate(series):
+    out[i, :len(x)] = x
+  return out
+
+
+def _rounds(metrics: list[list[dict]]) -> int:
+  return max(1, max(len(m) for m in metrics))
 
 
 def plateau(metrics: list[list[dict]]) -> tuple[list[float], float]:
-  """(each seed's mean accuracy over the last `window` rounds, how far the seeds' mean moved between the
-  window before and the last one, in accuracy units)."""
-  curves = np.array([_accuracy(m) for m in metrics])
-  w = window(curves.shape[1])
-  last = curves[:, -w:].mean(1)
-  before = curves[:, -2 * w:-w].mean(1) if curves.shape[1] >= 2 * w else np.full_like(last, np.nan)
-  return list(last), float(last.mean() - before.mean())
+  """(each seed's mean accuracy over its last `window` rounds, how far the seeds' mean moved between the window
+  before and the last one, in accuracy units, over the seeds that have both windows: a run that diverged early
+  may not)."""
+  w = window(_rounds(metrics))
+  mean = lambda x: float(np.mean(x)) if len(x) else np.nan
+  last = [mean(_accuracy(m)[-w:]) for m in metrics]
+  before = [mean(_accuracy(m)[-2 * w:-w]) if len(m) >= 2 * w else np.nan for m in metrics]
+  moved = [x - y for x, y in zip(last, before, strict=True) if np.isfinite(x - y)]  # seeds that have both
+  return last, float(np.mean(moved)) if moved else np.nan
 
 
 def seconds(records: list[dict], summary: dict) -> np.ndarray:
   """Cumulative client + server seconds per round, round 1 (which compiles) counted at the mean of the others."""
-  per_round = np.array([r["client_time_s"] + r["server_time_s"] for r in records])
-  per_round[0] = summary["mean_client_time_s"] + summary["mean_server_time_s"]
+  per_round = np.array([r["client_time_s"] + r["server_time_s"] for r in records], dtype=np.float64)
+  if len(per_round) > 1:
+    per_round[0] = np.mean(per_round[1:])
   return np.cumsum(per_round)
 
 
 def target_of(rows: dict[str, dict]) -> float | None:
   """Tuned FedAvg's plateau accuracy (mean over seeds of the last-window mean), the target every row races to."""
-  return float(np.mean(plateau(rows["fedavg"]["metrics"])[0])) if "fedavg" in rows else None
+  if "fedavg" not in rows:
+    return None
+  level = [v for v in plateau(rows["fedavg"]["metrics"])[0] if np.isfinite(v)]
+  return float(np.mean(level)) if level else None
+
+
+def _to_target(records: list[dict], summary: dict, target: float | None) -> tuple:
+  """(rounds, client + server seconds, upload MB) to reach `target`; Nones if the run never does."""
+  r = loop.rounds_to_target(records, target) if target else None
+  if r is None:
+    return None, None, None
+  i = next(i for i, x in enumerate(records) if x["round"] == r)
+  return r, float(seconds(records, summary)[i]), records[i]["bytes_up"] / 1e6
 
 
 def table(setting: str, rows: dict[str, dict]) -> str:
   """The Markdown table of one setting; `rows` maps algorithms to {summaries, metrics, setting: what ran}."""
   target = target_of(rows)
-  rounds = len(next(iter(rows.values()))["metrics"][0])
+  rounds = max(_rounds(row["metrics"]) for row in rows.values())
   header = ["algorithm", "setting", "final acc", f"plateau (last {window(rounds)} rounds)", "plateau moved",
             f"rounds to {100 * target:.1f} %" if target else "rounds to target", "reached", "s to target",
             "MB up to target", "client s/round", "server s/round"]
@@ -140,17 +173,15 @@ def table(setting: str, rows: dict[str, dict]) -> str:
   for algorithm, row in rows.items():
     summaries, metrics = row["summaries"], row["metrics"]
     level, moved = plateau(metrics)
-    reach = [loop.rounds_to_target(m, target) if target else None for m in metrics]
-    at = [(m[r - 1], s) if r else None for m, s, r in zip(metrics, summaries, reach, strict=True)]
-    wall = [seconds(m, s)[r - 1] if r else None for m, s, r in zip(metrics, summaries, reach, strict=True)]
+    reach, wall, upload = zip(*(_to_target(m, s, target) for m, s in zip(metrics, summaries, strict=True)),
+                              strict=True)
     diverged = sum(bool(s.get("diverged")) for s in summaries)
     name = algorithm + (f" ({diverged} of {len(summaries)} diverged: last finite round)" if diverged else "")
-    cells = [name, row["setting"], _mean_std([s["final_accuracy"] for s in summaries], 100),
+    cells = [name, row["setting"], _mean_std([s.get("final_accuracy") for s in summaries], 100),
              _mean_std(level, 100), "–" if np.isnan(moved) else f"{100 * moved:+.2f}", _mean_std(reach, digits=1),
              f"{sum(r is not None for r in reach)}/{len(summaries)}", _mean_std(wall, digits=1),
-             _mean_std([a[0]["bytes_up"] / 1e6 if a else None for a in at], digits=1),
-             f"{np.mean([s['mean_client_time_s'] for s in summaries]):.3f}",
-             f"{np.mean([s['mean_server_time_s'] for s in summaries]):.3f}"]
+             _mean_std(upload, digits=1), _mean([s.get("mean_client_time_s") for s in summaries]),
+             _mean([s.get("mean_server_time_s") for s in summaries])]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -166,14 +197,16 @@ def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
 
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
   colours = plt.get_cmap("tab20").colors
-  for colour, (algorithm, row) in zip(colours[::1], rows.items(), strict=False):
-    acc = np.array([_accuracy(m) for m in row["metrics"]])
+  for colour, (algorithm, row) in zip(colours, rows.items(), strict=False):
+    acc = _padded([_accuracy(m) for m in row["metrics"]])
     smooth = max(1, acc.shape[1] // 30)
     kernel = np.ones(smooth) / smooth
-    mean, std = (np.convolve(v, kernel, mode="same") for v in (acc.mean(0), acc.std(0)))
-    xs = (np.arange(1, acc.shape[1] + 1),
-          np.mean([[r["bytes_up"] / 1e6 for r in m] for m in row["metrics"]], 0),
-          np.mean([seconds(m, s) for m, s in zip(row["metrics"], row["summaries"], strict=True)], 0))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed reached is NaN
+      mean, std = (np.convolve(v, kernel, mode="same") for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
+      xs = (np.arange(1, acc.shape[1] + 1),
+            np.nanmean(_padded([np.array([r["bytes_up"] / 1e6 for r in m]) for m in row["metrics"]]), 0),
+            np.nanmean(_padded([seconds(m, s) for m, s in zip(row["metrics"], row["summaries"], strict=True)]), 0))
     for ax, x in zip(axes, xs, strict=True):
       ax.plot(x, mean, color=colour, label=algorithm, linewidth=1.2)
       ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)

@@ -287,3 +287,24 @@ def test_a_winner_at_its_grids_edge_gets_the_next_candidate_past_it():
   # at FedAvg's client settings (stage 2) the shared fields do not count as knobs
   staged = [tuning.compose({"epochs×": 2}, g) for g in prox]
   assert tuning.beyond(staged, staged[3]) == {**staged[3], "fedprox.mu": pytest.approx(10.0)}
+
+
+def test_leaderboard_tables_a_seed_that_diverged_early_or_before_its_first_round():
+  def records(accuracies):
+    return [{"round": r, "test_accuracy": a, "client_time_s": 1.0, "server_time_s": 0.0, "bytes_up": 1e6 * r}
+            for r, a in enumerate(accuracies, 1)]
+
+  ok = {"mean_client_time_s": 1.0, "mean_server_time_s": 0.0}
+  early, never = {**ok, "final_accuracy": 0.5, "diverged": True}, {"diverged": True, "rounds": 0}
+  rows = {"fedavg": {"summaries": [{**ok, "final_accuracy": 0.5}, {**ok, "final_accuracy": 0.75}],
+                     "metrics": [records([0.5] * 20), records([0.75] * 20)], "setting": "best of 4"},
+          # 20 rounds: the plateau is the last 5; seed 1 diverged after 7 rounds, seed 2 before its first
+          "scaffold": {"summaries": [{**ok, "final_accuracy": 0.75},
+                                     early, never],
+                       "metrics": [records([0.25] * 15 + [0.75] * 5), records([0.5] * 7), []], "setting": "x"}}
+  lines = leaderboard.table("s", rows).splitlines()
+  assert lines[5].startswith("| scaffold (2 of 3 diverged")
+  # plateaus 75 % and 50 % (seed 1's own last 5 rounds); only seed 0 has the window before (25 %): moved +50;
+  # the target, 62.5 %, is reached by seed 0 alone, at round 16
+  assert lines[5].split(" | ")[1:] == ["x", "62.50 ± 12.50", "62.50 ± 12.50", "+50.00", "16.0 ± 0.0", "1/3",
+                                       "16.0 ± 0.0", "16.0 ± 0.0", "1.000", "0.000 |"]
