@@ -24,6 +24,7 @@ upload and cumulative seconds, one line per algorithm with its seed band. Both g
 import json
 import os
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -87,6 +88,7 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
   return folders
 
 
+_STARTED = time.time()  # a run that finished before this was made by an earlier invocation
 FLAT = 0.3  # points: a curve whose last-window mean moved less than this from the window before is flat
 
 
@@ -186,6 +188,13 @@ def table(setting: str, rows: dict[str, dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def moving_mean(values: np.ndarray, width: int) -> np.ndarray:
+  """The mean of each value and its neighbours within `width` // 2, over the neighbours that exist (the first and
+  last values average fewer, not zeros)."""
+  kernel = np.ones(width)
+  return np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
+
+
 def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
   """Test accuracy against rounds, cumulative upload bytes and cumulative client + server seconds: one line per
   algorithm (mean over seeds) with its band (± std over seeds), both as moving means over `smooth` rounds
@@ -199,11 +208,9 @@ def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
   colours = plt.get_cmap("tab20").colors
   for colour, (algorithm, row) in zip(colours, rows.items(), strict=False):
     acc = _padded([_accuracy(m) for m in row["metrics"]])
-    smooth = max(1, acc.shape[1] // 30)
-    kernel = np.ones(smooth) / smooth
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed reached is NaN
-      mean, std = (np.convolve(v, kernel, mode="same") for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
+      mean, std = (moving_mean(v, max(1, acc.shape[1] // 30)) for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
       xs = (np.arange(1, acc.shape[1] + 1),
             np.nanmean(_padded([np.array([r["bytes_up"] / 1e6 for r in m]) for m in row["metrics"]]), 0),
             np.nanmean(_padded([seconds(m, s) for m, s in zip(row["metrics"], row["summaries"], strict=True)]), 0))
@@ -235,7 +242,7 @@ def leaderboard(workdir: str, settings, algorithms, seeds, tuned: dict) -> dict[
       else:
         folders = run_cells(workdir, setting, algorithm, overrides, seeds)
       rows[algorithm] = {"summaries": [report.read_summary(f) for f in folders],
-                         "metrics": [report.read_metrics(f) for f in folders], "setting": how}
+                         "metrics": [report.read_metrics(f) for f in folders], "setting": how, "folders": folders}
       with open(os.path.join(workdir, f"{setting}.md"), "w") as f:
         f.write(table(setting, rows))
   return out
@@ -257,7 +264,17 @@ def block(boards: dict[str, dict], seeds, plots: str, results_path: str) -> str:
     plot(path, setting, rows)
     text += [table(setting, rows), f"![{setting}: accuracy against rounds, upload and seconds]"
              f"({os.path.relpath(path, os.path.dirname(results_path) or '.')})\n"]
-  return "\n".join(text)
+  return "\n".join(text + [provenance(boards)])
+
+
+def provenance(boards: dict[str, dict]) -> str:
+  """How many cells this invocation ran and how many it reused, and the compute the cells took themselves: what
+  the header's wall time covers."""
+  cells = sorted({f for rows in boards.values() for row in rows.values() for f in row["folders"]})
+  earlier = sum(os.path.getmtime(os.path.join(f, "summary.json")) < _STARTED for f in cells)
+  compute = sum(report.read_summary(f).get("total_wall_s", 0.0) for f in cells)
+  return (f"{len(cells)} runs; {earlier} of them finished by an earlier invocation of this command (same "
+          f"configuration, same machine) and reused. The runs' own wall times add up to {compute / 60:.1f} min.\n")
 
 
 def main(argv):

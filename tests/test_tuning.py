@@ -4,6 +4,7 @@ import functools
 import json
 import os
 
+import numpy as np
 import pytest
 
 from benchmarks import distill_gain, leaderboard, server_cost, tuning
@@ -314,3 +315,9 @@ def test_a_value_past_the_edge_is_written_as_a_person_would():
   moon = [tuning.compose({"epochs×": 2}, g) for g in tuning.GRIDS["moon"]]  # μ ∈ {0.1, 1, 5, 10}
   past = tuning.beyond(moon, moon[2])
   assert past["moon.mu"] == 0.01 and tuning.label(past) == "epochs×=2, moon.mu=0.01"
+
+
+def test_the_curves_moving_mean_does_not_sag_at_the_ends():
+  # zero padding made a flat curve of 0.8 end at 0.8·(2/3) with a width of 3
+  np.testing.assert_allclose(leaderboard.moving_mean(np.full(6, 0.8), 3), np.full(6, 0.8))
+  np.testing.assert_allclose(leaderboard.moving_mean(np.array([0.0, 3.0, 6.0]), 3), [1.5, 3.0, 4.5])
