@@ -24,7 +24,6 @@ upload and cumulative seconds, one line per algorithm with its seed band. Both g
 import json
 import os
 import shutil
-import time
 import warnings
 
 import numpy as np
@@ -88,7 +87,6 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
   return folders
 
 
-_STARTED = time.time()  # a run that finished before this was made by an earlier invocation
 FLAT = 0.3  # points: a curve whose last-window mean moved less than this from the window before is flat
 
 
@@ -138,7 +136,7 @@ def plateau(metrics: list[list[dict]]) -> tuple[list[float], float]:
   return last, float(np.mean(moved)) if moved else np.nan
 
 
-def seconds(records: list[dict], summary: dict) -> np.ndarray:
+def seconds(records: list[dict]) -> np.ndarray:
   """Cumulative client + server seconds per round, round 1 (which compiles) counted at the mean of the others."""
   per_round = np.array([r["client_time_s"] + r["server_time_s"] for r in records], dtype=np.float64)
   if len(per_round) > 1:
@@ -154,13 +152,13 @@ def target_of(rows: dict[str, dict]) -> float | None:
   return float(np.mean(level)) if level else None
 
 
-def _to_target(records: list[dict], summary: dict, target: float | None) -> tuple:
+def _to_target(records: list[dict], target: float | None) -> tuple:
   """(rounds, client + server seconds, upload MB) to reach `target`; Nones if the run never does."""
   r = loop.rounds_to_target(records, target) if target else None
   if r is None:
     return None, None, None
   i = next(i for i, x in enumerate(records) if x["round"] == r)
-  return r, float(seconds(records, summary)[i]), records[i]["bytes_up"] / 1e6
+  return r, float(seconds(records)[i]), records[i]["bytes_up"] / 1e6
 
 
 def table(setting: str, rows: dict[str, dict]) -> str:
@@ -175,8 +173,7 @@ def table(setting: str, rows: dict[str, dict]) -> str:
   for algorithm, row in rows.items():
     summaries, metrics = row["summaries"], row["metrics"]
     level, moved = plateau(metrics)
-    reach, wall, upload = zip(*(_to_target(m, s, target) for m, s in zip(metrics, summaries, strict=True)),
-                              strict=True)
+    reach, wall, upload = zip(*(_to_target(m, target) for m in metrics), strict=True)
     diverged = sum(bool(s.get("diverged")) for s in summaries)
     name = algorithm + (f" ({diverged} of {len(summaries)} diverged: last finite round)" if diverged else "")
     cells = [name, row["setting"], _mean_std([s.get("final_accuracy") for s in summaries], 100),
@@ -197,8 +194,8 @@ def moving_mean(values: np.ndarray, width: int) -> np.ndarray:
 
 def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
   """Test accuracy against rounds, cumulative upload bytes and cumulative client + server seconds: one line per
-  algorithm (mean over seeds) with its band (± std over seeds), both as moving means over `smooth` rounds
-  (a 30th of the run) so that a dozen curves that swing by points from round to round stay legible."""
+  algorithm (mean over seeds) with its band (± std over seeds), both as moving means over a 30th of the
+  run so that a dozen curves that swing by points from round to round stay legible."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -213,7 +210,7 @@ def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
       mean, std = (moving_mean(v, max(1, acc.shape[1] // 30)) for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
       xs = (np.arange(1, acc.shape[1] + 1),
             np.nanmean(_padded([np.array([r["bytes_up"] / 1e6 for r in m]) for m in row["metrics"]]), 0),
-            np.nanmean(_padded([seconds(m, s) for m, s in zip(row["metrics"], row["summaries"], strict=True)]), 0))
+            np.nanmean(_padded([seconds(m) for m in row["metrics"]]), 0))
     for ax, x in zip(axes, xs, strict=True):
       ax.plot(x, mean, color=colour, label=algorithm, linewidth=1.2)
       ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
@@ -270,11 +267,12 @@ def block(boards: dict[str, dict], seeds, plots: str, results_path: str) -> str:
 def provenance(boards: dict[str, dict]) -> str:
   """How many cells this invocation ran and how many it reused, and the compute the cells took themselves: what
   the header's wall time covers."""
-  cells = sorted({f for rows in boards.values() for row in rows.values() for f in row["folders"]})
-  earlier = sum(os.path.getmtime(os.path.join(f, "summary.json")) < _STARTED for f in cells)
-  compute = sum(report.read_summary(f).get("total_wall_s", 0.0) for f in cells)
-  return (f"{len(cells)} runs; {earlier} of them finished by an earlier invocation of this command (same "
-          f"configuration, same machine) and reused. The runs' own wall times add up to {compute / 60:.1f} min.\n")
+  cells = {f: s for rows in boards.values() for row in rows.values()  # a composed row may share fedsnd's runs
+           for f, s in zip(row["folders"], row["summaries"], strict=True)}
+  earlier = sum(map(results.made_earlier, cells))
+  compute = sum(s.get("total_wall_s", 0.0) for s in cells.values())
+  return (f"{len(cells)} runs; {earlier} of them {results.REUSED}. The runs' own wall times add up to "
+          f"{compute / 60:.1f} min.\n")
 
 
 def main(argv):

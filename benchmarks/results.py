@@ -24,6 +24,14 @@ import sys
 import time
 
 _START = time.monotonic()
+_STARTED_AT = time.time()  # wall clock, to compare with files' modification times
+REUSED = "finished by an earlier invocation of this command (same configuration, same machine) and reused"
+
+
+def made_earlier(run: str) -> bool:
+  """Whether the finished run folder `run` (its summary.json) predates this process: a reused run, whose time the
+  header's wall time does not cover."""
+  return os.path.getmtime(os.path.join(run, "summary.json")) < _STARTED_AT
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -22,7 +22,6 @@ configuration anywhere in the setting's folder is reused (`stale`), so an interr
 import json
 import os
 import shutil
-import time
 
 from absl import app, flags, logging
 
@@ -33,7 +32,6 @@ from experiments.configs import default
 from fedsnd_jax import algorithms, loop
 
 TUNING_SEED = 100
-_STARTED = time.time()  # a finished run older than this was made by an earlier invocation, and is reused
 
 # name -> (base config module, overrides). The settings FedSND's defaults must be safe in: the README's main job;
 # the same at a tenth of its local work, a model that under-fits for all 30 rounds; and the leaderboard's four
@@ -211,7 +209,7 @@ def run(root: str, setting: str, name: str, config) -> dict:
   another name is copied there, a folder that ran another configuration is replaced."""
   workdir = os.path.join(root, setting, name)
   same = finished_run(os.path.join(root, setting), config)
-  earlier = bool(same) and os.path.getmtime(os.path.join(same, "summary.json")) < _STARTED
+  earlier = bool(same) and results.made_earlier(same)
   if same != workdir and os.path.exists(workdir) and (same or stale(workdir, config)):
     shutil.rmtree(workdir)
   if same and same != workdir:
@@ -307,9 +305,8 @@ def evidence_markdown(tuned: dict, settings) -> str:
     text.append("")
   evidence = [e for s in settings for entry in tuned.get(s, {}).values() for e in entry["evidence"]]
   earlier = sum(bool(e.get("earlier_run")) for e in evidence)
-  text.append(f"{len(evidence)} candidate runs; {earlier} of them finished by an earlier invocation of this "
-              "command (same configuration, same machine) and reused, so the wall time above covers the other "
-              f"{len(evidence) - earlier}.\n")
+  text.append(f"{len(evidence)} candidate runs; {earlier} of them {results.REUSED}, so the wall time above covers "
+              f"the other {len(evidence) - earlier}.\n")
   return "\n".join(text)
 
 
