@@ -4,7 +4,7 @@ r"""The leaderboard: every algorithm at its tuned setting on real Fashion-MNIST,
   python -m benchmarks.leaderboard --settings=xdevice_a0.1 --algorithms=fedavg,fedsnd --results=
 
 The settings are `benchmarks.tuning.SETTINGS`' Fashion-MNIST protocols (the MLP; 10 clients all participating
-for 50 rounds, and cross-device, 100 clients 10 a round, for 150 rounds: `benchmarks/configs/fmnist_mlp*.py`).
+for 50 rounds, and cross-device, 100 clients 10 a round, for 300 rounds: `benchmarks/configs/fmnist_mlp*.py`).
 Each algorithm runs with the winner of its tuning (`benchmarks/configs/tuned.json`, written by
 `benchmarks.tuning` on the validation split at tuning seed 100) where that setting was tuned, else with the first
 candidate of its grid (its paper's defaults); the "setting" column says which, and how many configurations the
