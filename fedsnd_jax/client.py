@@ -54,6 +54,18 @@ def client_optimizer(lr: float, momentum: float = 0.9, weight_decay: float = 0.0
   return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
 
 
+def local_displacement(steps, lr: float, momentum: float):
+  """[C] distance K steps [C] of `client_optimizer`'s SGD (lr η, heavy-ball momentum β, a fresh buffer each
+  round) move under a unit gradient.
+
+  Σ_{k=1..K} Σ_{j<k} β^j·η = η·[K − β(1 − β^K)/(1 − β)]/(1 − β); η·K without momentum.
+  """
+  k = steps.astype(jnp.float32)
+  if momentum == 0:
+    return lr * k
+  return lr * (k - momentum * (1.0 - momentum**k) / (1.0 - momentum)) / (1.0 - momentum)
+
+
 def supervised_loss(model) -> LossFn:
   """FedAvg's local loss: CE(f(x; w, ξ), y) with dropout ξ drawn from `rng`."""
 

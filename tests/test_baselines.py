@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from fedsnd_jax import algorithms, client, models, rounds, sampling, tree_math
-from fedsnd_jax.algorithms import feddyn, fedntd, moon, scaffold
+from fedsnd_jax.algorithms import feddyn, fednova, fedntd, moon, scaffold
 
 LR = 0.05
 
@@ -69,7 +69,7 @@ def test_scaffold_control_recovers_a_constant_gradient_under_momentum():
     updates, opt_state = opt.update(g, opt_state, y)
     y = optax.apply_updates(y, updates)
   zeros = jax.tree.map(jnp.zeros_like, g)
-  displacement = scaffold.local_displacement(jnp.array([k]), lr, beta)
+  displacement = client.local_displacement(jnp.array([k]), lr, beta)
   c_new = scaffold.control_update(zeros, jax.tree.map(lambda a: a[None], zeros), zeros,
                                   jax.tree.map(lambda a: a[None], y), displacement)
   jax.tree.map(lambda c, gg: np.testing.assert_allclose(c[0], gg, rtol=1e-5), c_new, g)
@@ -154,3 +154,45 @@ def test_feddyn_correction_leaves_batch_norm_statistics_averaged(tiny, federatio
   bias = lambda p: p["params"]["Dense_0"]["bias"]
   np.testing.assert_allclose(bias(out.average), bias(average) + 2 / 3, rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, out.average["batch_stats"], average["batch_stats"])
+
+
+def test_fednova_with_equal_local_work_is_fedavg(tiny, federation, run_rounds, assert_close):
+  data, fed = federation(local_steps=3)  # every client takes 3 steps: every scale τ_eff / a_k is 1
+  model = models.build_model("mlp", tiny.shape, 3)
+  assert_close(run_rounds(algorithms.build("fednova", model, fed), data, 2)[0].params,
+               run_rounds(algorithms.build("fedavg", model, fed), data, 2)[0].params)
+
+
+def test_fednova_normalises_unequal_local_work_by_hand():
+  # Two clients of equal weight from w = 0 without momentum: w_1 = 1 after 1 step, w_2 = 2 after 4 steps.
+  # τ_eff = (1 + 4)/2 = 2.5; Σ p_k (w − w_k)/a_k = (−1/1 − 2/4)/2 = −0.75; w ← 0 + 2.5 · 0.75 = 1.875
+  # (FedAvg: 1.5).
+  fed = rounds.Federation(2, 2, rounds.LocalSchedule(), 0.1, 0.0, 0.0, (1,), 2)
+  parts = fednova.build(None, fednova.Hyperparameters(), fed)
+  normalise = parts.server_steps(0)[0].fn
+  params = {"w": jnp.zeros(())}
+  context = rounds.RoundContext(jnp.zeros((), jnp.int32), params, None, jnp.arange(2), None, None,
+                                jnp.array([1, 4]), None, None)
+  carry = rounds.ServerCarry({"w": jnp.array([1.0, 2.0])}, jnp.array([5.0, 5.0]), None, None, None, None, {})
+  carry, diagnostics = normalise(context, carry)
+  np.testing.assert_allclose(float(diagnostics["fednova_tau_eff"]), 2.5)
+  np.testing.assert_allclose(float(jnp.mean(carry.models["w"])), 1.875, rtol=1e-6)
+
+
+def test_fednova_local_work_follows_momentum(tiny, federation):
+  # Under momentum ρ a_k = Σ_t (1 − ρ^t)/(1 − ρ): for ρ = 0.5, τ = 3 that is 1 + 1.5 + 1.75 = 4.25.
+  np.testing.assert_allclose(client.local_displacement(jnp.array([3]), 1.0, 0.5), [4.25], rtol=1e-6)
+  data, fed = federation(momentum=0.9)
+  steps = -(-np.asarray(data.counts) // 4)
+  assert len(set(steps.tolist())) > 1  # the tiny federation's clients take unequal steps under local_epochs
+  model = models.build_model("mlp", tiny.shape, 3)
+  run = algorithms.build("fednova", model, fed)
+  state0 = run.init(jax.random.key(0))
+  state1, out = run.apply(state0, data)
+  weights = np.asarray(data.counts) / np.asarray(data.counts).sum()
+  work = np.asarray(client.local_displacement(jnp.asarray(steps), 1.0, 0.9))
+  np.testing.assert_allclose(out.diagnostics["fednova_tau_eff"], float(np.sum(weights * work)), rtol=1e-5)
+  fedavg = algorithms.build("fedavg", model, fed).apply(state0, data)[0]
+  gaps = [float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(state1.params),
+                                                      jax.tree.leaves(fedavg.params), strict=True)]
+  assert max(gaps) > 1e-5  # unequal work: not FedAvg

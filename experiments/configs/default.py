@@ -11,7 +11,8 @@ from fedsnd_jax import algorithms, mechanisms, settings
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # fedavg | fedsd (client self-distillation) | fednd (server noise-distillation) | fedsnd (both)
-  # | fedprox | scaffold | moon | feddyn | fedntd (baselines) | fedgen | fedftg (data-free distillation peers):
+  # | fedprox | scaffold | moon | feddyn | fedntd | fednova (baselines) | fedgen | fedftg (data-free distillation
+  # peers):
   # fedsnd_jax/algorithms/, one module each
   c.algorithm = "fedavg"
   # Data (fedsnd_jax/data.py; partitions: fedsnd_jax/partition.py).

@@ -6,7 +6,7 @@ Adding an algorithm: one module here (the paper cited, its update equations, `Hy
 """
 
 from fedsnd_jax import models, settings
-from fedsnd_jax.algorithms import fedavg, feddyn, fedftg, fedgen, fedntd, fedprox, fedsnd, moon, scaffold
+from fedsnd_jax.algorithms import fedavg, feddyn, fedftg, fedgen, fednova, fedntd, fedprox, fedsnd, moon, scaffold
 from fedsnd_jax.driver import build_rounds
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.rounds import NO_MECHANISMS, AlgorithmSpec, FederatedAlgorithm, Federation, MechanismParts
@@ -23,6 +23,7 @@ REGISTRY: dict[str, AlgorithmSpec] = {
     "fedntd": fedntd.SPEC,
     "fedgen": fedgen.SPEC,
     "fedftg": fedftg.SPEC,
+    "fednova": fednova.SPEC,
 }
 
 

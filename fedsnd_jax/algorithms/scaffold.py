@@ -8,7 +8,7 @@ Stochastic Controlled Averaging for Federated Learning", ICML 2020 (control upda
 
 The clients here may use heavy-ball momentum β (fresh buffer each round); then K_i·η, the distance K_i
 plain steps move under a unit gradient, becomes the distance K_i momentum steps move:
-η·[K_i − β(1 − β^{K_i})/(1 − β)]/(1 − β) (`local_displacement`), so c_i⁺ recovers the gradient either way.
+η·[K_i − β(1 − β^{K_i})/(1 − β)]/(1 − β) (`client.local_displacement`), so c_i⁺ recovers the gradient either way.
 K_i is each client's own count of (non-padding) steps.
 """
 
@@ -49,23 +49,12 @@ def controlled_loss(model: Model) -> client.LossFn:
   return loss_fn
 
 
-def local_displacement(steps, lr: float, momentum: float):
-  """[C] distance K steps of SGD (lr η, heavy-ball momentum β, fresh buffer) move under a unit gradient.
-
-  Σ_{k=1..K} Σ_{j<k} β^j·η = η·[K − β(1 − β^K)/(1 − β)]/(1 − β); η·K without momentum.
-  """
-  k = steps.astype(jnp.float32)
-  if momentum == 0:
-    return lr * k
-  return lr * (k - momentum * (1.0 - momentum**k) / (1.0 - momentum)) / (1.0 - momentum)
-
-
 def control_update(c, c_own, received, uploaded, displacement):
   """Option II: c_i⁺ = c_i − c + (w − y_i) / displacement_i.
 
   Args:
     c: [P] server control. c_own: [C, P] the clients' controls. received: [P] w. uploaded: [C, P] y_i.
-    displacement: [C] from `local_displacement`.
+    displacement: [C] from `client.local_displacement`.
 
   Returns:
     [C, P] new client controls.
@@ -90,7 +79,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
 
   def after_aggregation(context: RoundContext, carry: ServerCarry) -> ServerCarry:
     state = context.state
-    displacement = local_displacement(context.steps, federation.client_lr, federation.client_momentum)
+    displacement = client.local_displacement(context.steps, federation.client_lr, federation.client_momentum)
     new_ci = control_update(state.c, context.own, context.params, context.uploads.params, displacement)
     delta_c = jax.tree.map(lambda n, o: jnp.mean(n - o, axis=0), new_ci, context.own)
     frac = context.ids.shape[0] / num_clients
