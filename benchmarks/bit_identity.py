@@ -29,7 +29,7 @@ ATTACKED = {**ROBUST, "attack.fraction": 0.3}  # 2 of 7 clients
 
 CASES: dict[str, dict] = {
     **{name: {"algorithm": name} for name in ("fedavg", "fedsd", "fednd", "fedsnd", "fedprox", "scaffold", "moon",
-                                              "feddyn", "fedntd", "fedgen", "fedftg")},
+                                              "feddyn", "fedntd", "fedgen", "fedftg", "fednova")},
     "fedavg_epochs": {"local_steps": 0, "local_epochs": 1},
     "fedavg_server_adam": {"server_opt": "adam", "server_lr": 0.01},
     "fedavg_poisson": {"client_sampling": "poisson"},
@@ -47,6 +47,15 @@ CASES: dict[str, dict] = {
     **{f"attack_{kind}": {**ATTACKED, "attack.kind": kind} for kind in ("sign_flip", "gaussian", "alie", "ipm",
                                                                    "label_flip")},
     "attack_ipm_scaled_krum": {**ATTACKED, "attack.kind": "ipm", "attack.scale": 0.5, "robust.rule": "krum"},
+    "systems_clock": {"systems.enabled": True},
+    "systems_deadline_drop": {"systems.enabled": True, "systems.deadline_quantile": 0.7},
+    "systems_deadline_partial_fednova": {"algorithm": "fednova", "systems.enabled": True,
+                                         "systems.deadline_quantile": 0.7, "systems.stragglers": "partial"},
+    "compression_topk_ef": {"compression.kind": "topk", "compression.ratio": 0.1, "compression.feedback": "ef"},
+    "compression_qsgd_ef21_fednova": {"algorithm": "fednova", "compression.kind": "qsgd",
+                                      "compression.feedback": "ef21"},
+    "compression_randk_local_dp": {"compression.kind": "randk", "compression.ratio": 0.5, "dp.clip_norm": 1.0,
+                                   "dp.local": True},
     "attack_gaussian_fedsnd_consensus_median": {**ATTACKED, "attack.kind": "gaussian", "robust.rule": "median",
                                                 "algorithm": "fedsnd", "fedsnd.consensus.enabled": True},
     **{f"fedsnd_{name}": {"algorithm": "fedsnd", **{f"fedsnd.{k}": v for k, v in fields.items()}}

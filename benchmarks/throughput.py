@@ -126,7 +126,8 @@ def throughput_rows(model_name: str, conv_impl: str):
       federation = rounds.Federation(num, num, schedule, 0.01, 0.9, 0.0, SHAPE, 10)  # its optimiser is `opt`
       phase = driver.make_client_phase(model, client.supervised_loss(model), federation, steps, strategy,
                                        _CHUNK.value)
-      out, first, steady = _timed(phase, (params, None, data), (ids, keys, None))
+      limits = schedule.steps_taken(data.counts[ids])
+      out, first, steady = _timed(phase, (params, None, data), (ids, keys, None, limits))
       results[strategy] = out.params
       timings[strategy] = (first, steady, _peak_memory_mb())
     reference = next(iter(results))

@@ -46,7 +46,8 @@ def hyperparameters(c):
 
 
 def algorithm_info(c) -> AlgorithmInfo:
-  return AlgorithmInfo(c.algorithm, algorithms.get(c.algorithm).privacy(hyperparameters(c)))
+  spec = algorithms.get(c.algorithm)
+  return AlgorithmInfo(c.algorithm, spec.privacy(hyperparameters(c)), spec.partial_work)
 
 
 def mechanism_settings(c) -> dict:

@@ -130,12 +130,19 @@ def batch_arguments(schedule, num_steps: int) -> dict:
               local_steps=schedule.steps)
 
 
-def local_batches(key, client_id, data: FederatedData, schedule: dict):
-  """(idx [S, B], mask [S, B], train key) of one client's round."""
+def local_batches(key, client_id, data: FederatedData, schedule: dict, limit):
+  """(idx [S, B], mask [S, B], train key) of one client's round, cut after its first `limit` (int32 [])
+  non-empty steps: a client that a deadline stopped early uploads the steps it finished (`systems`)."""
   batch_key, train_key = jax.random.split(key)
   idx, mask = client_batches(batch_key, data.index[client_id], data.counts[client_id], **schedule,
                              own_max_count=data.own_max_count)
-  return idx, mask, train_key
+  finished = jnp.cumsum(jnp.any(mask, axis=1)) <= limit
+  return idx, mask & finished[:, None], train_key
+
+
+def uploaded_examples(data: FederatedData, client_id, limit):
+  """The upload's aggregation weight: the client's example count, 0 if it took no step (dropped)."""
+  return jnp.where(limit > 0, data.counts[client_id], 0)
 
 
 def calibrated(calibrate, params, key, client_id, data: FederatedData):
@@ -145,23 +152,23 @@ def calibrated(calibrate, params, key, client_id, data: FederatedData):
 
 
 def make_client_update(loss_fn: LossFn, optimizer, schedule, num_steps: int, calibrate=None):
-  """Builds client_update(params, context, client_id, key, data) -> ClientOutput for one client.
+  """Builds client_update(params, context, client_id, key, data, limit) -> ClientOutput for one client.
 
   The client gathers its own batch schedule (`client_batches`: `num_steps` slots of the `rounds.LocalSchedule`
-  `schedule`) from `data` by its id, then trains
+  `schedule`, of which it takes the first `limit` non-empty steps) from `data` by its id, then trains
   from `params`. With `calibrate` (BatchNorm models, `Model.calibrate`) it then sets the BatchNorm
   statistics from CALIBRATION_SIZE of its examples drawn with replacement. Pure and vmappable over
   (client_id, key).
   """
   schedule = batch_arguments(schedule, num_steps)
 
-  def client_update(params, context, client_id, key, data: FederatedData) -> ClientOutput:
-    idx, mask, train_key = local_batches(key, client_id, data, schedule)
+  def client_update(params, context, client_id, key, data: FederatedData, limit) -> ClientOutput:
+    idx, mask, train_key = local_batches(key, client_id, data, schedule, limit)
     new_params, loss = train_steps(loss_fn, optimizer, params, context, data.x, data.y, data.mean,
                                    data.std, idx, mask, train_key)
     if calibrate is not None:
       new_params = calibrated(calibrate, new_params, key, client_id, data)
-    return ClientOutput(new_params, data.counts[client_id], loss)
+    return ClientOutput(new_params, uploaded_examples(data, client_id, limit), loss)
 
   return client_update
 

@@ -8,6 +8,7 @@ vectorised runs are transforms of a `Round` (`poisson`, `attacked`, `vectorised`
 converts what the host reads. `build_rounds` composes them.
 """
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import aggregation, client, federated_data, host_loop, mapping, models
+from fedsnd_jax import aggregation, client, compression, federated_data, host_loop, mapping, models, systems
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.rounds import (
@@ -43,10 +44,11 @@ from fedsnd_jax.sampling import SAMPLINGS, cohort_cap, round_keys
 
 def make_client_phase(model, loss_fn: client.LossFn, federation: Federation, num_steps: int, client_map: str,
                       chunk_size: int, upload_transform=None, traced: bool = False):
-  """Returns client_phase((params, shared, data), (ids [C], keys [C], own)) -> stacked ClientOutput.
+  """Returns client_phase((params, shared, data), (ids [C], keys [C], own, limits [C])) -> stacked ClientOutput.
 
   Every client starts from the received params and takes `num_steps` step slots of the federation's schedule,
-  with its client optimiser; its loss sees
+  of which it runs the first `limits[c]` non-empty ones (a client with limit 0 trains nothing and uploads weight
+  0), with its client optimiser; its loss sees
   ClientContext(params, shared, own[c]), `own` being per-client state stacked [C, ...] (or None).
   `upload_transform(received, trained, key)`, if given, is what each client does to its trained params before
   uploading them (local DP noise). The `loop` map drives each client's steps from the host
@@ -58,8 +60,8 @@ def make_client_phase(model, loss_fn: client.LossFn, federation: Federation, num
   update = make(loss_fn, federation.client_optimizer(), federation.schedule, num_steps, calibrate=model.calibrate)
   transform = upload_transform and (jax.jit(upload_transform) if stepped else upload_transform)
 
-  def one(params, shared, data, cid, key, own):
-    out = update(params, client.ClientContext(params, shared, own), cid, key, data)
+  def one(params, shared, data, cid, key, own, limit):
+    out = update(params, client.ClientContext(params, shared, own), cid, key, data, limit)
     if transform is None:
       return out
     return out._replace(params=transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
@@ -84,7 +86,7 @@ def server_update(server_opt, params, opt_state, average):
 class RoundInputs(NamedTuple):
   """What `prepare` hands the round: ids [C] int32 sorted sampled clients, keys [C] their keys, the server's
   key, what every client receives (shared) and each one's own state [C, ...], and steps [C] int32 the local
-  steps each takes."""
+  steps each takes (its schedule's, or fewer where a deadline stops it: `timed`)."""
 
   ids: jax.Array
   keys: jax.Array
@@ -111,6 +113,10 @@ class Round(NamedTuple):
     cohort: ids -> (clients that took part, diagnostics about it), on the host.
     traffic: (round index, cohort) -> (bytes up, bytes down) of the round.
     slots: C, the uploads a round has room for; sampling: one of SAMPLINGS; runs: R vectorised runs, or 0.
+    clock: (round index, inputs) -> (inputs with the steps the clients finish, the round's simulated seconds,
+      diagnostics), or None (no simulated clock: `timed`).
+    compress: (state, uploads, inputs) -> (uploads as the server reconstructs them, new `ServerState.uploads`),
+      or None (uploads sent whole: `compressed`).
   """
 
   init: Callable
@@ -126,6 +132,8 @@ class Round(NamedTuple):
   slots: int
   sampling: str = "fixed"
   runs: int = 0
+  clock: Callable | None = None
+  compress: Callable | None = None
 
 
 def describe(parts: RoundParts, model: models.Model, federation: Federation, server_opt,
@@ -160,7 +168,8 @@ def describe(parts: RoundParts, model: models.Model, federation: Federation, ser
       if not last:
         return carry, diagnostics
       params, opt_state = server_update(server_opt, state.params, state.opt_state, carry.average)
-      new = ServerState(params, opt_state, state.round + 1, state.rng, carry.state, carry.aggregator)
+      new = ServerState(params, opt_state, state.round + 1, state.rng, carry.state, carry.aggregator,
+                        state.uploads)
       train_loss = aggregation.weighted_average(context.uploads.loss, context.uploads.num_examples)
       return (new, train_loss, carry.eval_models), diagnostics
 
@@ -213,13 +222,54 @@ def attacked(r: Round, attack: Callable) -> Round:
   return r._replace(corrupt=corrupt)
 
 
+def compressed(r: Round, settings: compression.Settings, model: models.Model, num_clients: int) -> Round:
+  """Clients send compressed updates (`compression`), optionally with error feedback, whose per-client memory
+  is `ServerState.uploads`; the round's upload bytes are the compressed ones."""
+  like = compression.trainable(jax.eval_shape(model.init, jax.random.key(0)))
+  compressor = compression.make(settings, like)
+  size, tensors = sum(math.prod(x.shape) for x in jax.tree.leaves(like)), len(jax.tree.leaves(like))
+  saved = param_bytes(like) - compressor.bytes(size, tensors)
+
+  def init(key) -> ServerState:
+    state = r.init(key)
+    return state._replace(uploads=compression.init_state(compressor, state.params, num_clients))
+
+  def compress(state: ServerState, uploads: client.ClientOutput, inputs: RoundInputs):
+    params, memory = compression.compress_uploads(compressor, state.params, uploads.params, uploads.num_examples,
+                                                  state.uploads, inputs.ids, inputs.keys)
+    return uploads._replace(params=params), memory
+
+  def traffic(round_index: int, cohort: int) -> tuple[int, int]:
+    up, down = r.traffic(round_index, cohort)
+    return up - cohort * saved, down
+
+  return r._replace(init=init, compress=compress, traffic=traffic)
+
+
+def timed(r: Round, clock: systems.Clock) -> Round:
+  """The round on a simulated clock (`systems`): each sampled client's download, local steps and upload take
+  the seconds of its profile; a deadline stops the clients that cannot finish (dropped, or uploading the steps
+  they finished). The round lasts until its last client or the deadline."""
+  timing = jax.jit(lambda ids, steps, up_bits, down_bits: systems.round_timing(clock, ids, steps, up_bits,
+                                                                               down_bits))
+
+  def time_round(round_index: int, inputs: RoundInputs):
+    up, down = r.traffic(round_index, r.slots)  # (per client: secure aggregation's bytes grow with the cohort)
+    t = timing(inputs.ids, inputs.steps, 8.0 * up / r.slots, 8.0 * down / r.slots)
+    about = {"round_sim_s": float(t.seconds), "dropped_clients": int(t.dropped), "partial_clients": int(t.partial)}
+    return inputs._replace(steps=t.steps), about["round_sim_s"], about
+
+  return r._replace(clock=time_round)
+
+
 def vectorised(r: Round, runs: int, traced_clients: Callable[[int], Callable]) -> Round:
   """R runs as one program: every phase vmapped over a leading run axis of the state and of the data
   (`federated_data.stack`), the client phase traced (`make_client_phase(traced=True)`)."""
-  if r.corrupt is not None or r.sampling != "fixed":
-    raise InputError("vectorize", "vectorised runs take fixed client sampling and no Byzantine attack (its "
-                     "clients differ per seed)")
+  if r.corrupt is not None or r.sampling != "fixed" or r.clock is not None:
+    raise InputError("vectorize", "vectorised runs take fixed client sampling, no Byzantine attack and no "
+                     "simulated clock (their clients and profiles differ per seed)")
   return r._replace(init=jax.vmap(r.init), prepare=jax.vmap(r.prepare),
+                    compress=r.compress and jax.vmap(r.compress),
                     clients=lambda num_steps: jax.jit(jax.vmap(traced_clients(num_steps))),
                     step=lambda server_step, last: jax.vmap(r.step(server_step, last)), runs=runs)
 
@@ -249,6 +299,7 @@ def execute(r: Round) -> FederatedAlgorithm:
   """Runs a described round: one jitted call per phase and per (server step, is-last), each timed."""
   prepare = jax.jit(r.prepare)
   corrupt = r.corrupt and jax.jit(r.corrupt)
+  compress = r.compress and jax.jit(r.compress)
   phases: dict[int, Callable] = {}
   steps: dict[tuple[ServerStep, bool], Callable] = {}
 
@@ -268,7 +319,14 @@ def execute(r: Round) -> FederatedAlgorithm:
     data = r.pad(data)
     timer = PhaseTimer()
     inputs = prepare(state, data)
-    uploads = client_phase(data)((state.params, inputs.shared, data), (inputs.ids, inputs.keys, inputs.own))
+    sim_s, about = None, {}
+    if r.clock is not None:
+      inputs, sim_s, about = r.clock(round_index, inputs)
+    uploads = client_phase(data)((state.params, inputs.shared, data),
+                                 (inputs.ids, inputs.keys, inputs.own, inputs.steps))
+    memory = state.uploads
+    if compress is not None:
+      uploads, memory = compress(state, uploads, inputs)
     if corrupt is not None:
       uploads = corrupt(uploads, inputs.ids, state.params, inputs.server_key)
     uploads = timer.lap("client_time_s", uploads)
@@ -285,10 +343,14 @@ def execute(r: Round) -> FederatedAlgorithm:
       carry, diag = timer.lap(f"{server_step.name}_time_s", out)
       diagnostics.update(diag)
     new_state, train_loss, eval_models = carry
+    new_state = new_state._replace(uploads=memory)
     times = {**timer.times, "server_time_s": sum(timer.times[f"{s.name}_time_s"] for s in server_steps)}
-    cohort, about = r.cohort(inputs.ids)
-    diagnostics, train_loss = _host({**diagnostics, **about}, train_loss, r.runs)
-    return new_state, RoundOutput(times, diagnostics, train_loss, eval_models, *r.traffic(round_index, cohort))
+    cohort, sampled = r.cohort(inputs.ids)
+    diagnostics, train_loss = _host({**diagnostics, **sampled}, train_loss, r.runs)
+    up, down = r.traffic(round_index, cohort)
+    if about:  # a dropped client's upload never left it
+      up = up * (cohort - about["dropped_clients"]) // cohort
+    return new_state, RoundOutput(times, {**diagnostics, **about}, train_loss, eval_models, up, down, sim_s)
 
   return FederatedAlgorithm(r.init, apply)
 
@@ -304,7 +366,8 @@ def build_rounds(parts: RoundParts, model: models.Model, federation: Federation,
       without replacement; "poisson": each client with probability C/K, `poisson`).
     server_opt: optimiser on the pseudo-gradient w − aggregate; None is SGD at lr 1 (plain FedAvg).
     mechanisms: what the run's mechanisms plug in: the aggregator (None: the example-weighted mean), the
-      clients' upload transform (local DP noise) and the Byzantine attack.
+      clients' upload transform (local DP noise), the Byzantine attack, the simulated clock and upload
+      compression.
     client_map: one of `mapping.CLIENT_MAPS`; chunk_size: clients per chunk for `chunked`.
     runs: R > 0 runs R federations as one program (vectorised sweeps, `vectorised`): a round's train_loss and
       diagnostics are then lists over runs and its eval_models stacked. Runs may differ in seed and partition,
@@ -324,8 +387,12 @@ def build_rounds(parts: RoundParts, model: models.Model, federation: Federation,
   r = describe(parts, model, federation, server_opt, aggregator, clients(False))
   if federation.sampling == "poisson":
     r = poisson(r, parts, model, federation)
+  if mechanisms.compression is not None:
+    r = compressed(r, mechanisms.compression, model, federation.num_clients)
   if mechanisms.attack is not None:
     r = attacked(r, mechanisms.attack)
+  if mechanisms.clock is not None:
+    r = timed(r, mechanisms.clock)
   if runs:
     r = vectorised(r, runs, clients(True))
   return execute(r)

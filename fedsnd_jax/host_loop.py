@@ -71,8 +71,8 @@ def make_stepped_client_update(loss_fn: client.LossFn, optimizer, schedule, num_
   """
   schedule = client.batch_arguments(schedule, num_steps)
 
-  def start(params, client_id, key, data):
-    idx, mask, train_key = client.local_batches(key, client_id, data, schedule)
+  def start(params, client_id, key, data, limit):
+    idx, mask, train_key = client.local_batches(key, client_id, data, schedule, limit)
     keys = jax.random.split(train_key, num_steps)
     return idx, mask, keys, jnp.any(mask, axis=1), (params, optimizer.init(params)), jnp.zeros(2)
 
@@ -82,18 +82,19 @@ def make_stepped_client_update(loss_fn: client.LossFn, optimizer, schedule, num_
                                                     data.std, carry, (idx[s], mask[s], keys[s]))
     return carry, sums + jnp.stack([loss_sum, valid.astype(jnp.float32)])
 
-  def finish(params, sums, key, client_id, data):
+  def finish(params, sums, key, client_id, data, limit):
     if calibrate is not None:
       params = client.calibrated(calibrate, params, key, client_id, data)
-    return client.ClientOutput(params, data.counts[client_id], sums[0] / jnp.maximum(sums[1], 1))
+    return client.ClientOutput(params, client.uploaded_examples(data, client_id, limit),
+                               sums[0] / jnp.maximum(sums[1], 1))
 
   start, step, finish = (jax.jit(fn) for fn in (start, step, finish))
 
-  def client_update(params, context, client_id, key, data: FederatedData) -> client.ClientOutput:
-    idx, mask, keys, live, carry, sums = start(params, client_id, key, data)
+  def client_update(params, context, client_id, key, data: FederatedData, limit) -> client.ClientOutput:
+    idx, mask, keys, live, carry, sums = start(params, client_id, key, data, limit)
     for s in np.flatnonzero(jax.device_get(live)):  # (waits for this client's schedule only)
       carry, sums = step(carry, sums, context, data, idx, mask, keys, s)
-    return finish(carry[0], sums, key, client_id, data)
+    return finish(carry[0], sums, key, client_id, data, limit)
 
   return client_update
 

@@ -87,6 +87,14 @@ def rounds_to_target(records: list[dict], target: float) -> int | None:
   return next((r["round"] for r in records if r["test_accuracy"] >= target), None)
 
 
+def sim_seconds_to_target(records: list[dict], target: float) -> dict:
+  """{"sim_seconds_to_target": the simulated seconds (`systems`) at `rounds_to_target`, or None}; {} for a run
+  without a simulated clock."""
+  if not records or "sim_time_s" not in records[-1]:
+    return {}
+  return {"sim_seconds_to_target": next((r["sim_time_s"] for r in records if r["test_accuracy"] >= target), None)}
+
+
 def summarize(records: list[dict], target_accuracy: float, wall_s: float) -> dict:
   """summary.json's measured fields from the metrics records (accuracy fields absent without records)."""
   if not records:
@@ -99,6 +107,7 @@ def summarize(records: list[dict], target_accuracy: float, wall_s: float) -> dic
   return {**val, "rounds": records[-1]["round"], "final_accuracy": accs[-1], "best_accuracy": max(accs),
           "last5_mean_accuracy": float(np.mean(accs[-5:])), "target_accuracy": target_accuracy,
           "rounds_to_target": rounds_to_target(records, target_accuracy),
+          **sim_seconds_to_target(records, target_accuracy),
           "mean_client_time_s": float(np.mean([r["client_time_s"] for r in timed])),
           "mean_server_time_s": float(np.mean([r["server_time_s"] for r in timed])),
           "total_wall_s": wall_s}
@@ -354,10 +363,13 @@ class _Loop:
       return False
     lane.log["bytes_up"] += out.bytes_up
     lane.log["bytes_down"] += out.bytes_down
+    clock = {}
+    if out.sim_time_s is not None:  # the simulated clock (`systems`), checkpointed with the log like the bytes
+      lane.log["sim_time_s"] = clock["sim_time_s"] = lane.log.get("sim_time_s", 0.0) + out.sim_time_s
     wall_s = lane.log["wall_s"] + elapsed
     if evaluated:
       record = {"round": r, **scores, **out.times, **diagnostics, "train_loss": train_loss,
-                "bytes_up": lane.log["bytes_up"], "bytes_down": lane.log["bytes_down"], "wall_s": wall_s}
+                "bytes_up": lane.log["bytes_up"], "bytes_down": lane.log["bytes_down"], **clock, "wall_s": wall_s}
       accountant = self.settings.accountant
       if accountant is None:
         for name, extra in eval_models.items():  # e.g. the aggregate without distillation

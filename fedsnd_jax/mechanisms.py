@@ -1,10 +1,10 @@
 """The mechanism registry, and the rules between mechanisms as one table.
 
-A mechanism is a module (differential privacy, secure aggregation, robust aggregation, Byzantine attacks) with
-a typed `Settings` NamedTuple (its config section, defaults off), `enabled`, `validate` and `build`, registered
-by its `SPEC` (`algorithm.MechanismSpec`). A run's mechanisms are built together: `validate` checks each one's
-settings and then the rules below; `build` merges what the mechanisms that are on plug in
-(`algorithm.MechanismParts`).
+A mechanism is a module (differential privacy, secure aggregation, robust aggregation, Byzantine attacks, client
+systems on a simulated clock, compressed uploads) with a typed `Settings` NamedTuple (its config section,
+defaults off), `enabled`, `validate` and `build`, registered by its `SPEC` (`algorithm.MechanismSpec`). A run's
+mechanisms are built together: `validate` checks each one's settings and then the rules below; `build` merges
+what the mechanisms that are on plug in (`algorithm.MechanismParts`).
 
 Adding a mechanism: one module with those four names and its test, one line in REGISTRY, one row in RULES
 (docs/library.md, "Adding a mechanism").
@@ -12,13 +12,13 @@ Adding a mechanism: one module with those four names and its test, one line in R
 
 from typing import NamedTuple
 
-from fedsnd_jax import attacks, privacy, robust, secure_aggregation
+from fedsnd_jax import attacks, compression, privacy, robust, secure_aggregation, systems
 from fedsnd_jax import settings as settings_lib
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
 
 REGISTRY: dict[str, MechanismSpec] = {spec.section: spec for spec in (
-    privacy.SPEC, secure_aggregation.SPEC, robust.SPEC, attacks.SPEC)}
+    privacy.SPEC, secure_aggregation.SPEC, robust.SPEC, attacks.SPEC, systems.SPEC, compression.SPEC)}
 
 
 class Composition(NamedTuple):
@@ -29,18 +29,31 @@ class Composition(NamedTuple):
       mechanism that does may be on).
     poisson: why it cannot run under Poisson sampling (the cohort's size varies round to round).
     vectorised: why runs with it cannot be vectorised together (`experiments.sweep --vectorize`).
+    deadline: why it cannot run with a round deadline that drops or cuts clients (`systems`).
+    compression: why it cannot take compressed uploads (`compression`).
   """
 
   aggregator: str
   poisson: str
   vectorised: str
+  deadline: str = ""
+  compression: str = ""
 
 
 RULES: dict[str, Composition] = {
-    "dp": Composition("clips and noises the mean", "", ""),
-    "secagg": Composition("the server sees only the sum", "its threshold is checked against a fixed cohort", ""),
-    "robust": Composition("a robust rule replaces the mean", "its f is checked against a fixed cohort", ""),
-    "attack": Composition("", "", "its Byzantine clients are drawn per seed: run attacked cells one by one"),
+    "dp": Composition("clips and noises the mean", "", "",
+                      "its accounting is for the sampled cohort, not one a deadline thins (not supported)"),
+    "secagg": Composition("the server sees only the sum", "its threshold is checked against a fixed cohort", "",
+                          "a deadline's dropped clients are its own dropouts (secagg.dropout), not simulated",
+                          "it sums fixed-point vectors of every coordinate (it quantises itself); sparse or "
+                          "quantised uploads need a protocol of their own"),
+    "robust": Composition("a robust rule replaces the mean", "its f is checked against a fixed cohort", "",
+                          "a dropped client's empty update would still vote in its rule"),
+    "attack": Composition("", "", "its Byzantine clients are drawn per seed: run attacked cells one by one",
+                          "its attacks' honest statistics would count a dropped client's empty update"),
+    "systems": Composition("", "its clock would count the empty client that pads a Poisson round",
+                           "its client profiles are drawn per seed: run systems cells one by one"),
+    "compression": Composition("", "", ""),
 }
 
 # Flat config fields of earlier versions → their place in a mechanism's section.
@@ -94,6 +107,11 @@ def validate(chosen: dict, federation: Federation, algorithm: AlgorithmInfo, vec
     raise InputError(second, f"{first} ({RULES[first].aggregator}) and {second} ({RULES[second].aggregator}) "
                      "both choose the round's aggregator; turn one off")
   for section in on:
+    if "compression" in on and RULES[section].compression:
+      raise InputError("compression.kind",
+                       f"{section} cannot take compressed uploads: {RULES[section].compression}")
+    if systems.drops_clients(chosen["systems"]) and RULES[section].deadline:
+      raise InputError("systems.deadline_s", f"{section} cannot run with a deadline: {RULES[section].deadline}")
     if federation.sampling == "poisson" and RULES[section].poisson:
       raise InputError("client_sampling", f"poisson sampling varies the cohort's size, and {section}'s "
                        f"{RULES[section].poisson.removeprefix('its ')}; use client_sampling=fixed or turn "

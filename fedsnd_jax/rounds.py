@@ -84,6 +84,7 @@ class ServerState(NamedTuple):
     rng: typed PRNG key; round r uses fold_in(rng, r).
     algorithm: the algorithm's own typed state (e.g. `ScaffoldState`), or None.
     aggregator: the aggregator's state.
+    uploads: per-client state of the upload pipeline (compression's error-feedback memory [K, P]), or None.
   """
 
   params: Params
@@ -92,6 +93,7 @@ class ServerState(NamedTuple):
   rng: PRNGKey
   algorithm: Any
   aggregator: Any
+  uploads: Any = None
 
 
 class RoundContext(NamedTuple):
@@ -233,6 +235,9 @@ class AlgorithmSpec(NamedTuple):
       of the updates). Default: all three.
     moved: fields of an earlier layout of its section → their place now, both relative to the section
       ({"noise_steps": "synthesis.steps"}); a config naming one is refused with the new name.
+    partial_work: its server reads only the uploads' aggregation weights and step counts, so a round deadline
+      may drop clients (weight 0) or cut their local steps (`systems`); False for algorithms with per-client
+      state or server steps that read every sampled client's model.
   """
 
   build: Callable[..., RoundParts]
@@ -242,14 +247,17 @@ class AlgorithmSpec(NamedTuple):
   model_options: Callable[[Any], dict] = _no_model_options
   privacy: Callable[[Any], tuple[str, ...]] = _any_privacy
   moved: Mapping[str, str] = MappingProxyType({})
+  partial_work: bool = False
 
 
 class AlgorithmInfo(NamedTuple):
-  """The run's algorithm as a mechanism's validation sees it: its registry name, and the privacy mechanisms its
-  releases can be covered by (`AlgorithmSpec.privacy` of its hyperparameters)."""
+  """The run's algorithm as a mechanism's validation sees it: its registry name, the privacy mechanisms its
+  releases can be covered by (`AlgorithmSpec.privacy` of its hyperparameters) and whether a deadline may drop
+  or cut its clients (`AlgorithmSpec.partial_work`)."""
 
   name: str
   privacy: tuple[str, ...]
+  partial_work: bool = False
 
 
 class MechanismParts(NamedTuple):
@@ -262,6 +270,8 @@ class MechanismParts(NamedTuple):
       of their uploads after local training.
     data_transform: FederatedData -> FederatedData, applied once to the training data (label flipping).
     accountant: the run's privacy accountant (`privacy.Accountant`), for ε in the metrics.
+    clock: the clients' simulated systems (`systems.Clock`): the round's simulated seconds and its deadline.
+    compression: how clients compress their uploads (`compression.Settings`).
   """
 
   aggregator: Any = None
@@ -269,6 +279,8 @@ class MechanismParts(NamedTuple):
   attack: Callable | None = None
   data_transform: Callable[[FederatedData], FederatedData] | None = None
   accountant: Any = None
+  clock: Any = None
+  compression: Any = None
 
 
 NO_MECHANISMS = MechanismParts()
@@ -304,7 +316,8 @@ class RoundOutput(NamedTuple):
     train_loss: the uploads' example-weighted mean training loss.
     (Vectorised runs, `driver.build_rounds(runs=R)`: train_loss and every diagnostic are lists over the runs.)
     eval_models: extra [P] models to evaluate, by name (e.g. `no_distill`).
-    bytes_up, bytes_down: this round's traffic over all sampled clients.
+    bytes_up, bytes_down: this round's traffic over all sampled clients (a dropped client's upload excluded).
+    sim_time_s: the round's simulated seconds (`systems`), None without a simulated clock.
   """
 
   times: dict[str, float]
@@ -313,6 +326,7 @@ class RoundOutput(NamedTuple):
   eval_models: dict[str, Params]
   bytes_up: int
   bytes_down: int
+  sim_time_s: float | None = None
 
 
 class FederatedAlgorithm(NamedTuple):

@@ -25,7 +25,10 @@ def test_every_mechanism_has_a_section_with_its_settings_defaults_and_is_off_the
   assert set(mechanisms.RULES) == set(mechanisms.REGISTRY)
 
 
-ON = {"dp": {"dp.clip_norm": 1.0}, "secagg": {"secagg.enabled": True}, "robust": {"robust.rule": "median"}}
+ON = {"dp": {"dp.clip_norm": 1.0}, "secagg": {"secagg.enabled": True}, "robust": {"robust.rule": "median"},
+      "attack": {"attack.kind": "sign_flip", "attack.fraction": 0.3}, "systems": {"systems.enabled": True},
+      "compression": {"compression.kind": "topk"}}
+DEADLINE = {"systems.enabled": True, "systems.deadline_s": 1.0}
 
 
 @pytest.mark.parametrize("first, second", [("dp", "secagg"), ("dp", "robust"), ("secagg", "robust")])
@@ -36,16 +39,31 @@ def test_two_mechanisms_that_choose_the_aggregator_are_refused_naming_the_second
     configuration.validate(_config({**ON[first], **ON[second]}))
 
 
-def test_rules_refuse_poisson_sampling_and_vectorised_attacks_where_the_table_says():
+def test_rules_refuse_poisson_sampling_vectorised_runs_deadlines_and_compression_where_the_table_says():
   for section, rule in mechanisms.RULES.items():
-    fields = ON.get(section, {"attack.kind": "sign_flip", "attack.fraction": 0.3})
+    fields = ON[section]
+    if section != "compression":
+      c = _config({**fields, **ON["compression"]})
+      if rule.compression:
+        with pytest.raises(InputError, match=f"^compression.kind: {section} cannot take compressed uploads"):
+          configuration.validate(c)
+      else:
+        configuration.validate(c)
+    if section != "systems":
+      c = _config({**fields, **DEADLINE})
+      if rule.deadline:
+        with pytest.raises(InputError, match=f"^systems.deadline_s: {section} cannot run with a deadline"):
+          configuration.validate(c)
+      else:
+        configuration.validate(c)
     c = _config({**fields, "client_sampling": "poisson"})
     if rule.poisson:
       with pytest.raises(InputError, match="^client_sampling: "):
         configuration.validate(c)
     else:
       configuration.validate(c)
-    chosen = configuration.mechanism_settings(_config(fields))
+    c = _config(fields)
+    chosen = configuration.mechanism_settings(c)
     if rule.vectorised:
       with pytest.raises(InputError, match=f"^vectorize: {section}: "):
         mechanisms.validate(chosen, configuration.federation(c), configuration.algorithm_info(c), vectorised=True)

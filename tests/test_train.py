@@ -132,6 +132,8 @@ BAD_VALUES = [
     ({"algorithm": "fedsnd", "secagg.enabled": True}, "secagg.enabled"),
     ({"attack.kind": "alie", "attack.fraction": 0.5}, "attack.fraction"),
     ({"robust.rule": "krum", "robust.f": 1}, "robust.f"),  # 2 clients per round; Krum needs 5
+    ({"algorithm": "scaffold", "systems.enabled": True, "systems.deadline_s": 1.0}, "systems.deadline_s"),
+    ({"systems.enabled": True, "systems.profile": "/nonexistent/profiles.pkl"}, "systems.profile"),
 ]
 
 

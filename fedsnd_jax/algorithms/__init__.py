@@ -5,11 +5,18 @@ Adding an algorithm: one module here (the paper cited, its update equations, `Hy
 `build`, `SPEC`), its test, and one line in REGISTRY (docs/library.md, "Adding an algorithm").
 """
 
-from fedsnd_jax import models, settings
+from fedsnd_jax import models, settings, systems
 from fedsnd_jax.algorithms import fedavg, feddyn, fedftg, fedgen, fednova, fedntd, fedprox, fedsnd, moon, scaffold
 from fedsnd_jax.driver import build_rounds
 from fedsnd_jax.errors import InputError
-from fedsnd_jax.rounds import NO_MECHANISMS, AlgorithmSpec, FederatedAlgorithm, Federation, MechanismParts
+from fedsnd_jax.rounds import (
+  NO_MECHANISMS,
+  AlgorithmInfo,
+  AlgorithmSpec,
+  FederatedAlgorithm,
+  Federation,
+  MechanismParts,
+)
 
 REGISTRY: dict[str, AlgorithmSpec] = {
     "fedavg": fedavg.SPEC,
@@ -81,5 +88,7 @@ def build(name: str, model: models.Model, federation: Federation, hp=None, *, se
   if not isinstance(hp, spec.hyperparameters):
     hp = hyperparameters(name, hp)
   spec.validate(hp, federation)
+  if mechanisms.clock is not None and mechanisms.clock.deadline:
+    systems.require_partial_work(AlgorithmInfo(name, spec.privacy(hp), spec.partial_work))
   return build_rounds(spec.build(model, hp, federation), model, federation, server_opt=server_opt,
                       mechanisms=mechanisms, client_map=client_map, chunk_size=chunk_size, runs=runs)

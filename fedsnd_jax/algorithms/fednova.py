@@ -49,7 +49,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
 
   def normalise(context: RoundContext, carry: ServerCarry):
     a = client.local_displacement(context.steps, 1.0, momentum)
-    p = carry.weights / jnp.sum(carry.weights)
+    p = carry.weights / jnp.maximum(jnp.sum(carry.weights), 1e-12)  # (a round every client missed: all 0)
     tau_eff = jnp.sum(p * a)
     scale = jnp.where(a > 0, tau_eff / jnp.maximum(a, 1e-12), 0.0)  # a client that took no step moved nowhere
 
@@ -64,6 +64,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
                     server_steps=lambda round_index: (ServerStep("normalise", normalise), AGGREGATE))
 
 
-# The server rescales each client's own update before aggregating: not an aggregate that central DP or secure
-# aggregation could cover; locally privatised uploads may be rescaled (post-processing).
-SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fednova", privacy=lambda hp: ("local",))
+# The server rescales each client's own update by its step count and example weight before aggregating: not an
+# aggregate that central DP or secure aggregation could cover, and under local DP the step counts and weights
+# (which `local_epochs` ties to each client's example count) would be released in the clear.
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fednova", privacy=lambda hp: (), partial_work=True)

@@ -1,0 +1,225 @@
+"""Client systems on a simulated clock: each client's compute speed and bandwidth, and a round deadline.
+
+Config section `systems` (off by default). Every client k has a profile — seconds per local step s_k, upload and
+download bandwidth u_k, d_k in bits/s — drawn once per seed from log-normals (median and σ in the config, σ = 0:
+every client alike), or read from a device-profile file in FedScale's format (`read_fedscale`). A sampled
+client's round takes
+
+  t_k = D_bits / d_k + τ_k · s_k + U_bits / u_k
+
+for its τ_k local steps and the round's download and upload sizes (the metrics' bytes). The round lasts
+max_k t_k, or until the deadline T (`deadline_s`, or `deadline_quantile` q: T = the q-quantile of the sampled
+clients' t_k) when a client would run past it. A client that cannot finish by T is dropped (`stragglers=drop`:
+its upload is lost, counted in `dropped_clients`) or uploads the local steps it finished,
+⌊(T − D_bits/d_k − U_bits/u_k) / s_k⌋ of them (`stragglers=partial`, counted in `partial_clients`; none finished:
+dropped). Partial work runs inside the cohort's one compiled client phase as masked steps. The metrics gain
+`sim_time_s`, the cumulative simulated seconds, beside the real ones (`wall_s`).
+
+With a deadline, only algorithms whose server reads just the uploads' weights and step counts run
+(`AlgorithmSpec.partial_work`: fedavg, fedprox, fedntd, fednova); FedNova is the one that corrects the
+objective inconsistency of unequal work. The simulated profile drives the clock only: the real client code runs
+as fast as the machine allows.
+"""
+
+import math
+import os
+import pickle
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedsnd_jax.errors import InputError, require
+from fedsnd_jax.rounds import AlgorithmInfo, Federation, MechanismParts, MechanismSpec
+
+STRAGGLERS = ("drop", "partial")
+SYSTEMS_STREAM = 0x5157  # the profiles' numpy stream beside the seed: independent of the run's JAX keys
+# FedScale counts a training step as 3 forward passes (its "augmentation_factor": backward ≈ 2× forward) of a
+# batch at the profile's per-sample inference milliseconds.
+FEDSCALE_PASSES = 3.0
+
+
+class Settings(NamedTuple):
+  """Simulated client systems, config section `systems` (off unless enabled).
+
+  Attributes:
+    enabled: put the run on the simulated clock.
+    step_s: median seconds of one local step (log-normal over the clients).
+    step_sigma: σ of log(step_s) over the clients; 0 gives every client the median.
+    up_mbps, down_mbps: median upload and download bandwidth, Mbit/s (log-normal over the clients).
+    bandwidth_sigma: σ of log(bandwidth) over the clients (upload and download drawn independently).
+    profile: a FedScale device-profile file (`read_fedscale`); replaces the log-normal draws.
+    deadline_s: the round deadline in simulated seconds; 0: none.
+    deadline_quantile: the deadline as this quantile of the sampled clients' round times, in (0, 1]; 0: none.
+    stragglers: what a client that misses the deadline does, one of STRAGGLERS.
+  """
+
+  enabled: bool = False
+  step_s: float = 0.05
+  step_sigma: float = 0.5
+  up_mbps: float = 1.0
+  down_mbps: float = 5.0
+  bandwidth_sigma: float = 0.5
+  profile: str = ""
+  deadline_s: float = 0.0
+  deadline_quantile: float = 0.0
+  stragglers: str = "drop"
+
+
+class Profiles(NamedTuple):
+  """Every client's systems: step_s [K] seconds per local step, up_bps [K] and down_bps [K] bits per second."""
+
+  step_s: jax.Array
+  up_bps: jax.Array
+  down_bps: jax.Array
+
+
+class Clock(NamedTuple):
+  """What the round driver's clock needs (`driver.timed`): the profiles, the deadline (seconds, or the quantile
+  of the sampled clients' times; 0: none) and whether a straggler uploads partial work."""
+
+  profiles: Profiles
+  deadline_s: float = 0.0
+  deadline_quantile: float = 0.0
+  partial: bool = False
+
+  @property
+  def deadline(self) -> bool:
+    return self.deadline_s > 0 or self.deadline_quantile > 0
+
+
+class Timing(NamedTuple):
+  """A round on the clock: steps [C] int32 the local steps each sampled client finishes (0: dropped), seconds []
+  the round's simulated duration, dropped [] and partial [] int32 the clients that uploaded nothing or less than
+  their schedule."""
+
+  steps: jax.Array
+  seconds: jax.Array
+  dropped: jax.Array
+  partial: jax.Array
+
+
+def round_timing(clock: Clock, ids, steps, up_bits, down_bits) -> Timing:
+  """The round of the clients `ids` [C] with schedules of `steps` [C] local steps, each downloading
+  `down_bits` and uploading `up_bits` (module docstring)."""
+  p = jax.tree.map(lambda a: a[ids], clock.profiles)
+  comm = down_bits / p.down_bps + up_bits / p.up_bps
+  full = comm + steps * p.step_s  # [C] each client's whole round
+  if clock.deadline_s > 0:
+    deadline = jnp.asarray(clock.deadline_s, jnp.float32)
+  elif clock.deadline_quantile > 0:
+    deadline = jnp.quantile(full, clock.deadline_quantile)
+  else:
+    deadline = jnp.asarray(jnp.inf, jnp.float32)
+  on_time = full <= deadline
+  if clock.partial:
+    finished = jnp.floor(jnp.maximum(deadline - comm, 0.0) / p.step_s).astype(steps.dtype)
+    done = jnp.where(on_time, steps, jnp.minimum(finished, steps))
+  else:
+    done = jnp.where(on_time, steps, 0)
+  cut = steps > done
+  return Timing(done, jnp.minimum(jnp.max(full), deadline), jnp.sum(cut & (done == 0)),
+                jnp.sum(cut & (done > 0)))
+
+
+def draw(s: Settings, num_clients: int, seed: int) -> Profiles:
+  """Log-normal profiles of K clients, the same for a seed whatever else the run does."""
+  rng = np.random.default_rng([seed, SYSTEMS_STREAM])
+
+  def lognormal(median, sigma):
+    return (median * np.exp(sigma * rng.standard_normal(num_clients))).astype(np.float32)
+
+  step_s = lognormal(s.step_s, s.step_sigma)
+  up = lognormal(s.up_mbps * 1e6, s.bandwidth_sigma)
+  down = lognormal(s.down_mbps * 1e6, s.bandwidth_sigma)
+  return Profiles(jnp.asarray(step_s), jnp.asarray(up), jnp.asarray(down))
+
+
+class _PlainData(pickle.Unpickler):
+  """Unpickles dicts, lists and numbers only: a profile file cannot run code."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(f"a device-profile file holds plain data only, not {module}.{name}")
+
+
+def write_fedscale(path: str, computation_ms, communication_kbps) -> None:
+  """Writes a FedScale device-profile file: a pickled {client id (from 1): {"computation": per-sample
+  inference milliseconds, "communication": bandwidth in kbit/s}}."""
+  profiles = {k + 1: {"computation": float(c), "communication": float(b)}
+              for k, (c, b) in enumerate(zip(computation_ms, communication_kbps, strict=True))}
+  with open(path, "wb") as f:
+    pickle.dump(profiles, f)
+
+
+def read_fedscale(path: str, num_clients: int, batch_size: int) -> Profiles:
+  """Profiles from a FedScale device-profile file (`write_fedscale`'s format, as FedScale's
+  `client_device_capacity`). Client k takes the file's (k mod n)-th entry in key order, as FedScale reuses
+  profiles when there are more clients than entries; a step costs FEDSCALE_PASSES × batch × the per-sample
+  milliseconds, and the one bandwidth serves both directions.
+
+  Raises:
+    InputError: the file is missing or not of that format.
+  """
+  try:
+    with open(path, "rb") as f:
+      table = _PlainData(f).load()
+    entries = [table[k] for k in sorted(table)]
+    computation = np.array([float(e["computation"]) for e in entries], np.float32)
+    communication = np.array([float(e["communication"]) for e in entries], np.float32)
+  except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+    raise InputError("systems.profile", f"{path}: not a FedScale device-profile file ({e})") from None
+  if not len(entries) or not (np.all(computation > 0) and np.all(communication > 0)):
+    raise InputError("systems.profile", f"{path}: needs at least one client, every value > 0")
+  pick = np.arange(num_clients) % len(entries)
+  bps = communication[pick] * 1e3
+  step_s = FEDSCALE_PASSES * batch_size * computation[pick] / 1e3
+  return Profiles(jnp.asarray(step_s), jnp.asarray(bps), jnp.asarray(bps))
+
+
+def enabled(s: Settings) -> bool:
+  return s.enabled
+
+
+def drops_clients(s: Settings) -> bool:
+  """Whether a deadline may drop or cut the run's clients."""
+  return s.enabled and (s.deadline_s > 0 or s.deadline_quantile > 0)
+
+
+def validate(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> None:
+  """Raises InputError naming `systems.<field>`."""
+  del federation
+  for field in ("step_s", "up_mbps", "down_mbps"):
+    value = getattr(s, field)
+    require(math.isfinite(value) and value > 0, f"systems.{field}", f"must be > 0, got {value}")
+  for field in ("step_sigma", "bandwidth_sigma", "deadline_s"):
+    value = getattr(s, field)
+    require(math.isfinite(value) and value >= 0, f"systems.{field}", f"must be ≥ 0, got {value}")
+  require(0 <= s.deadline_quantile <= 1, "systems.deadline_quantile",
+          f"must be in (0, 1], or 0 for none; got {s.deadline_quantile}")
+  require(not (s.deadline_s > 0 and s.deadline_quantile > 0), "systems.deadline_quantile",
+          "set systems.deadline_s or systems.deadline_quantile, not both")
+  require(s.stragglers in STRAGGLERS, "systems.stragglers",
+          f"unknown {s.stragglers!r}; allowed: {', '.join(STRAGGLERS)}")
+  require(not s.profile or os.path.exists(s.profile), "systems.profile", f"{s.profile}: no such file")
+  require(s.enabled or not (s.deadline_s or s.deadline_quantile or s.profile), "systems.enabled",
+          "a deadline or a profile file needs systems.enabled=True")
+  if drops_clients(s):
+    require_partial_work(algorithm)
+
+
+def require_partial_work(algorithm: AlgorithmInfo) -> None:
+  """Refuses a deadline for an algorithm whose server would read a dropped client's untrained upload."""
+  require(algorithm.partial_work, "systems.deadline_s",
+          f"{algorithm.name}'s server reads every sampled client's model or keeps per-client state, so a deadline "
+          "may not drop or cut its clients; use fedavg, fedprox, fedntd or fednova, or no deadline")
+
+
+def build(s: Settings, federation: Federation, seed: int) -> MechanismParts:
+  """The clock of the seed's profiles."""
+  profiles = (read_fedscale(s.profile, federation.num_clients, federation.schedule.batch_size) if s.profile
+              else draw(s, federation.num_clients, seed))
+  return MechanismParts(clock=Clock(profiles, s.deadline_s, s.deadline_quantile, s.stragglers == "partial"))
+
+
+SPEC = MechanismSpec("systems", Settings, enabled, validate, build)
