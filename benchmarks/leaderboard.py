@@ -296,7 +296,7 @@ def main(argv):
 
 
 def define_flags():  # only when run as a program (tests import this module beside the sweep's flags)
-  # The published pass: cross-device α 0.1 and the 10-client settings; xdevice_a0.5 adds ~50 minutes on 2 cores
+  # The published pass: cross-device α 0.1 and the 10-client settings; xdevice_a0.5 adds ~80 minutes on 2 cores
   # (its tuning and its cells) and is run by naming it.
   flags.DEFINE_list("settings", ["xdevice_a0.1", "fmnist10_a0.5", "fmnist10_a0.1"], "Settings (of "
                     "benchmarks.tuning.SETTINGS).")
