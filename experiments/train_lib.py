@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from experiments import configuration
+from experiments.configs import default
 from experiments.configuration import federation, hyperparameters, mechanism_settings
 from fedsnd_jax import (
   algorithms,
@@ -106,7 +107,10 @@ def _check_workdir(workdir: str, config: dict) -> None:
     return
   with open(path) as f:
     saved = json.load(f)
-  changed = sorted(k for k in config if k not in configuration.RESUMABLE_CHANGES and saved.get(k) != config[k])
+  # A field an earlier version did not write (a newer mechanism's section) ran at its default.
+  defaults = json.loads(default.get_config().to_json())
+  changed = sorted(k for k in config if k not in configuration.RESUMABLE_CHANGES
+                   and saved.get(k, defaults.get(k)) != config[k])
   require(not changed, "workdir", f"{workdir} holds a run with other values of {', '.join(changed)}; "
           "use another --workdir or the same config to resume")
 

@@ -106,6 +106,19 @@ def test_rerun_with_other_config_is_refused(tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
+def test_a_run_of_an_earlier_version_resumes_where_a_new_section_is_at_its_default(tmp_path):
+  train_lib.train_and_evaluate(tiny.get_config(), str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  with open(tmp_path / "config.json", "w") as f:  # as written before the systems and compression sections
+    json.dump({k: v for k, v in saved.items() if k not in ("systems", "compression")}, f)
+  assert train_lib.train_and_evaluate(tiny.get_config(), str(tmp_path))["rounds"] == tiny.get_config().rounds
+  config = tiny.get_config()
+  config.systems.enabled = True
+  with pytest.raises(InputError, match="^workdir: .*systems"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
 # Bad values, each refused in-process naming its field before anything is written.
 BAD_VALUES = [
     ({"dataset": "nosuchsource:x"}, "dataset"),
