@@ -96,7 +96,8 @@ def per_round(metrics: list[list[dict]], key: str) -> list[float]:
 
 def table(block: str, rows: dict[str, dict], target: float | None) -> str:
   rounds = max(leaderboard._rounds(row["metrics"]) for row in rows.values())
-  head = ["row", f"plateau (last {leaderboard.window(rounds)} rounds)", "plateau moved", "reached",
+  head = ["row", f"plateau (last {leaderboard.window(rounds)} rounds)", "plateau moved", "moved per 10 rounds",
+          "reached",
           "rounds to target", "simulated s to target", "MB up to target", "simulated s/round", "dropped/round",
           "partial/round"]
   lines = [f"**{block}** (target {100 * target:.1f} %)\n" if target else f"**{block}**\n",
@@ -106,6 +107,7 @@ def table(block: str, rows: dict[str, dict], target: float | None) -> str:
     level, moved = leaderboard.plateau(metrics)
     reach, sim, upload = zip(*(to_target(m, target) for m in metrics), strict=True)
     cells = [name, leaderboard._mean_std(level, 100), "–" if np.isnan(moved) else f"{100 * moved:+.2f}",
+             "–" if np.isnan(moved) else f"{100 * leaderboard.per_10_rounds(moved, metrics):+.2f}",
              f"{sum(r is not None for r in reach)}/{len(metrics)}", leaderboard._mean_std(reach, digits=1),
              leaderboard._mean_std(sim, digits=0), leaderboard._mean_std(upload, digits=1),
              leaderboard._mean_std(per_round(metrics, "round_sim_s"), digits=1),

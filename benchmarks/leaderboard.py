@@ -87,7 +87,14 @@ def run_cells(workdir: str, setting: str, algorithm: str, overrides: dict, seeds
   return folders
 
 
-FLAT = 0.3  # points: a curve whose last-window mean moved less than this from the window before is flat
+# points per 10 rounds: a curve whose last-window mean moved less than this from the window before, scaled to 10
+# rounds, is flat (the window grows with the run, so the criterion is a slope, the same at every horizon).
+FLAT = 0.3
+
+
+def per_10_rounds(moved: float, metrics: list[list[dict]]) -> float:
+  """`plateau`'s move between the last two windows, scaled to 10 rounds."""
+  return moved * 10 / window(_rounds(metrics))
 
 
 def window(rounds: int) -> int:
@@ -166,6 +173,7 @@ def table(setting: str, rows: dict[str, dict]) -> str:
   target = target_of(rows)
   rounds = max(_rounds(row["metrics"]) for row in rows.values())
   header = ["algorithm", "setting", "final acc", f"plateau (last {window(rounds)} rounds)", "plateau moved",
+            "moved per 10 rounds",
             f"rounds to {100 * target:.1f} %" if target else "rounds to target", "reached", "s to target",
             "MB up to target", "client s/round", "server s/round"]
   lines = [f"**{setting}** (target: tuned FedAvg's plateau accuracy)\n",
@@ -177,7 +185,8 @@ def table(setting: str, rows: dict[str, dict]) -> str:
     diverged = sum(bool(s.get("diverged")) for s in summaries)
     name = algorithm + (f" ({diverged} of {len(summaries)} diverged: last finite round)" if diverged else "")
     cells = [name, row["setting"], _mean_std([s.get("final_accuracy") for s in summaries], 100),
-             _mean_std(level, 100), "–" if np.isnan(moved) else f"{100 * moved:+.2f}", _mean_std(reach, digits=1),
+             _mean_std(level, 100), "–" if np.isnan(moved) else f"{100 * moved:+.2f}",
+             "–" if np.isnan(moved) else f"{100 * per_10_rounds(moved, metrics):+.2f}", _mean_std(reach, digits=1),
              f"{sum(r is not None for r in reach)}/{len(summaries)}", _mean_std(wall, digits=1),
              _mean_std(upload, digits=1), _mean([s.get("mean_client_time_s") for s in summaries]),
              _mean([s.get("mean_server_time_s") for s in summaries])]
@@ -250,8 +259,9 @@ def block(boards: dict[str, dict], seeds, plots: str, results_path: str) -> str:
   `results_path`)."""
   text = [f"Evaluation seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std over seeds. "
           "\"plateau\" is each seed's mean test accuracy over the last fifth of its rounds; \"plateau moved\" is "
-          "how far the seeds' mean moved from the fifth before (a curve counts as converged when it moved less "
-          f"than {FLAT} points). Rounds, seconds and upload MB to target: "
+          "how far the seeds' mean moved from the fifth before, and that move scaled to 10 rounds (a curve counts "
+          f"as converged when it moves less than {FLAT} points per 10 rounds). Rounds, seconds and upload MB to "
+          "target: "
           "the first round at or above tuned FedAvg's plateau (seeds that never get there are left out; "
           "\"reached\" counts them); seconds are client + server seconds, round 1 (which compiles) counted at the "
           "mean of the others. Seconds per round: mean over rounds 2+.\n"]

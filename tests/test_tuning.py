@@ -181,12 +181,13 @@ def test_leaderboard_table_by_hand():
           for name, runs, how in (("fedavg", fedavg, "best of 4"), ("fedsnd", fedsnd, "paper default"))}
   lines = leaderboard.table("s", rows).splitlines()
   assert "plateau (last 5 rounds)" in lines[2] and "rounds to 62.5 %" in lines[2]
-  assert lines[4].split(" | ")[1:] == ["best of 4", "62.50 ± 12.50", "62.50 ± 12.50", "+12.50", "6.0 ± 0.0", "1/2",
-                                       "6.0 ± 0.0", "60.0 ± 0.0", "1.000", "0.000 |"]
+  # (windows of 5 rounds: a move scaled to 10 rounds doubles)
+  assert lines[4].split(" | ")[1:] == ["best of 4", "62.50 ± 12.50", "62.50 ± 12.50", "+12.50", "+25.00",
+                                       "6.0 ± 0.0", "1/2", "6.0 ± 0.0", "60.0 ± 0.0", "1.000", "0.000 |"]
   assert lines[5].startswith("| fedsnd (1 of 2 diverged")
   # plateaus (0.25·4 + 0.75)/5 = 35 % and 50 %; the seeds' mean moved from 37.5 % to 42.5 %
-  assert lines[5].split(" | ")[1:] == ["paper default", "62.50 ± 12.50", "42.50 ± 7.50", "+5.00", "10.0 ± 0.0",
-                                       "1/2", "40.0 ± 0.0", "100.0 ± 0.0", "1.000", "3.000 |"]
+  assert lines[5].split(" | ")[1:] == ["paper default", "62.50 ± 12.50", "42.50 ± 7.50", "+5.00", "+10.00",
+                                       "10.0 ± 0.0", "1/2", "40.0 ± 0.0", "100.0 ± 0.0", "1.000", "3.000 |"]
 
 
 def test_the_plateau_window_is_a_fifth_of_the_run():
@@ -307,8 +308,8 @@ def test_leaderboard_tables_a_seed_that_diverged_early_or_before_its_first_round
   assert lines[5].startswith("| scaffold (2 of 3 diverged")
   # plateaus 75 % and 50 % (seed 1's own last 5 rounds); only seed 0 has the window before (25 %): moved +50;
   # the target, 62.5 %, is reached by seed 0 alone, at round 16
-  assert lines[5].split(" | ")[1:] == ["x", "62.50 ± 12.50", "62.50 ± 12.50", "+50.00", "16.0 ± 0.0", "1/3",
-                                       "16.0 ± 0.0", "16.0 ± 0.0", "1.000", "0.000 |"]
+  assert lines[5].split(" | ")[1:] == ["x", "62.50 ± 12.50", "62.50 ± 12.50", "+50.00", "+100.00", "16.0 ± 0.0",
+                                       "1/3", "16.0 ± 0.0", "16.0 ± 0.0", "1.000", "0.000 |"]
 
 
 def test_a_value_past_the_edge_is_written_as_a_person_would():
