@@ -20,10 +20,11 @@ count; P₀ = 4·P bytes uncompressed):
          seed the server redraws the indices from: 4k + 4 bytes.
   qsgd   QSGD (Alistarh et al., NeurIPS 2017) with s = levels: ‖v‖·sign(v_i)·ξ_i/s, ξ_i stochastic rounding of
          s|v_i|/‖v‖ (unbiased), one norm per tensor: P·(1 + ⌈log₂(s + 1)⌉) bits + 4 bytes per tensor.
-  sign   scaled sign (Karimireddy et al. 2019): (‖v‖₁/P)·sign(v_i) per tensor: P bits + 4 bytes per tensor.
+  sign   scaled sign (Karimireddy et al. 2019): (‖v‖₁/n)·sign(v_i) for each tensor of n values: P bits + 4 bytes
+         per tensor.
 (top-k and rand-k never count more than the dense 4P.) Error feedback needs a contractive compressor
 (‖C(v) − v‖² ≤ (1 − δ)‖v‖²): with feedback on, rand-k is not rescaled and QSGD is scaled by 1/(1 + ω), ω =
-min(P/s², √P/s) per tensor; unbiased and rescaled, their residuals would grow without bound.
+min(n/s², √n/s) for each tensor of n values; unbiased and rescaled, their residuals would grow without bound.
 
 Compression runs on the server side of the simulation, on the uploads stacked [C, P] (the client phase stays
 one compiled program), after a client's local DP noise (post-processing) and before a Byzantine client replaces
@@ -102,7 +103,7 @@ def random_k(ratio: float, unbiased: bool):
 
 
 def qsgd(levels: int, unbiased: bool):
-  """QSGD; with `unbiased` off, scaled by 1/(1 + ω), ω = min(P/s², √P/s) its variance bound (Alistarh et al.,
+  """QSGD; with `unbiased` off, scaled by 1/(1 + ω), ω = min(n/s², √n/s) its variance bound (Alistarh et al.,
   Lemma 3.1), which makes it contractive (what error feedback needs)."""
 
   def compress(v, key):
