@@ -24,7 +24,6 @@ cumulative upload MB (compression), one line per row with its seed band. Runs la
 
 import json
 import os
-import warnings
 
 import numpy as np
 from absl import app, flags, logging
@@ -126,14 +125,9 @@ def plot(path: str, block: str, rows: dict[str, dict], x_key: str, x_label: str,
 
   fig, ax = plt.subplots(figsize=(8, 4.8))
   for colour, (name, row) in zip(plt.get_cmap("tab20").colors, rows.items(), strict=False):
-    acc = leaderboard._padded([leaderboard._accuracy(m) for m in row["metrics"]])
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)
-      width = max(1, acc.shape[1] // 30)
-      mean, std = (leaderboard.moving_mean(v, width) for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
-      x = np.nanmean(leaderboard._padded([np.array([r[x_key] / scale for r in m]) for m in row["metrics"]]), 0)
-    ax.plot(x, mean, color=colour, label=name, linewidth=1.2)
-    ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
+    mean, std = leaderboard.accuracy_band(row["metrics"])
+    x = leaderboard.seed_mean([np.array([r[x_key] / scale for r in m]) for m in row["metrics"]])
+    leaderboard.draw_band(ax, x, mean, std, colour, name)
   ax.set_xlabel(x_label)
   ax.set_ylabel("test accuracy (mean ± std over seeds, moving mean)")
   ax.grid(alpha=0.3)
@@ -162,13 +156,7 @@ def block_text(blocks: dict[str, dict], seeds, plots: str, results_path: str) ->
     plot(path, block, rows, *AXES[block])
     text += [table(block, rows, target),
              f"![{block}]({os.path.relpath(path, os.path.dirname(results_path) or '.')})\n"]
-  cells = {f: s for rows in blocks.values() for row in rows.values()
-           for f, s in zip(row["folders"], row["summaries"], strict=True)}
-  earlier = sum(map(results.made_earlier, cells))
-  compute = sum(s.get("total_wall_s", 0.0) for s in cells.values())
-  text.append(f"{len(cells)} runs; {earlier} of them {results.REUSED}. The runs' own wall times add up to "
-              f"{compute / 60:.1f} min.\n")
-  return "\n".join(text)
+  return "\n".join(text + [leaderboard.provenance(blocks)])
 
 
 def main(argv):

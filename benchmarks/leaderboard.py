@@ -201,6 +201,27 @@ def moving_mean(values: np.ndarray, width: int) -> np.ndarray:
   return np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
 
 
+def seed_mean(series: list[np.ndarray]) -> np.ndarray:
+  """The mean over seeds of per-round series of unequal length (a round no seed reached is NaN)."""
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return np.nanmean(_padded(series), 0)
+
+
+def accuracy_band(metrics: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) over seeds of the test accuracy per round, as moving means over a 30th of the run."""
+  acc = _padded([_accuracy(m) for m in metrics])
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed reached is NaN
+    return tuple(moving_mean(v, max(1, acc.shape[1] // 30)) for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
+
+
+def draw_band(ax, x, mean, std, colour, label: str) -> None:
+  """One line with its ± std band."""
+  ax.plot(x, mean, color=colour, label=label, linewidth=1.2)
+  ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
+
+
 def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
   """Test accuracy against rounds, cumulative upload bytes and cumulative client + server seconds: one line per
   algorithm (mean over seeds) with its band (± std over seeds), both as moving means over a 30th of the
@@ -213,16 +234,12 @@ def plot(path: str, setting: str, rows: dict[str, dict]) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharey=True)
   colours = plt.get_cmap("tab20").colors
   for colour, (algorithm, row) in zip(colours, rows.items(), strict=False):
-    acc = _padded([_accuracy(m) for m in row["metrics"]])
-    with np.errstate(invalid="ignore"), warnings.catch_warnings():
-      warnings.simplefilter("ignore", RuntimeWarning)  # a round no seed reached is NaN
-      mean, std = (moving_mean(v, max(1, acc.shape[1] // 30)) for v in (np.nanmean(acc, 0), np.nanstd(acc, 0)))
-      xs = (np.arange(1, acc.shape[1] + 1),
-            np.nanmean(_padded([np.array([r["bytes_up"] / 1e6 for r in m]) for m in row["metrics"]]), 0),
-            np.nanmean(_padded([seconds(m) for m in row["metrics"]]), 0))
+    metrics = row["metrics"]
+    mean, std = accuracy_band(metrics)
+    xs = (np.arange(1, len(mean) + 1), seed_mean([np.array([r["bytes_up"] / 1e6 for r in m]) for m in metrics]),
+          seed_mean([seconds(m) for m in metrics]))
     for ax, x in zip(axes, xs, strict=True):
-      ax.plot(x, mean, color=colour, label=algorithm, linewidth=1.2)
-      ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15)
+      draw_band(ax, x, mean, std, colour, algorithm)
   for ax, label in zip(axes, ("round", "cumulative upload MB", "cumulative client + server seconds"), strict=True):
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)

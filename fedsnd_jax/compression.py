@@ -177,12 +177,13 @@ def compress_uploads(compressor: Compressor, received, uploads, weights, state, 
   flat = jax.vmap(lambda u: ravel_pytree(trainable(u))[0])(uploads)
   delta = flat - flat_received[None]
   ckeys = jax.vmap(lambda k: jax.random.fold_in(k, COMPRESSION_STREAM))(keys)
-  own = None if state is None else state[ids]
-  v = {"none": lambda: delta, "ef": lambda: delta + own, "ef21": lambda: delta - own}[compressor.feedback]()
-  c = jax.vmap(compressor.compress)(v, ckeys)
-  sent = {"none": c, "ef": c, "ef21": None if own is None else own + c}[compressor.feedback]
-  if state is not None:
-    new_own = v - c if compressor.feedback == "ef" else sent
+  if compressor.feedback == "none":
+    sent = jax.vmap(compressor.compress)(delta, ckeys)
+  else:
+    own = state[ids]
+    v = delta + own if compressor.feedback == "ef" else delta - own
+    c = jax.vmap(compressor.compress)(v, ckeys)
+    sent, new_own = (c, v - c) if compressor.feedback == "ef" else (own + c, own + c)
     state = state.at[ids].set(jnp.where((weights > 0)[:, None], new_own, own))
   rebuilt = jax.vmap(lambda d: unravel(flat_received + d))(sent)
   if models.has_statistics(received):

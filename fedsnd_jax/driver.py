@@ -256,7 +256,8 @@ def timed(r: Round, clock: systems.Clock) -> Round:
   def time_round(round_index: int, inputs: RoundInputs):
     up, down = r.traffic(round_index, r.slots)  # (per client: secure aggregation's bytes grow with the cohort)
     t = timing(inputs.ids, inputs.steps, 8.0 * up / r.slots, 8.0 * down / r.slots)
-    about = {"round_sim_s": float(t.seconds), "dropped_clients": int(t.dropped), "partial_clients": int(t.partial)}
+    seconds, dropped, partial = jax.device_get((t.seconds, t.dropped, t.partial))  # one transfer
+    about = {"round_sim_s": float(seconds), "dropped_clients": int(dropped), "partial_clients": int(partial)}
     return inputs._replace(steps=t.steps), about["round_sim_s"], about
 
   return r._replace(clock=time_round)

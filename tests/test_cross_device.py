@@ -9,6 +9,7 @@ from experiments.configs import tiny
 
 @pytest.mark.parametrize("block, name", [(b, n) for b, rows in cross_device.ROWS.items() for n in rows])
 def test_every_row_is_a_valid_run(block, name):
+  # validate raises InputError for a combination the rules refuse (e.g. a deadline under FedSND's server)
   algorithm, overrides = cross_device.ROWS[block][name]
   configuration.validate(tuning.apply(tiny.get_config(), {"algorithm": algorithm, **overrides}))
 
