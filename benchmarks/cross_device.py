@@ -1,29 +1,34 @@
-r"""Cross-device as it is: round deadlines on a simulated clock, and compressed uploads, on the leaderboard's
-cross-device protocol.
+r"""Cross-device as it is: availability, round deadlines and buffered asynchronous aggregation on a simulated
+clock, and compressed uploads, on the leaderboard's cross-device protocol.
 
-  python -m benchmarks.cross_device                 # both blocks, seeds 0–2; rewrites its RESULTS.md block
-  python -m benchmarks.cross_device --rows=fedavg,fedavg_drop --seeds=0 --results=
+  python -m benchmarks.cross_device --table=systems      # seeds 0–2; rewrites its RESULTS.md block
+  python -m benchmarks.cross_device --table=compression  # seeds 0–2; rewrites its RESULTS.md block
+  python -m benchmarks.cross_device --table=systems --rows=fedavg,fedavg_drop --seeds=0 --results=
 
 Every row runs the leaderboard's cross-device setting (`benchmarks.tuning.SETTINGS["xdevice_a0.1"]`: real
 Fashion-MNIST, the MLP, 100 clients of which 10 a round, α = 0.1) at tuned FedAvg's client settings
 (`benchmarks/configs/tuned.json`), on the simulated clock at its default client systems (`fedsnd_jax/systems.py`:
-log-normal step times and bandwidths, drawn per seed). Two blocks:
+log-normal step times and bandwidths, drawn per seed). Two tables, each run by its own command in one pass:
 
-  deadlines    no deadline; a deadline at the 0.8-quantile of each round's client times, where stragglers are
-               dropped or upload their partial work; FedNova under partial work; FedSND (library defaults,
-               no deadline: its server reads every upload, so a deadline is refused).
-  compression  every compressor of `fedsnd_jax/compression.py` with and without error feedback (top-k also with
-               EF21), for FedAvg, and FedSND with top-k and error feedback.
+  systems      every client always online, no deadline (the reference); seeded availability (online and
+               offline spells of 5 and 10 minutes on average); a deadline at the 0.8-quantile of each round's
+               client times, where stragglers are dropped or upload their partial work; FedNova under partial
+               work; FedSND (library defaults) without and with partial work; FedBuff (buffer 10, 20 clients in
+               flight, staleness 1/√(1 + τ)) for FedAvg and FedSND. A FedBuff round is one buffer: 10 uploads, as
+               a synchronous round, so 300 rounds are the same client work.
+  compression  the reference, and every compressor of `fedsnd_jax/compression.py` with and without error
+               feedback (top-k also with EF21), for FedAvg, and FedSND with top-k and error feedback.
 
 Per row: the plateau (as the leaderboard's: each seed's mean over the last fifth of the run, and how far it
-still moved), and the simulated seconds, upload MB and rounds to the target — the plateau of FedAvg without a
-deadline or compression, less one point. Curves: accuracy against simulated seconds (deadlines) and against
-cumulative upload MB (compression), one line per row with its seed band. Runs land in
-`--workdir/<block>/<row>/seed=<s>/` and are reused when finished.
+still moved), and the simulated seconds, upload MB and rounds to the target — the plateau of the table's
+reference row (FedAvg on the clock, no deadline, no compression), less one point. Curves: accuracy against
+simulated seconds (systems) and against cumulative upload MB (compression), one line per row with its seed band.
+Runs land in `--workdir/<table>/<row>/seed=<s>/` and are reused when finished.
 """
 
 import json
 import os
+import time
 
 import numpy as np
 from absl import app, flags, logging
@@ -34,16 +39,24 @@ from experiments import report
 SETTING = "xdevice_a0.1"
 CLOCK = {"systems.enabled": True}
 DEADLINE = {**CLOCK, "systems.deadline_quantile": 0.8}
-# block -> row -> (algorithm, overrides on top of tuned FedAvg's client settings).
+PARTIAL = {**DEADLINE, "systems.stragglers": "partial"}
+FEDBUFF = {**CLOCK, "systems.buffer_size": 10, "systems.concurrency": 20}
+REFERENCE = "fedavg"  # each table's row on the clock without deadline or compression: its plateau sets the target
+# table -> row -> (algorithm, overrides on top of tuned FedAvg's client settings).
 ROWS = {
-    "deadlines": {
-        "fedavg": ("fedavg", CLOCK),
+    "systems": {
+        REFERENCE: ("fedavg", CLOCK),
+        "fedavg_availability": ("fedavg", {**CLOCK, "systems.online_s": 300.0, "systems.offline_s": 600.0}),
         "fedavg_drop": ("fedavg", DEADLINE),
-        "fedavg_partial": ("fedavg", {**DEADLINE, "systems.stragglers": "partial"}),
-        "fednova_partial": ("fednova", {**DEADLINE, "systems.stragglers": "partial"}),
+        "fedavg_partial": ("fedavg", PARTIAL),
+        "fednova_partial": ("fednova", PARTIAL),
         "fedsnd": ("fedsnd", CLOCK),
+        "fedsnd_partial": ("fedsnd", PARTIAL),
+        "fedbuff_fedavg": ("fedavg", FEDBUFF),
+        "fedbuff_fedsnd": ("fedsnd", FEDBUFF),
     },
     "compression": {
+        REFERENCE: ("fedavg", CLOCK),
         **{f"fedavg_{kind}{'_' + fb if fb != 'none' else ''}": (
             "fedavg", {**CLOCK, "compression.kind": kind, "compression.ratio": ratio, "compression.levels": 4,
                        "compression.feedback": fb})
@@ -53,27 +66,25 @@ ROWS = {
                                       "compression.feedback": "ef"}),
     },
 }
-REFERENCE = "fedavg"  # the deadlines block's row without deadline or compression: its plateau sets the target
 TARGET_MARGIN = 0.01
 
 
-def run_rows(workdir: str, tuned: dict, names, seeds) -> dict[str, dict[str, dict]]:
-  """Runs the missing cells; returns block -> row -> {summaries, metrics, folders}."""
+def run_rows(workdir: str, tuned: dict, table: str, names, seeds) -> dict[str, dict]:
+  """Runs the table's missing cells (all, or those in `names`); returns row -> {summaries, metrics, folders}."""
   client = leaderboard.chosen(tuned, SETTING, "fedavg")[0]
   out = {}
-  for block, rows in ROWS.items():
-    for name, (algorithm, overrides) in rows.items():
-      if name not in names and f"{block}:{name}" not in names:
-        continue
-      folders = leaderboard.run_cells(os.path.join(workdir, block), SETTING, name,
-                                      {**client, "algorithm": algorithm, **overrides}, seeds)
-      out.setdefault(block, {})[name] = {"summaries": [report.read_summary(f) for f in folders],
-                                         "metrics": [report.read_metrics(f) for f in folders], "folders": folders}
+  for name, (algorithm, overrides) in ROWS[table].items():
+    if names and name not in names:
+      continue
+    folders = leaderboard.run_cells(os.path.join(workdir, table), SETTING, name,
+                                    {**client, "algorithm": algorithm, **overrides}, seeds)
+    out[name] = {"summaries": [report.read_summary(f) for f in folders],
+                 "metrics": [report.read_metrics(f) for f in folders], "folders": folders}
   return out
 
 
-def target_of(blocks: dict[str, dict]) -> float | None:
-  reference = blocks.get("deadlines", {}).get(REFERENCE)
+def target_of(rows: dict[str, dict]) -> float | None:
+  reference = rows.get(REFERENCE)
   if reference is None:
     return None
   level = [v for v in leaderboard.plateau(reference["metrics"])[0] if np.isfinite(v)]
@@ -98,7 +109,7 @@ def table(block: str, rows: dict[str, dict], target: float | None) -> str:
   head = ["row", f"plateau (last {leaderboard.window(rounds)} rounds)", "plateau moved", "moved per 10 rounds",
           "reached",
           "rounds to target", "simulated s to target", "MB up to target", "simulated s/round", "dropped/round",
-          "partial/round"]
+          "partial/round", "staleness"]
   lines = [f"**{block}** (target {100 * target:.1f} %)\n" if target else f"**{block}**\n",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, row in rows.items():
@@ -111,7 +122,8 @@ def table(block: str, rows: dict[str, dict], target: float | None) -> str:
              leaderboard._mean_std(sim, digits=0), leaderboard._mean_std(upload, digits=1),
              leaderboard._mean_std(per_round(metrics, "round_sim_s"), digits=1),
              leaderboard._mean_std(per_round(metrics, "dropped_clients"), digits=2),
-             leaderboard._mean_std(per_round(metrics, "partial_clients"), digits=2)]
+             leaderboard._mean_std(per_round(metrics, "partial_clients"), digits=2),
+             leaderboard._mean_std(per_round(metrics, "mean_staleness"), digits=2)]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -138,47 +150,53 @@ def plot(path: str, block: str, rows: dict[str, dict], x_key: str, x_label: str,
   plt.close(fig)
 
 
-AXES = {"deadlines": ("sim_time_s", "cumulative simulated seconds", 1.0),
+AXES = {"systems": ("sim_time_s", "cumulative simulated seconds", 1.0),
         "compression": ("bytes_up", "cumulative upload MB", 1e6)}
+INTRO = {
+    "systems": "Availability: online and offline spells of 300 and 600 s on average. Deadlines at the "
+               "0.8-quantile of each round's client times. FedBuff: buffer 10, 20 clients in flight, staleness "
+               "1/√(1 + τ), the run's server step; a round is one buffer.",
+    "compression": "Ratios: top-k 1 %, rand-k 10 %; QSGD at 4 levels.",
+}
 
 
-def block_text(blocks: dict[str, dict], seeds, plots: str, results_path: str) -> str:
-  target = target_of(blocks)
-  text = [f"{SETTING} on the simulated clock (default client systems), tuned FedAvg's client settings; seeds "
-          f"{', '.join(map(str, seeds))}; accuracies in %, mean ± population std over seeds. Target: the plateau "
-          f"of the row without deadline or compression, less {100 * TARGET_MARGIN:.0f} point. Deadlines at the "
-          "0.8-quantile of each round's client times.\n"]
+def table_text(table_name: str, rows: dict[str, dict], seeds, plots: str, results_path: str) -> str:
+  target = target_of(rows)
+  text = [f"{SETTING} on the simulated clock (default client systems), tuned FedAvg's client settings, "
+          f"300 rounds; seeds {', '.join(map(str, seeds))}; accuracies in %, mean ± population std over seeds. "
+          f"Target: the plateau of the `{REFERENCE}` row (no deadline, no compression), less "
+          f"{100 * TARGET_MARGIN:.0f} point. {INTRO[table_name]}\n"]
   os.makedirs(plots, exist_ok=True)
-  for block, rows in blocks.items():
-    if block == "compression" and REFERENCE in blocks.get("deadlines", {}):  # the uncompressed row beside them
-      rows = {f"{REFERENCE} (uncompressed)": blocks["deadlines"][REFERENCE], **rows}
-    path = os.path.join(plots, f"cross_device_{block}.png")
-    plot(path, block, rows, *AXES[block])
-    text += [table(block, rows, target),
-             f"![{block}]({os.path.relpath(path, os.path.dirname(results_path) or '.')})\n"]
-  return "\n".join(text + [leaderboard.provenance(blocks)])
+  path = os.path.join(plots, f"cross_device_{table_name}.png")
+  plot(path, table_name, rows, *AXES[table_name])
+  text += [table(table_name, rows, target),
+           f"![{table_name}]({os.path.relpath(path, os.path.dirname(results_path) or '.')})\n"]
+  return "\n".join(text + [leaderboard.provenance({table_name: rows})])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   flag = flags.FLAGS
-  known = {n for rows in ROWS.values() for n in rows} | {f"{b}:{n}" for b, rows in ROWS.items() for n in rows}
-  unknown = [r for r in flag.rows if r not in known]
+  unknown = [r for r in flag.rows if r not in ROWS[flag.table]]
   if unknown:
-    raise app.UsageError(f"unknown rows: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    raise app.UsageError(f"unknown rows of {flag.table}: {', '.join(unknown)}; known: "
+                         f"{', '.join(ROWS[flag.table])}")
   with open(flag.tuned) as f:
     tuned = json.load(f)["settings"]
   seeds = [int(s) for s in flag.seeds]
-  blocks = run_rows(flag.workdir, tuned, set(flag.rows), seeds)
-  text = block_text(blocks, seeds, flag.plots, flag.results or os.path.join(flag.workdir, "cross_device.md"))
+  start = time.perf_counter()
+  rows = run_rows(flag.workdir, tuned, flag.table, set(flag.rows), seeds)
+  text = table_text(flag.table, rows, seeds, flag.plots,
+                    flag.results or os.path.join(flag.workdir, f"cross_device_{flag.table}.md"))
   print(text, flush=True)
-  results.publish(flag.results, flag.block, text, "Cross-device systems")
+  results.publish(flag.results, f"{flag.block}-{flag.table}", text, f"Cross-device systems: {flag.table}",
+                  time.perf_counter() - start)
 
 
 def define_flags():
-  every = [f"{b}:{n}" for b, rows in ROWS.items() for n in rows]
-  flags.DEFINE_list("rows", every, "Rows to run (a row name, or block:row).")
+  flags.DEFINE_enum("table", "systems", list(ROWS), "Which table to run and write.")
+  flags.DEFINE_list("rows", [], "Rows of that table to run (default: all).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Evaluation seeds (disjoint from the tuning seed, 100).")
   flags.DEFINE_string("tuned", "benchmarks/configs/tuned.json", "The tuning's chosen settings.")
   flags.DEFINE_string("workdir", "runs/cross_device", "Run folders.")

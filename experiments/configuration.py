@@ -47,7 +47,8 @@ def hyperparameters(c):
 
 def algorithm_info(c) -> AlgorithmInfo:
   spec = algorithms.get(c.algorithm)
-  return AlgorithmInfo(c.algorithm, spec.privacy(hyperparameters(c)), spec.partial_work)
+  return AlgorithmInfo(c.algorithm, spec.privacy(hyperparameters(c)), spec.partial_work,
+                       spec.asynchronous)
 
 
 def mechanism_settings(c) -> dict:

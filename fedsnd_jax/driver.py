@@ -18,7 +18,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedsnd_jax import aggregation, client, compression, federated_data, host_loop, mapping, models, systems
+from fedsnd_jax import (
+  aggregation,
+  buffered,
+  client,
+  compression,
+  federated_data,
+  host_loop,
+  mapping,
+  models,
+  systems,
+)
 from fedsnd_jax.errors import InputError
 from fedsnd_jax.federated_data import FederatedData
 from fedsnd_jax.rounds import (
@@ -43,8 +53,10 @@ from fedsnd_jax.sampling import SAMPLINGS, cohort_cap, round_keys
 
 
 def make_client_phase(model, loss_fn: client.LossFn, federation: Federation, num_steps: int, client_map: str,
-                      chunk_size: int, upload_transform=None, traced: bool = False):
-  """Returns client_phase((params, shared, data), (ids [C], keys [C], own, limits [C])) -> stacked ClientOutput.
+                      chunk_size: int, upload_transform=None, traced: bool = False, own_start: bool = False):
+  """Returns client_phase((params, shared, data), (ids [C], keys [C], own, limits [C])) -> stacked ClientOutput;
+  with `own_start`, client_phase((shared, data), (params [C, P], ids, keys, own, limits)): each client starts
+  from its own params (FedBuff's arrivals, `buffered`).
 
   Every client starts from the received params and takes `num_steps` step slots of the federation's schedule,
   of which it runs the first `limits[c]` non-empty ones (a client with limit 0 trains nothing and uploads weight
@@ -66,6 +78,8 @@ def make_client_phase(model, loss_fn: client.LossFn, federation: Federation, num
       return out
     return out._replace(params=transform(params, out.params, jax.random.fold_in(key, UPLOAD_STREAM)))
 
+  if own_start:
+    one = lambda shared, data, params, *per_client, one=one: one(params, shared, data, *per_client)
   if stepped:
     return host_loop.threaded_loop(one)
   return mapping.map_clients(one, client_map, chunk_size)
@@ -86,7 +100,10 @@ def server_update(server_opt, params, opt_state, average):
 class RoundInputs(NamedTuple):
   """What `prepare` hands the round: ids [C] int32 sorted sampled clients, keys [C] their keys, the server's
   key, what every client receives (shared) and each one's own state [C, ...], and steps [C] int32 the local
-  steps each takes (its schedule's, or fewer where a deadline stops it: `timed`)."""
+  steps each takes (its schedule's, or fewer where a deadline stops it: `timed`). On the simulated clock also
+  the clock when the round's clients start (`timed`) or after its last arrival (`buffered`); under FedBuff the
+  models the clients started from, received [C, P], and how many versions old they are, staleness [C] int32
+  (None: every client receives the global model)."""
 
   ids: jax.Array
   keys: jax.Array
@@ -94,6 +111,9 @@ class RoundInputs(NamedTuple):
   shared: Any
   own: Any
   steps: jax.Array
+  clock: Any = None
+  received: Any = None
+  staleness: Any = None
 
 
 class Round(NamedTuple):
@@ -113,10 +133,13 @@ class Round(NamedTuple):
     cohort: ids -> (clients that took part, diagnostics about it), on the host.
     traffic: (round index, cohort) -> (bytes up, bytes down) of the round.
     slots: C, the uploads a round has room for; sampling: one of SAMPLINGS; runs: R vectorised runs, or 0.
-    clock: (round index, inputs) -> (inputs with the steps the clients finish, the round's simulated seconds,
-      diagnostics), or None (no simulated clock: `timed`).
+    clock: (state, round index, inputs) -> (inputs with the steps the clients finish, the clock after the
+      round, diagnostics, (clients that uploaded, clients that downloaded)), or None (no simulated clock:
+      `timed`, `fedbuff`).
     compress: (state, uploads, inputs) -> (uploads as the server reconstructs them, new `ServerState.uploads`),
       or None (uploads sent whole: `compressed`).
+    rebase: (state, inputs, uploads) -> uploads, FedBuff's stale uploads rebased onto the global model
+      (`buffered`), or None.
   """
 
   init: Callable
@@ -134,6 +157,7 @@ class Round(NamedTuple):
   runs: int = 0
   clock: Callable | None = None
   compress: Callable | None = None
+  rebase: Callable | None = None
 
 
 def describe(parts: RoundParts, model: models.Model, federation: Federation, server_opt,
@@ -149,8 +173,8 @@ def describe(parts: RoundParts, model: models.Model, federation: Federation, ser
     return ServerState(params, server_opt.init(params), jnp.zeros((), jnp.int32), run_key,
                        parts.init_state(params), aggregator.init(params))
 
-  def prepare(state: ServerState, data: FederatedData, cap: int = 0) -> RoundInputs:
-    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, slots, cap)
+  def prepare(state: ServerState, data: FederatedData, cap: int = 0, eligible=None) -> RoundInputs:
+    ids, keys, server_key = round_keys(state.rng, state.round, num_clients, slots, cap, eligible)
     shared, own = parts.client_inputs(state.algorithm, ids)
     return RoundInputs(ids, keys, server_key, shared, own, federation.schedule.steps_taken(data.counts[ids]))
 
@@ -169,7 +193,7 @@ def describe(parts: RoundParts, model: models.Model, federation: Federation, ser
         return carry, diagnostics
       params, opt_state = server_update(server_opt, state.params, state.opt_state, carry.average)
       new = ServerState(params, opt_state, state.round + 1, state.rng, carry.state, carry.aggregator,
-                        state.uploads)
+                        state.uploads, state.clock)
       train_loss = aggregation.weighted_average(context.uploads.loss, context.uploads.num_examples)
       return (new, train_loss, carry.eval_models), diagnostics
 
@@ -246,21 +270,84 @@ def compressed(r: Round, settings: compression.Settings, model: models.Model, nu
   return r._replace(init=init, compress=compress, traffic=traffic)
 
 
-def timed(r: Round, clock: systems.Clock) -> Round:
-  """The round on a simulated clock (`systems`): each sampled client's download, local steps and upload take
-  the seconds of its profile; a deadline stops the clients that cannot finish (dropped, or uploading the steps
-  they finished). The round lasts until its last client or the deadline."""
+def _per_client_bits(r: Round, round_index: int) -> tuple[float, float]:
+  """Bits each client uploads and downloads (secure aggregation's bytes grow with the cohort: of a full one)."""
+  up, down = r.traffic(round_index, r.slots)
+  return 8.0 * up / r.slots, 8.0 * down / r.slots
+
+
+def timed(r: Round, clock: systems.Clock, num_clients: int) -> Round:
+  """The round on a simulated clock (`systems`): it starts when enough clients are online (`systems.check_in`)
+  and samples among them; each sampled client's download, local steps and upload take the seconds of its
+  profile; a deadline stops the clients that cannot finish (dropped, or uploading the steps they finished). The
+  round lasts until its last client or the deadline."""
   timing = jax.jit(lambda ids, steps, up_bits, down_bits: systems.round_timing(clock, ids, steps, up_bits,
                                                                                down_bits))
 
-  def time_round(round_index: int, inputs: RoundInputs):
-    up, down = r.traffic(round_index, r.slots)  # (per client: secure aggregation's bytes grow with the cohort)
-    t = timing(inputs.ids, inputs.steps, 8.0 * up / r.slots, 8.0 * down / r.slots)
-    seconds, dropped, partial = jax.device_get((t.seconds, t.dropped, t.partial))  # one transfer
-    about = {"round_sim_s": float(seconds), "dropped_clients": int(dropped), "partial_clients": int(partial)}
-    return inputs._replace(steps=t.steps), about["round_sim_s"], about
+  def init(key) -> ServerState:
+    return r.init(key)._replace(clock=systems.ClockState(jnp.zeros((), jnp.float32)))
 
-  return r._replace(clock=time_round)
+  def prepare(state: ServerState, data: FederatedData) -> RoundInputs:
+    if clock.availability is None:
+      return r.prepare(state, data)._replace(clock=state.clock)
+    start, online = systems.check_in(clock.availability, state.clock.time, jnp.ones((num_clients,), bool),
+                                     r.slots)
+    return r.prepare(state, data, eligible=online)._replace(clock=systems.ClockState(start))
+
+  def time_round(state: ServerState, round_index: int, inputs: RoundInputs):
+    t = timing(inputs.ids, inputs.steps, *_per_client_bits(r, round_index))
+    after = systems.ClockState(inputs.clock.time + t.seconds)
+    begun, start, end, dropped, partial = jax.device_get((state.clock.time, inputs.clock.time, after.time,
+                                                         t.dropped, t.partial))  # one transfer
+    about = {"round_sim_s": float(end - begun), "waited_s": float(start - begun),
+             "dropped_clients": int(dropped), "partial_clients": int(partial)}
+    return inputs._replace(steps=t.steps), after, about, (r.slots - int(dropped), r.slots)
+
+  return r._replace(init=init, prepare=prepare, clock=time_round)
+
+
+def fedbuff(r: Round, clock: systems.Clock, parts: RoundParts, federation: Federation) -> Round:
+  """FedBuff on the simulated clock (`buffered`): a round is one buffer of `clock.buffer_size` arrivals, each
+  trained from the model its client downloaded (a client phase over their own start models) and rebased onto
+  the global model by its staleness before the algorithm's server steps."""
+  size, num_clients = clock.buffer_size, federation.num_clients
+  up_bits, down_bits = _per_client_bits(r, 0)
+
+  def init(key) -> ServerState:
+    state = r.init(key)
+    flight = buffered.empty(state.params, clock.concurrency, num_clients)
+    return state._replace(clock=systems.ClockState(jnp.zeros((), jnp.float32), flight))
+
+  def prepare(state: ServerState, data: FederatedData) -> RoundInputs:
+    p = clock.profiles
+    duration = (down_bits / p.down_bps + federation.schedule.steps_taken(data.counts) * p.step_s
+                + up_bits / p.up_bps)
+    buf = buffered.arrive(state.clock, state.round, state.params, duration, state.rng, clock.availability, size)
+    order = jnp.argsort(buf.ids)
+    ids, versions = buf.ids[order], buf.version[order]
+    keys = jax.vmap(lambda v, i: jax.random.fold_in(
+        jax.random.split(jax.random.fold_in(state.rng, v), 3)[1], i))(versions, ids)  # sync round v's key for i
+    server_key = jax.random.split(jax.random.fold_in(state.rng, state.round), 3)[2]
+    shared, own = parts.client_inputs(state.algorithm, ids)
+    return RoundInputs(ids, keys, server_key, shared, own, federation.schedule.steps_taken(data.counts[ids]),
+                       buf.clock, jax.tree.map(lambda a: a[order], buf.params), state.round - versions)
+
+  def arrivals(state: ServerState, round_index: int, inputs: RoundInputs):
+    del round_index
+    flight = inputs.clock.flight
+    begun, end, staleness, started, oldest = jax.device_get((
+        state.clock.time, inputs.clock.time, inputs.staleness, flight.started - state.clock.flight.started,
+        jnp.min(flight.version)))  # one transfer
+    about = {"round_sim_s": float(end - begun), "staleness": staleness.tolist(),
+             "mean_staleness": float(staleness.mean()), "version_lag": int(state.round) + 1 - int(oldest)}
+    return inputs, inputs.clock, about, (size, int(started))
+
+  def rebase(state: ServerState, inputs: RoundInputs, uploads: client.ClientOutput) -> client.ClientOutput:
+    return uploads._replace(params=buffered.rebase(state.params, inputs.received, uploads.params,
+                                                   inputs.staleness, clock.staleness_exponent))
+
+  return r._replace(init=init, prepare=prepare, clock=arrivals, rebase=rebase, slots=size,
+                    cohort=lambda ids: (size, {}))
 
 
 def vectorised(r: Round, runs: int, traced_clients: Callable[[int], Callable]) -> Round:
@@ -301,6 +388,7 @@ def execute(r: Round) -> FederatedAlgorithm:
   prepare = jax.jit(r.prepare)
   corrupt = r.corrupt and jax.jit(r.corrupt)
   compress = r.compress and jax.jit(r.compress)
+  rebase = r.rebase and jax.jit(r.rebase)
   phases: dict[int, Callable] = {}
   steps: dict[tuple[ServerStep, bool], Callable] = {}
 
@@ -320,11 +408,14 @@ def execute(r: Round) -> FederatedAlgorithm:
     data = r.pad(data)
     timer = PhaseTimer()
     inputs = prepare(state, data)
-    sim_s, about = None, {}
+    clock, about, took_part = state.clock, {}, None
     if r.clock is not None:
-      inputs, sim_s, about = r.clock(round_index, inputs)
-    uploads = client_phase(data)((state.params, inputs.shared, data),
-                                 (inputs.ids, inputs.keys, inputs.own, inputs.steps))
+      inputs, clock, about, took_part = r.clock(state, round_index, inputs)
+    per_client = (inputs.ids, inputs.keys, inputs.own, inputs.steps)
+    if inputs.received is None:
+      uploads = client_phase(data)((state.params, inputs.shared, data), per_client)
+    else:  # FedBuff: each client from the model it downloaded
+      uploads = rebase(state, inputs, client_phase(data)((inputs.shared, data), (inputs.received, *per_client)))
     memory = state.uploads
     if compress is not None:
       uploads, memory = compress(state, uploads, inputs)
@@ -344,13 +435,15 @@ def execute(r: Round) -> FederatedAlgorithm:
       carry, diag = timer.lap(f"{server_step.name}_time_s", out)
       diagnostics.update(diag)
     new_state, train_loss, eval_models = carry
-    new_state = new_state._replace(uploads=memory)
+    new_state = new_state._replace(uploads=memory, clock=clock)
     times = {**timer.times, "server_time_s": sum(timer.times[f"{s.name}_time_s"] for s in server_steps)}
     cohort, sampled = r.cohort(inputs.ids)
     diagnostics, train_loss = _host({**diagnostics, **sampled}, train_loss, r.runs)
     up, down = r.traffic(round_index, cohort)
-    if about:  # a dropped client's upload never left it
-      up = up * (cohort - about["dropped_clients"]) // cohort
+    sim_s = None
+    if took_part is not None:  # a dropped client's upload never left it; FedBuff's starts download
+      up, down = up * took_part[0] // cohort, down * took_part[1] // cohort
+      sim_s = float(clock.time)
     return new_state, RoundOutput(times, {**diagnostics, **about}, train_loss, eval_models, up, down, sim_s)
 
   return FederatedAlgorithm(r.init, apply)
@@ -381,9 +474,12 @@ def build_rounds(parts: RoundParts, model: models.Model, federation: Federation,
   server_opt = models.freeze_statistics(server_opt or optax.sgd(1.0))
   aggregator = mechanisms.aggregator or aggregation.weighted_mean()
 
+  clock = mechanisms.clock
+
   def clients(traced: bool) -> Callable[[int], Callable]:
+    own_start = clock is not None and clock.buffer_size > 0
     return lambda num_steps: make_client_phase(model, parts.client_loss, federation, num_steps, client_map,
-                                               chunk_size, mechanisms.upload_transform, traced)
+                                               chunk_size, mechanisms.upload_transform, traced, own_start)
 
   r = describe(parts, model, federation, server_opt, aggregator, clients(False))
   if federation.sampling == "poisson":
@@ -392,8 +488,8 @@ def build_rounds(parts: RoundParts, model: models.Model, federation: Federation,
     r = compressed(r, mechanisms.compression, model, federation.num_clients)
   if mechanisms.attack is not None:
     r = attacked(r, mechanisms.attack)
-  if mechanisms.clock is not None:
-    r = timed(r, mechanisms.clock)
+  if clock is not None:
+    r = fedbuff(r, clock, parts, federation) if clock.buffer_size else timed(r, clock, federation.num_clients)
   if runs:
     r = vectorised(r, runs, clients(True))
   return execute(r)

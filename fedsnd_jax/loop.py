@@ -363,9 +363,7 @@ class _Loop:
       return False
     lane.log["bytes_up"] += out.bytes_up
     lane.log["bytes_down"] += out.bytes_down
-    clock = {}
-    if out.sim_time_s is not None:  # the simulated clock (`systems`), checkpointed with the log like the bytes
-      lane.log["sim_time_s"] = clock["sim_time_s"] = lane.log.get("sim_time_s", 0.0) + out.sim_time_s
+    clock = {} if out.sim_time_s is None else {"sim_time_s": out.sim_time_s}  # the simulated clock (`systems`)
     wall_s = lane.log["wall_s"] + elapsed
     if evaluated:
       record = {"round": r, **scores, **out.times, **diagnostics, "train_loss": train_loss,

@@ -31,6 +31,7 @@ class Composition(NamedTuple):
     vectorised: why runs with it cannot be vectorised together (`experiments.sweep --vectorize`).
     deadline: why it cannot run with a round deadline that drops or cuts clients (`systems`).
     compression: why it cannot take compressed uploads (`compression`).
+    asynchronous: why it cannot run under FedBuff (`systems.buffer_size`, `buffered`).
   """
 
   aggregator: str
@@ -38,22 +39,28 @@ class Composition(NamedTuple):
   vectorised: str
   deadline: str = ""
   compression: str = ""
+  asynchronous: str = ""
 
 
 RULES: dict[str, Composition] = {
     "dp": Composition("clips and noises the mean", "", "",
-                      "its accounting is for the sampled cohort, not one a deadline thins (not supported)"),
+                      "its accounting is for the sampled cohort, not one a deadline thins (not supported)",
+                      asynchronous="its accounting is per round of a sampled cohort, not per buffer of arrivals"),
     "secagg": Composition("the server sees only the sum", "its threshold is checked against a fixed cohort", "",
                           "a deadline's dropped clients are its own dropouts (secagg.dropout), not simulated",
                           "it sums fixed-point vectors of every coordinate (it quantises itself); sparse or "
-                          "quantised uploads need a protocol of their own"),
+                          "quantised uploads need a protocol of their own",
+                          "its masks are agreed within a round's cohort, not among a buffer's arrivals"),
     "robust": Composition("a robust rule replaces the mean", "its f is checked against a fixed cohort", "",
-                          "a dropped client's empty update would still vote in its rule"),
+                          "a dropped client's empty update would still vote in its rule",
+                          asynchronous="its f is of a synchronous cohort, not of stale rebased uploads"),
     "attack": Composition("", "", "its Byzantine clients are drawn per seed: run attacked cells one by one",
-                          "its attacks' honest statistics would count a dropped client's empty update"),
+                          "its attacks' honest statistics would count a dropped client's empty update",
+                          asynchronous="its attacks read the honest updates against the model of this round"),
     "systems": Composition("", "its clock would count the empty client that pads a Poisson round",
                            "its client profiles are drawn per seed: run systems cells one by one"),
-    "compression": Composition("", "", ""),
+    "compression": Composition("", "", "", asynchronous="it compresses an update against the global model, "
+                                                         "not against the version its client started from"),
 }
 
 # Flat config fields of earlier versions → their place in a mechanism's section.
@@ -112,6 +119,8 @@ def validate(chosen: dict, federation: Federation, algorithm: AlgorithmInfo, vec
                        f"{section} cannot take compressed uploads: {RULES[section].compression}")
     if systems.drops_clients(chosen["systems"]) and RULES[section].deadline:
       raise InputError("systems.deadline_s", f"{section} cannot run with a deadline: {RULES[section].deadline}")
+    if "systems" in on and chosen["systems"].buffer_size and RULES[section].asynchronous:
+      raise InputError("systems.buffer_size", f"{section} cannot run under FedBuff: {RULES[section].asynchronous}")
     if federation.sampling == "poisson" and RULES[section].poisson:
       raise InputError("client_sampling", f"poisson sampling varies the cohort's size, and {section}'s "
                        f"{RULES[section].poisson.removeprefix('its ')}; use client_sampling=fixed or turn "

@@ -85,6 +85,7 @@ class ServerState(NamedTuple):
     algorithm: the algorithm's own typed state (e.g. `ScaffoldState`), or None.
     aggregator: the aggregator's state.
     uploads: per-client state of the upload pipeline (compression's error-feedback memory [K, P]), or None.
+    clock: the simulated clock (`systems.ClockState`: its time, FedBuff's clients in flight), or None.
   """
 
   params: Params
@@ -94,6 +95,7 @@ class ServerState(NamedTuple):
   algorithm: Any
   aggregator: Any
   uploads: Any = None
+  clock: Any = None
 
 
 class RoundContext(NamedTuple):
@@ -238,6 +240,9 @@ class AlgorithmSpec(NamedTuple):
     partial_work: its server reads only the uploads' aggregation weights and step counts, so a round deadline
       may drop clients (weight 0) or cut their local steps (`systems`); False for algorithms with per-client
       state or server steps that read every sampled client's model.
+    asynchronous: it runs under FedBuff (`buffered`): its clients need nothing but the model they download, and
+      its server steps take uploads trained from older versions, rebased onto the current model; False for
+      algorithms with per-client or server state that ties an update to the round it was sent in.
   """
 
   build: Callable[..., RoundParts]
@@ -248,16 +253,19 @@ class AlgorithmSpec(NamedTuple):
   privacy: Callable[[Any], tuple[str, ...]] = _any_privacy
   moved: Mapping[str, str] = MappingProxyType({})
   partial_work: bool = False
+  asynchronous: bool = False
 
 
 class AlgorithmInfo(NamedTuple):
   """The run's algorithm as a mechanism's validation sees it: its registry name, the privacy mechanisms its
-  releases can be covered by (`AlgorithmSpec.privacy` of its hyperparameters) and whether a deadline may drop
-  or cut its clients (`AlgorithmSpec.partial_work`)."""
+  releases can be covered by (`AlgorithmSpec.privacy` of its hyperparameters), whether a deadline may drop
+  or cut its clients (`AlgorithmSpec.partial_work`) and whether it runs under FedBuff
+  (`AlgorithmSpec.asynchronous`)."""
 
   name: str
   privacy: tuple[str, ...]
   partial_work: bool = False
+  asynchronous: bool = False
 
 
 class MechanismParts(NamedTuple):
@@ -317,7 +325,8 @@ class RoundOutput(NamedTuple):
     (Vectorised runs, `driver.build_rounds(runs=R)`: train_loss and every diagnostic are lists over the runs.)
     eval_models: extra [P] models to evaluate, by name (e.g. `no_distill`).
     bytes_up, bytes_down: this round's traffic over all sampled clients (a dropped client's upload excluded).
-    sim_time_s: the round's simulated seconds (`systems`), None without a simulated clock.
+    sim_time_s: the simulated seconds since the run began, at the round's end (`systems`); None without a
+      simulated clock.
   """
 
   times: dict[str, float]

@@ -33,7 +33,7 @@ def cohort_cap(num_clients: int, clients_per_round: int) -> tuple[int, float]:
   return lo, binomial_tail(num_clients, p, lo)
 
 
-def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: int = 0):
+def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: int = 0, eligible=None):
   """Samples the round's clients and derives their keys.
 
   round_key = fold_in(rng, round); (sample_key, clients_key, server_key) = split(round_key, 3). Fixed-size
@@ -42,7 +42,8 @@ def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: 
   sample_key); the sampled ids, sorted, fill the first slots of `cap` and the rest hold K, the empty client
   (no examples: it trains nothing and weighs 0); if more than cap are sampled, the highest ids are left out (a
   chance of `cohort_cap`'s overflow per round). Client k's key is fold_in(clients_key, k), so it depends only on
-  the seed, the round and the client id.
+  the seed, the round and the client id. With `eligible` [K] bool (the clients online, `systems.check_in`), the
+  C clients are drawn uniformly among the eligible ones (the C smallest of u ~ U[0, 1)^K from sample_key).
 
   Returns:
     ids: [C] (or [cap]) int32 sorted client ids.
@@ -53,6 +54,9 @@ def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: 
   if cap:
     sampled = jax.random.uniform(sample_key, (num_clients,)) < clients_per_round / num_clients
     ids = jnp.sort(jnp.where(sampled, jnp.arange(num_clients), num_clients))[:cap].astype(jnp.int32)
+  elif eligible is not None:
+    scores = jnp.where(eligible, jax.random.uniform(sample_key, (num_clients,)), 2.0)
+    ids = jnp.sort(jnp.argsort(scores)[:clients_per_round]).astype(jnp.int32)
   elif clients_per_round == num_clients:
     ids = jnp.arange(num_clients, dtype=jnp.int32)
   else:

@@ -6,9 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from fedsnd_jax import algorithms, client, losses, models
+from fedsnd_jax import algorithms, client, losses, models, systems
 from fedsnd_jax.algorithms.fedsnd import distillation, self_distillation, synthesis
 from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, noise_pool, teacher_probs
+from fedsnd_jax.rounds import MechanismParts
 
 SHAPE = (4, 4, 1)
 SMALL = {"synthesis.samples": 6, "synthesis.steps": 3, "distillation.steps": 2, "distillation.batch": 4}
@@ -412,3 +413,25 @@ def test_a_student_left_without_trusted_teachers_keeps_its_params(weighting):
   new, before, after, right = distillation.distill_one(space, pool, 0, params, jax.random.key(2), hp, T, _plan(hp))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new, params)  # the only trusted teacher: itself
   assert all(np.isfinite(float(v)) for v in (before, after, right))
+
+
+def test_a_dropped_clients_upload_reaches_no_teacher(federation):
+  """Under a deadline a dropped client uploads the model it received: FedSND's server leaves it out as teacher
+  and owner of noise, so whatever that upload holds, the round's result is the same (an attack stands in for
+  the upload's contents here)."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  slow = systems.Profiles(jnp.array([0.01, 100.0, 0.01]), jnp.full(3, 1e9), jnp.full(3, 1e9))  # client 1 drops
+
+  def round_with(scale):
+    def replace(params, ids, received, key):
+      del received, key
+      return jax.tree.map(lambda a: a.at[1].set(scale * jnp.ones_like(a[1])), params)
+    hp = {**SMALL, "schedule.distill_agreement": 1.01}  # the gate always open
+    alg = algorithms.build("fedsnd", model, fed, hp,
+                           mechanisms=MechanismParts(clock=systems.Clock(slow, 5.0), attack=replace))
+    return alg.apply(alg.init(jax.random.key(0)), data)
+
+  (a, out), (b, _) = round_with(1.0), round_with(-3.0)
+  assert out.diagnostics["dropped_clients"] == 1 and float(out.diagnostics["distill_gate"]) == 1.0
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)

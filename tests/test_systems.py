@@ -155,7 +155,7 @@ def test_a_deadline_is_refused_for_algorithms_that_read_every_upload(tiny, feder
     mechanisms.validate(chosen, fed, AlgorithmInfo("scaffold", (), False))
   model = models.build_model("mlp", tiny.shape, 3)
   with pytest.raises(InputError, match="systems.deadline_s"):  # the library path too
-    algorithms.build("fedsnd", model, fed, mechanisms=MechanismParts(clock=systems.Clock(HAND, 1.0)))
+    algorithms.build("scaffold", model, fed, mechanisms=MechanismParts(clock=systems.Clock(HAND, 1.0)))
   with pytest.raises(InputError, match="client_sampling"):
     mechanisms.validate(_chosen(systems=dict(enabled=True)), fed._replace(sampling="poisson"),
                         AlgorithmInfo("fedavg", (), True))

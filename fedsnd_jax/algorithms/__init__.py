@@ -88,7 +88,10 @@ def build(name: str, model: models.Model, federation: Federation, hp=None, *, se
   if not isinstance(hp, spec.hyperparameters):
     hp = hyperparameters(name, hp)
   spec.validate(hp, federation)
-  if mechanisms.clock is not None and mechanisms.clock.deadline:
-    systems.require_partial_work(AlgorithmInfo(name, spec.privacy(hp), spec.partial_work))
+  clock, info = mechanisms.clock, AlgorithmInfo(name, spec.privacy(hp), spec.partial_work, spec.asynchronous)
+  if clock is not None and clock.deadline:
+    systems.require_partial_work(info)
+  if clock is not None and clock.buffer_size:
+    systems.require_asynchronous(info)
   return build_rounds(spec.build(model, hp, federation), model, federation, server_opt=server_opt,
                       mechanisms=mechanisms, client_map=client_map, chunk_size=chunk_size, runs=runs)

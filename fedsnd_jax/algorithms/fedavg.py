@@ -28,4 +28,4 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
   return RoundParts(client.supervised_loss(model))
 
 
-SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedavg", partial_work=True)
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedavg", partial_work=True, asynchronous=True)

@@ -61,4 +61,4 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
   return RoundParts(not_true_loss(model, hp.beta, hp.tau))
 
 
-SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedntd", partial_work=True)
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedntd", partial_work=True, asynchronous=True)

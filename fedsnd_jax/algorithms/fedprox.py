@@ -37,4 +37,4 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
   return RoundParts(proximal_loss(model, hp.mu))
 
 
-SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedprox", partial_work=True)
+SPEC = AlgorithmSpec(build, Hyperparameters, validate, "fedprox", partial_work=True, asynchronous=True)

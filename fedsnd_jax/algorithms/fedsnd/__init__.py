@@ -33,8 +33,12 @@ def server_privacy(hp: Hyperparameters) -> tuple[str, ...]:
   return () if hp.uploads_histograms else ("local",)
 
 
-FEDSND = AlgorithmSpec(build, Hyperparameters, validate, "fedsnd", privacy=server_privacy, moved=MOVED)
+# A deadline may drop or cut FedSND's clients: its server leaves a dropped client out as teacher, owner of noise
+# and from the aggregate (`round.Server.synthesise`), and distils partial work like any upload. Under FedBuff
+# its server distils a buffer's stale uploads, rebased onto the global model (`buffered`).
+SYSTEMS = {"partial_work": True, "asynchronous": True}
+FEDSND = AlgorithmSpec(build, Hyperparameters, validate, "fedsnd", privacy=server_privacy, moved=MOVED, **SYSTEMS)
 FEDSD = AlgorithmSpec(functools.partial(build, server_side=False), Hyperparameters,
-                      functools.partial(validate, server_side=False), "fedsnd", moved=MOVED)
+                      functools.partial(validate, server_side=False), "fedsnd", moved=MOVED, **SYSTEMS)
 FEDND = AlgorithmSpec(functools.partial(build, client_side=False), Hyperparameters, validate, "fedsnd",
-                      privacy=server_privacy, moved=MOVED)
+                      privacy=server_privacy, moved=MOVED, **SYSTEMS)

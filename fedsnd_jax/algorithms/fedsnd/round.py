@@ -167,6 +167,9 @@ class Server:
     pool, order = noise_pool(self.space, uploads.params, made, labels, ids, hp.temperature, histograms)
     pool, flags, trusted = consensus.judge(pool, hp.consensus, order, ids)
     weights = carry.weights if trusted is None else carry.weights * trusted
+    # A client a deadline dropped uploaded the model it received, untrained: never a teacher nor owner of noise.
+    present = (ctx.steps > 0)[order]
+    pool = pool._replace(trusted=present if pool.trusted is None else pool.trusted & present)
     diagnostics = {"full_server": full.astype(jnp.float32)} if schedule.budgeted(hp.schedule) else {}
     diagnostics |= {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
                    "teacher_noise_accuracy": jnp.mean(stats.accuracy), "noise_norm": jnp.mean(stats.norm),
