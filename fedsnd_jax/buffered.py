@@ -4,7 +4,8 @@ Buffered Asynchronous Aggregation", AISTATS 2022 — buffered asynchronous aggre
 
 Z = `concurrency` clients train at once, each from the model version it downloaded. When one uploads, a new
 client (drawn uniformly among those online and not in flight, `systems.check_in`) downloads the current model
-and starts. Every B = `buffer_size` arrivals the server steps, version v → v + 1:
+and starts; the upload that fills the buffer is replaced after the server's step, from the new model. Every
+B = `buffer_size` arrivals the server steps, version v → v + 1:
 
   Δ_k = w_start,k − w_k,   τ_k = v − v_start,k,   s(τ) = (1 + τ)^−a   (a = `staleness_exponent`, 0.5 the paper's)
   u_k = w_v − s(τ_k)·Δ_k   (u_k = w_k when τ_k = 0)
@@ -74,7 +75,8 @@ def _start(flight: InFlight, slot, t, version, params, duration, key, availabili
 
 def arrive(clock: systems.ClockState, version, params, duration, rng, availability, buffer_size: int) -> Buffer:
   """Fills the empty slots at the clock's time, then takes `buffer_size` arrivals in the order of their finish
-  times, each slot refilled as its client uploads.
+  times, each slot refilled as its client uploads, but for the last: its slot stays empty until the server has
+  stepped (the next buffer fills it from the new model).
 
   Args:
     clock: the clock with its flight. version: [] int32 the current model version. params: [P] the current
@@ -92,13 +94,17 @@ def arrive(clock: systems.ClockState, version, params, duration, rng, availabili
   like = jax.tree.map(lambda a: jnp.zeros((buffer_size, *a.shape[1:]), a.dtype), flight.params)
   arrived = (jnp.zeros((buffer_size,), jnp.int32), jnp.zeros((buffer_size,), jnp.int32), like, clock.time)
 
+  def vacate(f, slot, t):
+    del t
+    return f._replace(ids=f.ids.at[slot].set(duration.shape[0]), finish=f.finish.at[slot].set(jnp.inf))
+
   def one(j, carry):
     flight, (ids, versions, models, _) = carry
     slot = jnp.argmin(flight.finish)
     t = flight.finish[slot]
     taken = (ids.at[j].set(flight.ids[slot]), versions.at[j].set(flight.version[slot]),
              jax.tree.map(lambda m, a: m.at[j].set(a[slot]), models, flight.params), t)
-    return begin(flight, slot, t), taken
+    return jax.lax.cond(j < buffer_size - 1, begin, vacate, flight, slot, t), taken
 
   flight, (ids, versions, models, t) = jax.lax.fori_loop(0, buffer_size, one, (flight, arrived))
   return Buffer(ids, versions, models, systems.ClockState(t, flight))
