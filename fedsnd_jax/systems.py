@@ -15,6 +15,12 @@ its upload is lost, counted in `dropped_clients`) or uploads the local steps it 
 dropped). Partial work runs inside the cohort's one compiled client phase as masked steps. The metrics gain
 `sim_time_s`, the cumulative simulated seconds, beside the real ones (`wall_s`).
 
+Clients may be online only part of the time (`online_s`/`offline_s`: seeded exponential spells, `on_off`; or a
+FedScale behaviour trace, `read_trace`): a round then starts at the first moment C clients are online
+(`check_in`, the wait counted in `waited_s`) and samples among them. `buffer_size` > 0 replaces the rounds by
+FedBuff's buffered asynchronous aggregation (`buffered.py`). The clock's time (and FedBuff's clients in flight)
+is `ServerState.clock`.
+
 With a deadline, only algorithms whose server reads just the uploads' weights and step counts run
 (`AlgorithmSpec.partial_work`: fedavg, fedprox, fedntd, fednova, fedsnd and its ablations; FedSND leaves a
 dropped client out of its teachers); FedNova is the one that corrects the

@@ -165,18 +165,75 @@ def _read(path):
   return [json.loads(line) for line in open(path)]
 
 
-def test_a_resumed_run_continues_its_clock(tmp_path):
+@pytest.mark.parametrize("algorithm, clock", [
+    ("fednova", dict(deadline_quantile=0.7, stragglers="partial", online_s=2.0, offline_s=2.0)),
+    ("fedavg", dict(buffer_size=2, concurrency=3, online_s=2.0, offline_s=2.0)),  # FedBuff's flight resumes too
+])
+def test_a_resumed_run_continues_its_clock(algorithm, clock, tmp_path):
   c = tiny.get_config()
   c.rounds, c.checkpoint_every, c.target_accuracy = 4, 2, 0.01  # reached in round 1
-  c.systems.update(enabled=True, deadline_quantile=0.7, stragglers="partial")
-  c.algorithm = "fednova"
+  c.systems.update(enabled=True, **clock)
+  c.algorithm = algorithm
   whole = train_lib.train_and_evaluate(c, str(tmp_path / "whole"))
   assert train_lib.train_and_evaluate(c, str(tmp_path / "cut"), stop_after=3) is None
   shutil.rmtree(tmp_path / "cut" / "checkpoints" / "3")  # killed after round 3's record, before its checkpoint
   resumed = train_lib.train_and_evaluate(c, str(tmp_path / "cut"))
-  clock = lambda d: [(r["sim_time_s"], r["round_sim_s"], r["partial_clients"]) for r in _read(tmp_path / d /
-                                                                                              "metrics.jsonl")]
+  clock = lambda d: [(r["sim_time_s"], r["round_sim_s"], r.get("partial_clients"), r.get("staleness"),
+                      r["test_accuracy"]) for r in _read(tmp_path / d / "metrics.jsonl")]
   assert clock("cut") == clock("whole")
-  times = [t for t, _, _ in clock("whole")]
+  times = [t for t, *_ in clock("whole")]
   assert all(b > a for a, b in zip(times, times[1:], strict=False))
   assert resumed["sim_seconds_to_target"] == whole["sim_seconds_to_target"] == times[0]
+
+
+# Three clients online in [0, 3], [5, 8] and [2, 6] of every 10 s.
+WINDOWS = systems.Availability(jnp.array([[0.0], [5.0], [2.0]]), jnp.array([[3.0], [8.0], [6.0]]),
+                               jnp.full(3, 10.0), jnp.zeros(3))
+
+
+def _check_in(t, need):
+  start, online = systems.check_in(WINDOWS, jnp.float32(t), jnp.ones(3, bool), need)
+  return float(start), np.asarray(online).tolist()
+
+
+def test_check_in_by_hand():
+  assert _check_in(2.5, 2) == (2.5, [True, False, True])  # two online already
+  assert _check_in(4.0, 2) == (5.0, [False, True, True])  # client 1 comes online at 5 s
+  assert _check_in(9.0, 1) == (10.0, [True, False, False])  # the trace repeats: client 0 again at 10 s
+  assert _check_in(14.0, 3) == (14.0, [True, True, True])  # never three at once: taken as if online
+
+
+def test_a_round_samples_among_the_online_clients(tiny, federation):
+  data, fed = federation(3, 2, local_steps=4)
+  model = models.build_model("mlp", tiny.shape, 3)
+  profiles = systems.Profiles(jnp.array([3.0, 2.0, 0.5]), jnp.full(3, 1e15), jnp.full(3, 1e15))
+  clock = systems.Clock(profiles, availability=WINDOWS._replace(phase=jnp.full(3, 4.0)))  # from 4 s of the trace
+  alg = algorithms.build("fedavg", model, fed, mechanisms=MechanismParts(clock=clock))
+  state, out = alg.apply(alg.init(jax.random.key(0)), data)
+  # At 4 s only client 2 is online; at 5 s clients 1 and 2: they take part, in rounds of 8 and 2 s (client 0
+  # would take 12 s).
+  assert out.diagnostics["waited_s"] == pytest.approx(1.0) and out.sim_time_s == pytest.approx(9.0)
+  assert float(state.clock.time) == pytest.approx(9.0)
+
+
+def test_a_behaviour_trace_round_trips(tmp_path):
+  path = str(tmp_path / "trace.pkl")
+  systems.write_trace(path, [[0.0, 50.0], [10.0]], [[20.0, 60.0], [90.0]], [100.0, 200.0])
+  with open(path, "rb") as f:
+    assert pickle.load(f)[1] == {"active": [0.0, 50.0], "inactive": [20.0, 60.0], "finish_time": 100.0,
+                                 "duration": 100.0, "model": ""}
+  a = systems.read_trace(path, 3)  # client 2 reuses entry 1
+  assert np.asarray(systems.online(a, jnp.float32(55.0))).tolist() == [True, True, True]
+  assert np.asarray(systems.online(a, jnp.float32(150.0))).tolist() == [True, False, True]
+  assert np.asarray(systems.online(a, jnp.float32(30.0))).tolist() == [False, True, False]
+  with pytest.raises(InputError, match="systems.trace"):
+    systems.write_trace(path, [[5.0]], [[1.0]], [10.0])  # goes offline before it comes online
+    systems.read_trace(path, 1)
+
+
+def test_seeded_availability_is_on_about_the_share_it_should_be():
+  s = systems.Settings(enabled=True, online_s=100.0, offline_s=300.0)
+  a = systems.on_off(s, 400, seed=0)
+  share = np.mean([np.asarray(systems.online(a, jnp.float32(t))).mean() for t in range(0, 20000, 500)])
+  assert 0.2 < share < 0.3  # 100 / (100 + 300)
+  jax.tree.map(np.testing.assert_array_equal, a, systems.on_off(s, 400, seed=0))

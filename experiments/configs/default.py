@@ -53,9 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (fedsnd_jax/privacy.py; on when dp.clip_norm > 0), secagg.* secure aggregation, simulated
   # (fedsnd_jax/secure_aggregation.py; secagg.enabled), robust.* robust aggregation (fedsnd_jax/robust.py;
   # robust.rule other than mean), attack.* Byzantine clients (fedsnd_jax/attacks.py; attack.kind other than
-  # none, with attack.fraction > 0), systems.* client speeds, bandwidths and a round deadline on a simulated
-  # clock (fedsnd_jax/systems.py; systems.enabled), compression.* compressed uploads with optional error
-  # feedback (fedsnd_jax/compression.py; compression.kind other than none).
+  # none, with attack.fraction > 0), systems.* client speeds, bandwidths, availability, a round deadline and
+  # FedBuff on a simulated clock (fedsnd_jax/systems.py; systems.enabled), compression.* compressed uploads with
+  # optional error feedback (fedsnd_jax/compression.py; compression.kind other than none).
   for section, mechanism in mechanisms.sections().items():
     c[section] = ml_collections.ConfigDict(settings.as_dict(mechanism()))
   # Each algorithm's own hyperparameters, one section per algorithm (`--config.<section>.<field>=`), with
