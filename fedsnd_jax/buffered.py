@@ -14,7 +14,10 @@ B = `buffer_size` arrivals the server steps, version v → v + 1:
 so with SGD at learning rate η the server takes w − η·Σ_k (n_k / Σ n) s(τ_k) Δ_k, the paper's step with the
 arrivals weighted by their examples (the paper averages them unweighted, 1/B): at B = Z = C, a = 0 and every
 client from the same version this is synchronous FedAvg. An algorithm's server steps see the rebased uploads
-u_k as ordinary ones (FedSND distils them). A client that starts at version v takes sync round v's key for its id.
+u_k as ordinary ones (FedSND distils them); BatchNorm statistics are not rebased (u_k takes w_k's). A client
+that starts at version v takes sync round v's key for its id, with the number of its earlier starts at v folded
+in when it starts again. A client drawn while none is online starts at its check-in; if that is after the
+buffer's server step, it downloads the new model.
 
 The B arrivals of a buffer run as one client phase over their own start models: the state holds the Z models in
 flight, memory Z × P beside the global model (`InFlight.params`).
@@ -25,29 +28,34 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsnd_jax import systems
+from fedsnd_jax import models, systems
 
-BUFFER_STREAM = 0xB0F  # the draws of who starts next: fold_in(rng, BUFFER_STREAM), then the start's number
+BUFFER_STREAM = 1 << 20  # the draws of who starts next: fold_in(rng, BUFFER_STREAM), then the start's number
 
 
 class InFlight(NamedTuple):
   """The clients in flight: ids [Z] int32 (K: an empty slot), version [Z] int32 the model version each
-  downloaded, finish [Z] float32 the simulated time its upload arrives, params [Z, P] the model it downloaded,
-  started [] int32 starts so far."""
+  downloaded, repeat [Z] int32 its earlier starts at that version, start [Z] and finish [Z] float32 the
+  simulated times it downloads and its upload arrives, params [Z, P] the model it downloaded, started [] int32
+  starts so far."""
 
   ids: jax.Array
   version: jax.Array
+  repeat: jax.Array
+  start: jax.Array
   finish: jax.Array
   params: Any
   started: jax.Array
 
 
 class Buffer(NamedTuple):
-  """A buffer's arrivals: ids [B] int32, version [B] int32 the version each started from, params [B, P] its
-  start model, and the clock after the last of them (time of that arrival, the flight refilled)."""
+  """A buffer's arrivals: ids [B] int32, version [B] int32 the version each started from, repeat [B] int32
+  its earlier starts at that version, params [B, P] its start model, and the clock after the last of them (time
+  of that arrival, the flight refilled)."""
 
   ids: jax.Array
   version: jax.Array
+  repeat: jax.Array
   params: Any
   clock: systems.ClockState
 
@@ -55,13 +63,14 @@ class Buffer(NamedTuple):
 def empty(params, concurrency: int, num_clients: int) -> InFlight:
   """No client in flight yet: slots are filled on the first buffer (`arrive`)."""
   slots = lambda a: jnp.zeros((concurrency, *a.shape), a.dtype)
-  return InFlight(jnp.full((concurrency,), num_clients, jnp.int32), jnp.zeros((concurrency,), jnp.int32),
-                  jnp.full((concurrency,), jnp.inf, jnp.float32), jax.tree.map(slots, params),
-                  jnp.zeros((), jnp.int32))
+  zeros, never = jnp.zeros((concurrency,), jnp.int32), jnp.full((concurrency,), jnp.inf, jnp.float32)
+  return InFlight(jnp.full((concurrency,), num_clients, jnp.int32), zeros, zeros, never, never,
+                  jax.tree.map(slots, params), jnp.zeros((), jnp.int32))
 
 
-def _start(flight: InFlight, slot, t, version, params, duration, key, availability):
-  """A new client in `slot` from time t (or its next check-in): drawn among the online clients not in flight."""
+def _start(flight: InFlight, starts, slot, t, version, params, duration, key, availability):
+  """A new client in `slot` from time t (or its next check-in): drawn among the online clients not in flight.
+  starts: [K] int32 each client's starts at `version` so far."""
   num_clients = duration.shape[0]
   ids = flight.ids.at[slot].set(num_clients)  # the slot's last client may start again
   eligible = ~jnp.zeros((num_clients + 1,), bool).at[ids].set(True)[:num_clients]
@@ -69,8 +78,19 @@ def _start(flight: InFlight, slot, t, version, params, duration, key, availabili
   scores = jnp.where(pool, jax.random.uniform(jax.random.fold_in(key, flight.started), (num_clients,)), -1.0)
   cid = jnp.argmax(scores).astype(jnp.int32)
   return InFlight(ids.at[slot].set(cid), flight.version.at[slot].set(version),
+                  flight.repeat.at[slot].set(starts[cid]), flight.start.at[slot].set(start),
                   flight.finish.at[slot].set(start + duration[cid]),
-                  jax.tree.map(lambda a, p: a.at[slot].set(p), flight.params, params), flight.started + 1)
+                  jax.tree.map(lambda a, p: a.at[slot].set(p), flight.params, params),
+                  flight.started + 1), starts.at[cid].add(1)
+
+
+def _restamp(flight: InFlight, starts, slot, version, params):
+  """A client that checks in only after the server's step downloads the new model."""
+  cid = flight.ids[slot]
+  return flight._replace(version=flight.version.at[slot].set(version),
+                         repeat=flight.repeat.at[slot].set(starts[cid]),
+                         params=jax.tree.map(lambda a, p: a.at[slot].set(p), flight.params, params)
+                         ), starts.at[cid].add(1)
 
 
 def arrive(clock: systems.ClockState, version, params, duration, rng, availability, buffer_size: int) -> Buffer:
@@ -83,31 +103,39 @@ def arrive(clock: systems.ClockState, version, params, duration, rng, availabili
       model. duration: [K] each client's simulated seconds from download to upload. rng: the run's key.
     availability: `systems.Availability` or None (always online).
   """
-  key = jax.random.fold_in(rng, BUFFER_STREAM)
-  begin = lambda f, slot, t: _start(f, slot, t, version, params, duration, key, availability)
+  key, num_clients = jax.random.fold_in(rng, BUFFER_STREAM), duration.shape[0]
+  begin = lambda f, c, slot, t: _start(f, c, slot, t, version, params, duration, key, availability)
 
-  def fill(slot, flight):
-    empty_slot = flight.ids[slot] == duration.shape[0]
-    return jax.lax.cond(empty_slot, lambda f: begin(f, slot, clock.time), lambda f: f, flight)
+  def fill(slot, carry):
+    flight, starts = carry
+    empty_slot, late = flight.ids[slot] == num_clients, flight.start[slot] > clock.time
+    return jax.lax.switch(empty_slot + 2 * (late & ~empty_slot), [
+        lambda f, c: (f, c), lambda f, c: begin(f, c, slot, clock.time),
+        lambda f, c: _restamp(f, c, slot, version, params)], flight, starts)
 
-  flight = jax.lax.fori_loop(0, clock.flight.ids.shape[0], fill, clock.flight)
+  starts = jnp.zeros((num_clients,), jnp.int32)  # every start of this call is at `version`
+  flight, starts = jax.lax.fori_loop(0, clock.flight.ids.shape[0], fill, (clock.flight, starts))
   like = jax.tree.map(lambda a: jnp.zeros((buffer_size, *a.shape[1:]), a.dtype), flight.params)
-  arrived = (jnp.zeros((buffer_size,), jnp.int32), jnp.zeros((buffer_size,), jnp.int32), like, clock.time)
+  nothing = jnp.zeros((buffer_size,), jnp.int32)
+  arrived = (nothing, nothing, nothing, like, clock.time)
 
-  def vacate(f, slot, t):
+  def vacate(f, c, slot, t):
     del t
-    return f._replace(ids=f.ids.at[slot].set(duration.shape[0]), finish=f.finish.at[slot].set(jnp.inf))
+    return f._replace(ids=f.ids.at[slot].set(num_clients), finish=f.finish.at[slot].set(jnp.inf)), c
 
   def one(j, carry):
-    flight, (ids, versions, models, _) = carry
+    flight, starts, (ids, versions, repeats, models, _) = carry
     slot = jnp.argmin(flight.finish)
     t = flight.finish[slot]
     taken = (ids.at[j].set(flight.ids[slot]), versions.at[j].set(flight.version[slot]),
+             repeats.at[j].set(flight.repeat[slot]),
              jax.tree.map(lambda m, a: m.at[j].set(a[slot]), models, flight.params), t)
-    return jax.lax.cond(j < buffer_size - 1, begin, vacate, flight, slot, t), taken
+    flight, starts = jax.lax.cond(j < buffer_size - 1, begin, vacate, flight, starts, slot, t)
+    return flight, starts, taken
 
-  flight, (ids, versions, models, t) = jax.lax.fori_loop(0, buffer_size, one, (flight, arrived))
-  return Buffer(ids, versions, models, systems.ClockState(t, flight))
+  flight, _, (ids, versions, repeats, models, t) = jax.lax.fori_loop(0, buffer_size, one,
+                                                                     (flight, starts, arrived))
+  return Buffer(ids, versions, repeats, models, systems.ClockState(t, flight))
 
 
 def staleness_weight(tau, exponent: float):
@@ -128,4 +156,12 @@ def rebase(current, start, trained, tau, exponent: float):
     fresh = (tau == 0).reshape(scale.shape)
     return jnp.where(fresh, t, (w[None] - scale * (s - t)).astype(t.dtype))
 
-  return jax.tree.map(one, current, start, trained)
+  return jax.vmap(models.with_statistics_of)(jax.tree.map(one, current, start, trained), trained)
+
+
+def client_key(rng, version, client_id, repeat):
+  """A client starting at `version`: sync round `version`'s key for its id (`sampling.round_keys`), with its
+  `repeat` earlier starts at that version folded in when it starts again."""
+  key = jax.random.fold_in(jax.random.split(jax.random.fold_in(rng, version), 3)[1], client_id)
+  again = jax.random.fold_in(key, repeat)
+  return jax.random.wrap_key_data(jnp.where(repeat > 0, jax.random.key_data(again), jax.random.key_data(key)))

@@ -325,8 +325,8 @@ def fedbuff(r: Round, clock: systems.Clock, parts: RoundParts, federation: Feder
     buf = buffered.arrive(state.clock, state.round, state.params, duration, state.rng, clock.availability, size)
     order = jnp.argsort(buf.ids)
     ids, versions = buf.ids[order], buf.version[order]
-    keys = jax.vmap(lambda v, i: jax.random.fold_in(
-        jax.random.split(jax.random.fold_in(state.rng, v), 3)[1], i))(versions, ids)  # sync round v's key for i
+    keys = jax.vmap(lambda v, i, again: buffered.client_key(state.rng, v, i, again))(versions, ids,
+                                                                                    buf.repeat[order])
     server_key = jax.random.split(jax.random.fold_in(state.rng, state.round), 3)[2]
     shared, own = parts.client_inputs(state.algorithm, ids)
     return RoundInputs(ids, keys, server_key, shared, own, federation.schedule.steps_taken(data.counts[ids]),
@@ -337,7 +337,7 @@ def fedbuff(r: Round, clock: systems.Clock, parts: RoundParts, federation: Feder
     flight = inputs.clock.flight
     begun, end, staleness, started, oldest = jax.device_get((
         state.clock.time, inputs.clock.time, inputs.staleness, flight.started - state.clock.flight.started,
-        jnp.min(flight.version)))  # one transfer
+        jnp.min(jnp.where(flight.ids < num_clients, flight.version, state.round + 1))))  # one transfer
     about = {"round_sim_s": float(end - begun), "staleness": staleness.tolist(),
              "mean_staleness": float(staleness.mean()), "version_lag": int(state.round) + 1 - int(oldest)}
     return inputs, inputs.clock, about, (size, int(started))

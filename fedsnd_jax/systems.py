@@ -176,22 +176,32 @@ def online(availability: Availability, t):
   return jnp.any((a.starts <= at) & (at <= a.ends), axis=1)
 
 
+def _tolerance(t):
+  """Seconds past an interval's start at which a check-in counts it: float32 rounding of t mod period would
+  otherwise put the start itself just outside."""
+  return 1e-3 + 2e-6 * jnp.abs(t)
+
+
 def check_in(availability: Availability | None, t, eligible, need: int):
   """The earliest time t' ≥ t at which `need` of the `eligible` [K] clients are online, and [K] which are
-  eligible and online then. Candidates are t and each interval's next start; if no candidate has enough (the
-  traces never put that many online together), the clients are taken at t as if online."""
+  eligible and online then. It sweeps the intervals' starts in time order from t, for up to the longest period
+  (each start counted a moment after it, `_tolerance`); if none has enough online (the traces never put that
+  many online together), the clients are taken at t as if online."""
   if availability is None:
     return t, eligible
   a = availability
+  enough = lambda c: jnp.sum(eligible & online(a, c)) >= need
 
-  def wait():
-    shift = jnp.mod(a.starts - jnp.mod(t + a.phase, a.period)[:, None], a.period[:, None])
-    candidates = jnp.concatenate([t[None], jnp.where(jnp.isfinite(a.starts), t + shift, jnp.inf).ravel()])
-    counts = jax.vmap(lambda c: jnp.sum(eligible & online(a, c)))(candidates)
-    first = jnp.min(jnp.where(counts >= need, candidates, jnp.inf))
-    return jnp.where(jnp.isfinite(first), first, t)
+  def next_start(c):
+    """The first interval start after c (c itself excluded)."""
+    shift = jnp.mod(a.starts - jnp.mod(c + a.phase, a.period)[:, None], a.period[:, None])
+    shift = jnp.where(shift > _tolerance(c), shift, shift + a.period[:, None])
+    return c + jnp.min(jnp.where(jnp.isfinite(a.starts), shift, jnp.inf))
 
-  start = jax.lax.cond(jnp.sum(eligible & online(a, t)) >= need, lambda: t, wait)
+  horizon = t + jnp.max(a.period)
+  sweep = lambda c: next_start(c) + _tolerance(next_start(c))
+  start = jax.lax.while_loop(lambda c: ~enough(c) & (c <= horizon), sweep, t)
+  start = jnp.where(enough(start), start, t)
   now = eligible & online(a, start)
   return start, jnp.where(jnp.sum(now) >= need, now, eligible)
 
@@ -211,9 +221,9 @@ def on_off(s: Settings, num_clients: int, seed: int, spells: int = 32) -> Availa
 def write_trace(path: str, active, inactive, finish_time) -> None:
   """Writes a FedScale behaviour-trace file: a pickled {client id (from 1): {"active": [times it comes online],
   "inactive": [times it goes offline], "finish_time": the trace's length, after which it repeats, "duration":
-  the same, "model": ""}}, times in seconds."""
+  the seconds online in it, "model": ""}}, times in seconds."""
   traces = {k + 1: {"active": [float(x) for x in a], "inactive": [float(x) for x in i], "finish_time": float(f),
-                    "duration": float(f), "model": ""}
+                    "duration": float(sum(i) - sum(a)), "model": ""}
             for k, (a, i, f) in enumerate(zip(active, inactive, finish_time, strict=True))}
   with open(path, "wb") as f:
     pickle.dump(traces, f)

@@ -81,3 +81,15 @@ def test_the_library_refuses_fedbuff_for_scaffold(tiny, federation):
     algorithms.build("scaffold", models.build_model("mlp", tiny.shape, 3), fed,
                      mechanisms=MechanismParts(clock=_clock([1.0] * 3, buffer_size=2, concurrency=2)))
   assert mechanisms.RULES["compression"].asynchronous
+
+
+def test_a_client_that_starts_again_at_one_version_trains_with_another_key():
+  # Clients of 1 and 10 s, both in flight: client 0 arrives at 1, 2 and 3 s, each time from version 0.
+  params = {"w": jnp.zeros(2)}
+  clock = systems.ClockState(jnp.float32(0.0), buffered.empty(params, 2, 2))
+  buf = buffered.arrive(clock, jnp.int32(0), params, jnp.array([1.0, 10.0]), jax.random.key(0), None, 3)
+  assert buf.ids.tolist() == [0, 0, 0] and buf.version.tolist() == [0, 0, 0] and buf.repeat.tolist() == [0, 1, 2]
+  keys = [jax.random.key_data(buffered.client_key(jax.random.key(0), 0, 0, r)).tolist() for r in range(3)]
+  assert len({str(k) for k in keys}) == 3
+  first = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 3)[1]  # sync round 0's key for client 0
+  assert keys[0] == jax.random.key_data(jax.random.fold_in(first, 0)).tolist()
