@@ -7,8 +7,10 @@ validation split: FedAvg, then FedSND with each server setting of `variants`, th
 runs show how much the machine's speed drifted meanwhile). Every run uses FedSND's tuned client settings in that
 setting (benchmarks/configs/tuned.json; FedAvg the same ones), so only the server differs. Columns: validation
 accuracy, final and last-5 mean; client and server seconds per round (median over rounds 2+: round 1 compiles);
-the round (client + server) as a multiple of FedAvg's (the mean of its two runs' medians). The target: a setting
-whose last-5 accuracy is within 0.5 points of the most accurate FedSND setting's, at a round ≤ 2× FedAvg's.
+the round (client + server) as a multiple of FedAvg's (the mean of its two runs' medians), and the same of the
+means over rounds 2+ (a lever that skips the server's work in most rounds, `recheck_every`, has a median of the
+cheap rounds: the mean charges it its expensive ones). The target: a setting whose last-5 accuracy is within 0.5
+points of the most accurate FedSND setting's, at a round ≤ 2× FedAvg's by both measures.
 
 Prints the table and rewrites its block of benchmarks/RESULTS.md (`--results`, `--block`); also writes it to
 `--output` (markdown) and the accuracy-vs-server-seconds plot with its Pareto front to `--plot`. Finished runs are
@@ -45,16 +47,21 @@ def variants(warm: str) -> dict[str, dict]:
           synthesis + "warm_start": warm, synthesis + "steps": 10, distillation + "steps": 5},
       "Q 16, D 5": {synthesis + "samples": 16, distillation + "steps": 5},
       "distil in rounds 1-3 only": {"fedsnd.schedule.distill_rounds": 3},
+      "closed gate: synthesise every 10th round only": {"fedsnd.schedule.recheck_every": 10},
+      "the library's default server, closed gate: synthesise every 10th round only": {
+          synthesis + "warm_start": warm, synthesis + "steps": 10, distillation + "steps": 5,
+          "fedsnd.schedule.recheck_every": 10},
   }
   return {name: {**tuning.FULL_SERVER, **overrides} for name, overrides in levers.items()}
 
 
 def medians(workdir: str) -> dict:
-  """Median client and server seconds over rounds 2+, and mean synthesis steps taken."""
+  """Median and mean client and server seconds over rounds 2+, and mean synthesis steps taken."""
   rows = report.read_metrics(workdir)[1:]
   med = lambda key: statistics.median(r[key] for r in rows)
   steps = [r["noise_steps_taken"] for r in rows if "noise_steps_taken" in r]
   return {"client_s": med("client_time_s"), "server_s": med("server_time_s"),
+          "round_mean_s": statistics.mean(r["client_time_s"] + r["server_time_s"] for r in rows),
           "steps": sum(steps) / len(steps) if steps else None}
 
 
@@ -83,19 +90,22 @@ def measure(root: str, setting: str, tuned: dict) -> list[dict]:
 def table(setting: str, rows: list[dict]) -> str:
   fedavg = [r for r in rows if r["overrides"]["algorithm"] == "fedavg"]
   reference = statistics.mean(r["client_s"] + r["server_s"] for r in fedavg)
+  reference_mean = statistics.mean(r["round_mean_s"] for r in fedavg)
   fedsnd = [r for r in rows if r["overrides"]["algorithm"] == "fedsnd"]
   best = max(r["val_last5"] for r in fedsnd)
   lines = [f"FedSND's server levers, {setting}, tuning seed {tuning.TUNING_SEED} (validation split); seconds are "
-           "medians over rounds 2+; round × = (client + server) / FedAvg's (mean of its two runs)\n",
+           "medians over rounds 2+; round × = (client + server) / FedAvg's (mean of its two runs), of the medians "
+           "and of the means over rounds 2+\n",
            "| run | val final % | val last-5 % | client s | server s | synthesis steps | round × FedAvg | "
-           "meets target |", "|---|---|---|---|---|---|---|---|"]
+           "mean round × FedAvg | meets target |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    ratio = (r["client_s"] + r["server_s"]) / reference
-    meets = ("" if r in fedavg else
-             "yes" if ratio <= TARGET_RATIO and 100 * (best - r["val_last5"]) <= TARGET_POINTS else "no")
+    ratio, mean_ratio = (r["client_s"] + r["server_s"]) / reference, r["round_mean_s"] / reference_mean
+    meets = ("" if r in fedavg else "yes" if max(ratio, mean_ratio) <= TARGET_RATIO and
+             100 * (best - r["val_last5"]) <= TARGET_POINTS else "no")
     steps = "" if r["steps"] is None else f"{r['steps']:.1f}"
     lines.append(f"| {r['name']} | {100 * r['val_final']:.2f} | {100 * r['val_last5']:.2f} | "
-                 f"{r['client_s']:.2f} | {r['server_s']:.2f} | {steps} | {ratio:.2f} | {meets} |")
+                 f"{r['client_s']:.2f} | {r['server_s']:.2f} | {steps} | {ratio:.2f} | {mean_ratio:.2f} | "
+                 f"{meets} |")
   return "\n".join(lines)
 
 

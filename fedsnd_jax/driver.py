@@ -125,7 +125,8 @@ class Round(NamedTuple):
     clients: num_steps -> the client phase ((params, shared, data), (ids, keys, own)) -> uploads [C]
       (`make_client_phase`), built once per step count the data gives.
     corrupt: (uploads, ids, received params, server key) -> uploads, or None (no attack).
-    server_steps: round index (host int) -> the algorithm's steps in order, `AGGREGATE` among them.
+    server_steps: (round index (host int), the algorithm's state) -> the algorithm's steps in order, `AGGREGATE`
+      among them.
     step: (ServerStep, last) -> (state, context, carry) -> (carry, diagnostics); the last step also applies the
       server optimiser and returns ((new state, train loss, eval models), diagnostics).
     schedule: the clients' local work (the step count comes from the data: `LocalSchedule.num_steps`).
@@ -146,7 +147,7 @@ class Round(NamedTuple):
   prepare: Callable
   clients: Callable[[int], Callable]
   corrupt: Callable | None
-  server_steps: Callable[[int], tuple[ServerStep, ...]]
+  server_steps: Callable[[int, Any], tuple[ServerStep, ...]]
   step: Callable[[ServerStep, bool], Callable]
   schedule: LocalSchedule
   pad: Callable[[FederatedData], FederatedData]
@@ -214,7 +215,7 @@ def poisson(r: Round, parts: RoundParts, model: models.Model, federation: Federa
   client (no examples: it trains nothing and weighs 0). Refused for algorithms that would see the empty client
   (per-client state, server steps of their own)."""
   stateful = jax.eval_shape(lambda: parts.init_state(model.init(jax.random.key(0)))) is not None
-  if stateful or parts.server_steps(0) != (AGGREGATE,):
+  if stateful or parts.server_steps(0, None) != (AGGREGATE,):
     raise InputError("client_sampling", "poisson sampling pads rounds with an empty client, which an algorithm "
                      "with per-client state or its own server steps would see; use fixed")
   cap = cohort_cap(federation.num_clients, federation.clients_per_round)[0]
@@ -426,7 +427,7 @@ def execute(r: Round) -> FederatedAlgorithm:
     context = RoundContext(state.round, state.params, state.algorithm, inputs.ids, inputs.own, uploads,
                            inputs.steps, inputs.server_key, data)
     carry = ServerCarry(uploads.params, uploads.num_examples, None, state.algorithm, state.aggregator, None, {})
-    server_steps = r.server_steps(round_index)
+    server_steps = r.server_steps(round_index, state.algorithm)
     if server_steps.count(AGGREGATE) != 1:
       raise ValueError(f"a round needs exactly one AGGREGATE step, got {[s.name for s in server_steps]}")
     diagnostics = {}

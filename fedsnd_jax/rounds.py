@@ -176,8 +176,8 @@ def _unchanged(context, carry):
   return carry
 
 
-def _aggregate_only(round_index):
-  del round_index
+def _aggregate_only(round_index, state):
+  del round_index, state
   return (AGGREGATE,)
 
 
@@ -195,8 +195,9 @@ class RoundParts(NamedTuple):
     init_state: params -> the algorithm's typed state (per-client parts stacked [K, ...]), or None.
     client_inputs: (state, ids [C]) -> (shared, own): what every sampled client receives besides the
       global model (SCAFFOLD's c) and each one's own state gathered [C, ...] (its control variate).
-    server_steps: round index (host int) -> the round's steps in order, `AGGREGATE` among them; steps
-      before it may replace `carry.models`, steps after it `carry.average`.
+    server_steps: (round index (host int), the algorithm's state) -> the round's steps in order, `AGGREGATE`
+      among them; steps before it may replace `carry.models`, steps after it `carry.average`. It runs on the
+      host: what it reads of the state is transferred.
     after_aggregation: (context, carry) -> carry, run in the aggregation step right after the aggregator:
       per-client state updates (scattered by `context.ids`) and corrections of `carry.average`.
     extra_bytes: round index -> (up, down) bytes per sampled client beyond the model and its example count.
@@ -205,7 +206,7 @@ class RoundParts(NamedTuple):
   client_loss: client.LossFn
   init_state: Callable[[Params], Any] = _no_state
   client_inputs: Callable[[Any, jax.Array], tuple[Any, Any]] = _nothing_sent
-  server_steps: Callable[[int], tuple[ServerStep, ...]] = _aggregate_only
+  server_steps: Callable[[int, Any], tuple[ServerStep, ...]] = _aggregate_only
   after_aggregation: Callable[[RoundContext, ServerCarry], ServerCarry] = _unchanged
   extra_bytes: Callable[[int], tuple[int, int]] = _no_extra_bytes
 

@@ -169,7 +169,7 @@ def test_fednova_normalises_unequal_local_work_by_hand():
   # (FedAvg: 1.5).
   fed = rounds.Federation(2, 2, rounds.LocalSchedule(), 0.1, 0.0, 0.0, (1,), 2)
   parts = fednova.build(None, fednova.Hyperparameters(), fed)
-  normalise = parts.server_steps(0)[0].fn
+  normalise = parts.server_steps(0, None)[0].fn
   params = {"w": jnp.zeros(())}
   context = rounds.RoundContext(jnp.zeros((), jnp.int32), params, None, jnp.arange(2), None, None,
                                 jnp.array([1, 4]), None, None)

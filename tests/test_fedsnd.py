@@ -435,3 +435,17 @@ def test_a_dropped_clients_upload_reaches_no_teacher(federation):
   (a, out), (b, _) = round_with(1.0), round_with(-3.0)
   assert out.diagnostics["dropped_clients"] == 1 and float(out.diagnostics["distill_gate"]) == 1.0
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+@pytest.mark.parametrize("agreement", [1e-9, 1.01])
+def test_recheck_every_skips_only_the_server_work_of_closed_rounds(agreement, federation, run_rounds):
+  """With the gate always closed, rounds between rechecks only aggregate and the model is the one of every round
+  synthesising (a closed gate distils nothing); always open, every round synthesises as without the lever."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  hp = {**SMALL, "schedule.distill_agreement": agreement}
+  every, _ = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 4)
+  skipping, outs = run_rounds(algorithms.build("fedsnd", model, fed, {**hp, "schedule.recheck_every": 3}), data, 4)
+  jax.tree.map(np.testing.assert_array_equal, skipping.params, every.params)
+  synthesised = ["synthesis_time_s" in o.times for o in outs]
+  assert synthesised == ([True, False, False, True] if agreement < 1 else [True] * 4)

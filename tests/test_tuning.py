@@ -239,18 +239,22 @@ def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike()
 
 
 def test_server_cost_table_and_pareto_front_by_hand():
-  def row(name, alg, val, client, server):
+  def row(name, alg, val, client, server, mean=None):
     return {"name": name, "overrides": {"algorithm": alg}, "val_final": val, "val_last5": val, "client_s": client,
-            "server_s": server, "steps": None if alg == "fedavg" else 10.0}
+            "server_s": server, "round_mean_s": client + server if mean is None else mean,
+            "steps": None if alg == "fedavg" else 10.0}
   rows = [row("FedAvg", "fedavg", 0.80, 1.0, 0.0), row("big", "fedsnd", 0.820, 1.5, 8.0),
           row("cheap", "fedsnd", 0.816, 1.5, 0.4), row("worse", "fedsnd", 0.810, 1.5, 1.0),
-          row("cheapest", "fedsnd", 0.790, 1.5, 0.1), row("FedAvg (again)", "fedavg", 0.80, 1.0, 0.2)]
+          row("cheapest", "fedsnd", 0.790, 1.5, 0.1), row("skipping", "fedsnd", 0.818, 1.5, 0.1, mean=3.0),
+          row("FedAvg (again)", "fedavg", 0.80, 1.0, 0.2)]
   lines = server_cost.table("digits", rows).splitlines()
   # FedAvg's round: mean(1.0, 1.2) = 1.1 s; "cheap" is 0.4 points below the best at (1.5 + 0.4) / 1.1 = 1.73×.
-  assert "| cheap | 81.60 | 81.60 | 1.50 | 0.40 | 10.0 | 1.73 | yes |" in lines
-  assert any(line.startswith("| big |") and line.endswith("| 8.64 | no |") for line in lines)
+  assert "| cheap | 81.60 | 81.60 | 1.50 | 0.40 | 10.0 | 1.73 | 1.73 | yes |" in lines
+  assert any(line.startswith("| big |") and line.endswith("| 8.64 | 8.64 | no |") for line in lines)
   assert any(line.startswith("| cheapest |") and line.endswith("| no |") for line in lines)  # 3 points below
-  assert [r["name"] for r in server_cost.pareto(rows)] == ["cheapest", "cheap", "big"]
+  # Cheap in its median round (1.45×), but its expensive rounds make its mean 3.0 / 1.1 = 2.73×.
+  assert any(line.startswith("| skipping |") and line.endswith("| 1.45 | 2.73 | no |") for line in lines)
+  assert [r["name"] for r in server_cost.pareto(rows)] == ["cheapest", "skipping", "big"]
 
 
 def test_distill_gain_table_by_hand(tmp_path):

@@ -173,7 +173,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
         "generator_accuracy": mean(right), "kl_before": mean(kl_before), "kl_after": mean(kl_after)}
 
   return RoundParts(client.supervised_loss(model), init_state,
-                   server_steps=lambda r: (AGGREGATE, ServerStep("fine_tune", fine_tune)),
+                   server_steps=lambda r, state: (AGGREGATE, ServerStep("fine_tune", fine_tune)),
                    extra_bytes=lambda r: (num_classes * 4, 0))
 
 

@@ -180,7 +180,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
   generator_bytes = param_bytes(jax.eval_shape(generator.init, jax.random.key(0)))
   return RoundParts(client_loss(model, generator, num_classes), init_state,
                    client_inputs=lambda state, ids: (state._replace(opt_state=None), None),
-                   server_steps=lambda r: (ServerStep("generator", train_generator), AGGREGATE),
+                   server_steps=lambda r, state: (ServerStep("generator", train_generator), AGGREGATE),
                    extra_bytes=lambda r: (num_classes * 4, generator_bytes))
 
 

@@ -61,7 +61,7 @@ def build(model: Model, hp: Hyperparameters, federation: Federation) -> RoundPar
     return carry._replace(models=models_), {"fednova_tau_eff": tau_eff}
 
   return RoundParts(client.supervised_loss(model),
-                    server_steps=lambda round_index: (ServerStep("normalise", normalise), AGGREGATE))
+                    server_steps=lambda round_index, state: (ServerStep("normalise", normalise), AGGREGATE))
 
 
 # The server rescales each client's own update by its step count and example weight before aggregating: not an

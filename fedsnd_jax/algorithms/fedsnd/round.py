@@ -80,17 +80,22 @@ class ServerMemory(NamedTuple):
       `client`) or a position in the round (M = C, warm start `round`). None without a warm start.
     agreement: [] the teacher agreement of the last round that synthesised noise, whether its gate opened or not
       (0 before the first), for `schedule.full_server_below`; None without it.
+    gate: [] bool whether that round's gate opened (True before the first), for `schedule.recheck_every`; None
+      without it.
   """
 
   noise: jax.Array | None
   seen: jax.Array | None
   agreement: jax.Array | None
+  gate: jax.Array | None = None
 
 
 def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool = True) -> None:
   for part, module in PARTS.items():
     module.validate(getattr(hp, part), f"fedsnd.{part}")
   check_range(hp, "fedsnd", positive=("temperature",))
+  require(not (hp.schedule.recheck_every and hp.consensus.enabled), "fedsnd.schedule.recheck_every",
+          "noise consensus scores every round's uploads on noise; set it to 0 or consensus.enabled=False")
   if server_side:
     require(federation.clients_per_round >= 2, "clients_per_round",
             f"the server distils on the other clients' noise, so it needs ≥ 2, got {federation.clients_per_round}")
@@ -115,13 +120,13 @@ class Server:
 
   def init_state(self, params):
     del params
-    budgeted = schedule.budgeted(self.hp.schedule)
-    if self.rows is None and not budgeted:
+    budgeted, rechecks = schedule.budgeted(self.hp.schedule), self.hp.schedule.recheck_every > 0
+    if self.rows is None and not budgeted and not rechecks:
       return None
     shape = (self.rows, self.hp.synthesis.samples, *self.space.shape)
     noise_rows = (None, None) if self.rows is None else (jnp.zeros(shape, jnp.float32),
                                                          jnp.zeros((self.rows,), bool))
-    return ServerMemory(*noise_rows, jnp.float32(0.0) if budgeted else None)
+    return ServerMemory(*noise_rows, jnp.float32(0.0) if budgeted else None, jnp.bool_(True) if rechecks else None)
 
   def full_server(self, state: ServerMemory | None):
     return schedule.full_server(self.hp.schedule, None if state is None else state.agreement)
@@ -185,8 +190,10 @@ class Server:
     return plan, {"teacher_agreement": teacher_agreement, "distill_gate": gate,
                   **regime_signals(self.space, pool, average)}
 
-  def remember(self, state: ServerMemory | None, teacher_agreement):
-    return state._replace(agreement=teacher_agreement) if schedule.budgeted(self.hp.schedule) else state
+  def remember(self, state: ServerMemory | None, teacher_agreement, gate):
+    if schedule.budgeted(self.hp.schedule):
+      state = state._replace(agreement=teacher_agreement)
+    return state._replace(gate=gate > 0) if self.hp.schedule.recheck_every else state
 
   def distill_uploads(self, ctx: RoundContext, carry: ServerCarry):
     pool, order = carry.work
@@ -195,7 +202,7 @@ class Server:
     students, diagnostics = distillation.distill_clients(self.space, pool, order, ctx.ids,
                                                          jax.random.fold_in(ctx.key, 1), self.hp.distillation,
                                                          self.hp.temperature, plan)
-    state = self.remember(carry.state, signals["teacher_agreement"])
+    state = self.remember(carry.state, signals["teacher_agreement"], signals["distill_gate"])
     return carry._replace(models=students, work=None, eval_models={"no_distill": undistilled},
                           state=state), {**diagnostics, **signals}
 
@@ -204,12 +211,23 @@ class Server:
     plan, signals = self.plan(ctx, pool, carry.average)
     new, diagnostics = distillation.distill_global(self.space, pool, carry.average, jax.random.fold_in(ctx.key, 1),
                                                    self.hp.distillation, self.hp.temperature, plan)
-    state = self.remember(carry.state, signals["teacher_agreement"])
+    state = self.remember(carry.state, signals["teacher_agreement"], signals["distill_gate"])
     return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average},
                           state=state), {**diagnostics, **signals}
 
-  def steps(self, round_index: int):
-    return self.distilling if schedule.distills_in(self.hp.schedule, round_index) else self.undistilled
+  def steps(self, round_index: int, state: ServerMemory | None):
+    """The round's steps; under `schedule.recheck_every` a round after a closed gate only aggregates, but for
+    every recheck_every-th (the last gate is read from the state on the host)."""
+    s = self.hp.schedule
+    if not schedule.distills_in(s, round_index):
+      return self.undistilled
+    if s.recheck_every:
+      if jnp.ndim(state.gate):
+        raise InputError("fedsnd.schedule.recheck_every", "decides each round's server steps from its run's last "
+                         "gate, so it cannot run vectorised; set it to 0 or run the cells one by one")
+      if not schedule.rechecks_in(s, round_index, bool(state.gate)):
+        return (AGGREGATE,)
+    return self.distilling
 
   def extra_bytes(self, round_index: int):
     """Label histograms, uploaded when the server needs them."""

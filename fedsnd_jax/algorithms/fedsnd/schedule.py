@@ -31,6 +31,9 @@ class Settings(NamedTuple):
       warm start, `synthesis.steps`, `distillation.steps`); 0 = never. Low agreement is the regime where each
       upload knows what the others do not (near-single-class clients) and fitted noise pays; the decision is
       logged as `full_server`.
+    recheck_every: while the gate is closed, synthesise noise (to measure the teachers' agreement again) only
+      every this many rounds, and only aggregate in between: the server's work of a closed round is skipped
+      (0 = synthesise every round). Not with noise consensus, which scores every round's uploads on noise.
   """
 
   distill_rounds: int = 0
@@ -39,11 +42,13 @@ class Settings(NamedTuple):
   full_server_below: float = 0.0
   full_noise_steps: int = 50
   full_distill_steps: int = 10
+  recheck_every: int = 0
 
 
 def validate(settings: Settings, section: str) -> None:
   check_range(settings, section, positive=("distill_agreement",),
-              non_negative=("distill_rounds", "full_server_below", "full_noise_steps", "full_distill_steps"))
+              non_negative=("distill_rounds", "full_server_below", "full_noise_steps", "full_distill_steps",
+                            "recheck_every"))
 
 
 def budgeted(settings: Settings) -> bool:
@@ -53,6 +58,11 @@ def budgeted(settings: Settings) -> bool:
 
 def distills_in(settings: Settings, round_index: int) -> bool:
   return settings.distill_rounds == 0 or round_index < settings.distill_rounds
+
+
+def rechecks_in(settings: Settings, round_index: int, gate_open: bool) -> bool:
+  """Whether a round synthesises noise under `recheck_every`, given the last synthesising round's gate."""
+  return settings.recheck_every == 0 or gate_open or round_index % settings.recheck_every == 0
 
 
 def gate_threshold(settings: Settings, federation: Federation) -> float:
