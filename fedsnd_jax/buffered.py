@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedsnd_jax import models, systems
+from fedsnd_jax import models, sampling, systems
 
 BUFFER_STREAM = 1 << 20  # the draws of who starts next: fold_in(rng, BUFFER_STREAM), then the start's number
 
@@ -162,6 +162,6 @@ def rebase(current, start, trained, tau, exponent: float):
 def client_key(rng, version, client_id, repeat):
   """A client starting at `version`: sync round `version`'s key for its id (`sampling.round_keys`), with its
   `repeat` earlier starts at that version folded in when it starts again."""
-  key = jax.random.fold_in(jax.random.split(jax.random.fold_in(rng, version), 3)[1], client_id)
+  key = jax.random.fold_in(sampling.round_streams(rng, version)[1], client_id)
   again = jax.random.fold_in(key, repeat)
   return jax.random.wrap_key_data(jnp.where(repeat > 0, jax.random.key_data(again), jax.random.key_data(key)))

@@ -49,7 +49,7 @@ from fedsnd_jax.rounds import (
   ServerStep,
   param_bytes,
 )
-from fedsnd_jax.sampling import SAMPLINGS, cohort_cap, round_keys
+from fedsnd_jax.sampling import SAMPLINGS, cohort_cap, round_keys, round_streams
 
 
 def make_client_phase(model, loss_fn: client.LossFn, federation: Federation, num_steps: int, client_map: str,
@@ -116,6 +116,15 @@ class RoundInputs(NamedTuple):
   staleness: Any = None
 
 
+class ClockReport(NamedTuple):
+  """What the clock tells the host about a round: the simulated seconds since the run began at its end, and
+  how many clients uploaded (a dropped client's upload never left it) and downloaded (FedBuff's starts)."""
+
+  time_s: float
+  uploaded: int
+  downloaded: int
+
+
 class Round(NamedTuple):
   """One round as functions over pytrees, before anything is jitted (`execute`).
 
@@ -135,8 +144,7 @@ class Round(NamedTuple):
     traffic: (round index, cohort) -> (bytes up, bytes down) of the round.
     slots: C, the uploads a round has room for; sampling: one of SAMPLINGS; runs: R vectorised runs, or 0.
     clock: (state, round index, inputs) -> (inputs with the steps the clients finish, the clock after the
-      round, diagnostics, (clients that uploaded, clients that downloaded)), or None (no simulated clock:
-      `timed`, `fedbuff`).
+      round, diagnostics, `ClockReport`), or None (no simulated clock: `timed`, `fedbuff`).
     compress: (state, uploads, inputs) -> (uploads as the server reconstructs them, new `ServerState.uploads`),
       or None (uploads sent whole: `compressed`).
     rebase: (state, inputs, uploads) -> uploads, FedBuff's stale uploads rebased onto the global model
@@ -302,7 +310,7 @@ def timed(r: Round, clock: systems.Clock, num_clients: int) -> Round:
                                                          t.dropped, t.partial))  # one transfer
     about = {"round_sim_s": float(end - begun), "waited_s": float(start - begun),
              "dropped_clients": int(dropped), "partial_clients": int(partial)}
-    return inputs._replace(steps=t.steps), after, about, (r.slots - int(dropped), r.slots)
+    return inputs._replace(steps=t.steps), after, about, ClockReport(float(end), r.slots - int(dropped), r.slots)
 
   return r._replace(init=init, prepare=prepare, clock=time_round)
 
@@ -320,15 +328,14 @@ def fedbuff(r: Round, clock: systems.Clock, parts: RoundParts, federation: Feder
     return state._replace(clock=systems.ClockState(jnp.zeros((), jnp.float32), flight))
 
   def prepare(state: ServerState, data: FederatedData) -> RoundInputs:
-    p = clock.profiles
-    duration = (down_bits / p.down_bps + federation.schedule.steps_taken(data.counts) * p.step_s
-                + up_bits / p.up_bps)
+    _, duration = systems.client_seconds(clock.profiles, federation.schedule.steps_taken(data.counts), up_bits,
+                                         down_bits)
     buf = buffered.arrive(state.clock, state.round, state.params, duration, state.rng, clock.availability, size)
     order = jnp.argsort(buf.ids)
     ids, versions = buf.ids[order], buf.version[order]
     keys = jax.vmap(lambda v, i, again: buffered.client_key(state.rng, v, i, again))(versions, ids,
                                                                                     buf.repeat[order])
-    server_key = jax.random.split(jax.random.fold_in(state.rng, state.round), 3)[2]
+    server_key = round_streams(state.rng, state.round)[2]
     shared, own = parts.client_inputs(state.algorithm, ids)
     return RoundInputs(ids, keys, server_key, shared, own, federation.schedule.steps_taken(data.counts[ids]),
                        buf.clock, jax.tree.map(lambda a: a[order], buf.params), state.round - versions)
@@ -341,7 +348,7 @@ def fedbuff(r: Round, clock: systems.Clock, parts: RoundParts, federation: Feder
         jnp.min(jnp.where(flight.ids < num_clients, flight.version, state.round + 1))))  # one transfer
     about = {"round_sim_s": float(end - begun), "staleness": staleness.tolist(),
              "mean_staleness": float(staleness.mean()), "version_lag": int(state.round) + 1 - int(oldest)}
-    return inputs, inputs.clock, about, (size, int(started))
+    return inputs, inputs.clock, about, ClockReport(float(end), size, int(started))
 
   def rebase(state: ServerState, inputs: RoundInputs, uploads: client.ClientOutput) -> client.ClientOutput:
     return uploads._replace(params=buffered.rebase(state.params, inputs.received, uploads.params,
@@ -409,9 +416,9 @@ def execute(r: Round) -> FederatedAlgorithm:
     data = r.pad(data)
     timer = PhaseTimer()
     inputs = prepare(state, data)
-    clock, about, took_part = state.clock, {}, None
+    clock, about, report = state.clock, {}, None
     if r.clock is not None:
-      inputs, clock, about, took_part = r.clock(state, round_index, inputs)
+      inputs, clock, about, report = r.clock(state, round_index, inputs)
     per_client = (inputs.ids, inputs.keys, inputs.own, inputs.steps)
     if inputs.received is None:
       uploads = client_phase(data)((state.params, inputs.shared, data), per_client)
@@ -441,11 +448,10 @@ def execute(r: Round) -> FederatedAlgorithm:
     cohort, sampled = r.cohort(inputs.ids)
     diagnostics, train_loss = _host({**diagnostics, **sampled}, train_loss, r.runs)
     up, down = r.traffic(round_index, cohort)
-    sim_s = None
-    if took_part is not None:  # a dropped client's upload never left it; FedBuff's starts download
-      up, down = up * took_part[0] // cohort, down * took_part[1] // cohort
-      sim_s = float(clock.time)
-    return new_state, RoundOutput(times, {**diagnostics, **about}, train_loss, eval_models, up, down, sim_s)
+    if report is not None:
+      up, down = up * report.uploaded // cohort, down * report.downloaded // cohort
+    return new_state, RoundOutput(times, {**diagnostics, **about}, train_loss, eval_models, up, down,
+                                  None if report is None else report.time_s)
 
   return FederatedAlgorithm(r.init, apply)
 

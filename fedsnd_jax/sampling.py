@@ -33,6 +33,11 @@ def cohort_cap(num_clients: int, clients_per_round: int) -> tuple[int, float]:
   return lo, binomial_tail(num_clients, p, lo)
 
 
+def round_streams(rng, round_index):
+  """The round's (sample_key, clients_key, server_key) = split(fold_in(rng, round), 3) (`round_keys`)."""
+  return jax.random.split(jax.random.fold_in(rng, round_index), 3)
+
+
 def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: int = 0, eligible=None):
   """Samples the round's clients and derives their keys.
 
@@ -50,7 +55,7 @@ def round_keys(rng, round_index, num_clients: int, clients_per_round: int, cap: 
     keys: [C] (or [cap]) typed keys.
     server_key: a typed key for the server's own randomness this round.
   """
-  sample_key, clients_key, server_key = jax.random.split(jax.random.fold_in(rng, round_index), 3)
+  sample_key, clients_key, server_key = round_streams(rng, round_index)
   if cap:
     sampled = jax.random.uniform(sample_key, (num_clients,)) < clients_per_round / num_clients
     ids = jnp.sort(jnp.where(sampled, jnp.arange(num_clients), num_clients))[:cap].astype(jnp.int32)

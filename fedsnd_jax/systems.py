@@ -146,12 +146,18 @@ class Timing(NamedTuple):
   partial: jax.Array
 
 
+def client_seconds(profiles: Profiles, steps, up_bits, down_bits):
+  """(communication, whole round) seconds of clients with `profiles` taking `steps` local steps, each
+  downloading `down_bits` and uploading `up_bits` (t_k of the module docstring)."""
+  comm = down_bits / profiles.down_bps + up_bits / profiles.up_bps
+  return comm, comm + steps * profiles.step_s
+
+
 def round_timing(clock: Clock, ids, steps, up_bits, down_bits) -> Timing:
   """The round of the clients `ids` [C] with schedules of `steps` [C] local steps, each downloading
   `down_bits` and uploading `up_bits` (module docstring)."""
   p = jax.tree.map(lambda a: a[ids], clock.profiles)
-  comm = down_bits / p.down_bps + up_bits / p.up_bps
-  full = comm + steps * p.step_s  # [C] each client's whole round
+  comm, full = client_seconds(p, steps, up_bits, down_bits)  # [C] each client's whole round
   if clock.deadline_s > 0:
     deadline = jnp.asarray(clock.deadline_s, jnp.float32)
   elif clock.deadline_quantile > 0:
@@ -198,12 +204,15 @@ def check_in(availability: Availability | None, t, eligible, need: int):
     shift = jnp.where(shift > _tolerance(c), shift, shift + a.period[:, None])
     return c + jnp.min(jnp.where(jnp.isfinite(a.starts), shift, jnp.inf))
 
+  def sweep(c):
+    start = next_start(c)
+    return start + _tolerance(start)
+
   horizon = t + jnp.max(a.period)
-  sweep = lambda c: next_start(c) + _tolerance(next_start(c))
   start = jax.lax.while_loop(lambda c: ~enough(c) & (c <= horizon), sweep, t)
-  start = jnp.where(enough(start), start, t)
   now = eligible & online(a, start)
-  return start, jnp.where(jnp.sum(now) >= need, now, eligible)
+  found = jnp.sum(now) >= need
+  return jnp.where(found, start, t), jnp.where(found, now, eligible)
 
 
 def on_off(s: Settings, num_clients: int, seed: int, spells: int = 32) -> Availability:

@@ -8,10 +8,12 @@ from experiments import configuration
 
 @pytest.mark.parametrize("table, name", [(t, n) for t, rows in cross_device.ROWS.items() for n in rows])
 def test_every_row_is_a_valid_run(table, name):
-  # validate raises InputError for a combination the rules refuse (e.g. FedBuff under SCAFFOLD)
+  # validate raises InputError for a combination the rules refuse (e.g. FedBuff under SCAFFOLD); the row runs on
+  # the clock, with its algorithm.
   algorithm, overrides = cross_device.ROWS[table][name]
-  configuration.validate(tuning.apply(tuning.setting_config(cross_device.SETTING),
-                                      {"algorithm": algorithm, **overrides}))
+  config = tuning.apply(tuning.setting_config(cross_device.SETTING), {"algorithm": algorithm, **overrides})
+  configuration.validate(config)
+  assert config.algorithm == algorithm and config.systems.enabled
 
 
 def _records(accuracies, step_s=10.0, mb=2.0):
