@@ -32,9 +32,9 @@ TARGET_POINTS = 0.5
 
 def variants(warm: str) -> dict[str, dict]:
   """FedSND server settings, by name: the full server at the protocol's Q first (Q, G, D: pseudo-samples per
-  model, synthesis steps, distillation steps; Gaussian start; `tuning.FULL_SERVER`), then a larger one, then
-  the levers, each applied on the full server. `warm`: the warm start that suits the setting (`client` when
-  every client comes back each round, else `round`)."""
+  model, synthesis steps, distillation steps; Gaussian start; `tuning.FULL_SERVER`; synthesising every round),
+  then a larger one, then the levers, each applied on the full server. `warm`: the warm start that suits the
+  setting (`client` when every client comes back each round, else `round`)."""
   synthesis, distillation = "fedsnd.synthesis.", "fedsnd.distillation."
   levers = {
       "full server (Q 32, G 50, D 10)": {},
@@ -43,16 +43,17 @@ def variants(warm: str) -> dict[str, dict]:
       "G 10": {synthesis + "steps": 10},
       f"warm start ({warm}), G 10": {synthesis + "warm_start": warm, synthesis + "steps": 10},
       f"warm start ({warm}), stop at CE 0.3": {synthesis + "warm_start": warm, synthesis + "stop_ce": 0.3},
-      f"warm start ({warm}), G 10, D 5 (the library's default server)": {
+      f"warm start ({warm}), G 10, D 5": {
           synthesis + "warm_start": warm, synthesis + "steps": 10, distillation + "steps": 5},
       "Q 16, D 5": {synthesis + "samples": 16, distillation + "steps": 5},
       "distil in rounds 1-3 only": {"fedsnd.schedule.distill_rounds": 3},
       "closed gate: synthesise every 10th round only": {"fedsnd.schedule.recheck_every": 10},
-      "the library's default server, closed gate: synthesise every 10th round only": {
+      f"warm start ({warm}), G 10, D 5, closed gate: every 10th round (the library's default server)": {
           synthesis + "warm_start": warm, synthesis + "steps": 10, distillation + "steps": 5,
           "fedsnd.schedule.recheck_every": 10},
   }
-  return {name: {**tuning.FULL_SERVER, **overrides} for name, overrides in levers.items()}
+  every_round = {**tuning.FULL_SERVER, "fedsnd.schedule.recheck_every": 0}  # each lever alone
+  return {name: {**every_round, **overrides} for name, overrides in levers.items()}
 
 
 def medians(workdir: str) -> dict:

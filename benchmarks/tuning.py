@@ -139,6 +139,8 @@ def candidates(tuned: dict, setting: str, algorithm: str) -> list[dict]:
 
 # Values a field had before it took names: a run saved with the old value ran what the new name means.
 FORMER_VALUES = {"fedsnd.synthesis.warm_start": {False: "none", True: "client"}}
+# Fields whose default changed after they were added: a run saved without one ran this value.
+FIRST_DEFAULTS = {"fedsnd.schedule.recheck_every": 0}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -153,14 +155,15 @@ def _flat(config: dict, prefix: str = "") -> dict:
 
 def differences(saved: dict, config, exact: bool = False, also_ignored=()) -> list[str]:
   """The fields in which `config` runs otherwise than `saved` (a config as JSON). Other algorithms' sections do
-  not change the run, nor do fields added to the config since `saved` was written, at the library's default
-  (which keeps the old behaviour), also inside a section — unless `exact`."""
+  not change the run, nor do fields added to the config since `saved` was written, at the default they were
+  added with (which kept the old behaviour: the library's default, or `FIRST_DEFAULTS`), also inside a section —
+  unless `exact`."""
   ignored = {*configuration.RESUMABLE_CHANGES, *algorithms.sections(), *also_ignored} - {
       algorithms.get(config.algorithm).section}
   saved, wanted = _flat(saved), _flat(json.loads(config.to_json()))
-  defaults = _flat(json.loads(default.get_config().to_json()))
+  absent = {**_flat(json.loads(default.get_config().to_json())), **FIRST_DEFAULTS}
   return [k for k, v in wanted.items() if k.split(".")[0] not in ignored
-          and (saved[k] != v if k in saved else (exact or v != defaults.get(k)))]
+          and (saved[k] != v if k in saved else (exact or v != absent.get(k)))]
 
 
 def stale(folder: str, config) -> bool:

@@ -1,12 +1,13 @@
 """FedSND's identities (docs/design.md §7) and the mechanics of synthesis and cross-client distillation."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from fedsnd_jax import algorithms, client, losses, models, systems
+from fedsnd_jax import algorithms, client, federated_data, losses, models, systems
 from fedsnd_jax.algorithms.fedsnd import distillation, self_distillation, synthesis
 from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, noise_pool, teacher_probs
 from fedsnd_jax.rounds import MechanismParts
@@ -153,7 +154,7 @@ def test_warm_start_round_is_client_when_every_client_takes_part(federation, run
   c, _ = run_rounds(algorithms.build("fednd", model, fed, {**SMALL, "synthesis.warm_start": "none"}), data, 2)
   assert_close(a.params, b.params)
   assert_close(a.algorithm.noise, b.algorithm.noise)
-  assert c.algorithm is None  # a cold start keeps no noise; the warm one's second round started from it:
+  assert c.algorithm.noise is None  # a cold start keeps no noise; the warm one's second round started from it:
   assert float(jnp.max(jnp.abs(jax.tree.leaves(a.params)[0] - jax.tree.leaves(c.params)[0]))) > 0
 
 
@@ -309,7 +310,8 @@ def test_agreement_gate_closed_is_no_distillation(federation, run_rounds, assert
   at 1.01 it always distils, as distill_agreement = 1 (the default) does below full agreement."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  closed = algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1e-9})
+  every_round = {**SMALL, "schedule.recheck_every": 0}  # the gate measured in every round
+  closed = algorithms.build("fednd", model, fed, {**every_round, "schedule.distill_agreement": 1e-9})
   a, outs = run_rounds(closed, data, 2)
   b, _ = run_rounds(algorithms.build("fedavg", model, fed), data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
@@ -325,7 +327,8 @@ def test_partial_participation_ungated_distils_every_round(federation, run_round
   distils); without gate_partial_participation every round distils, the same run as distill_agreement = 1."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation(3, 2)
-  closed = algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1e-9})
+  closed = algorithms.build("fednd", model, fed, {**SMALL, "schedule.distill_agreement": 1e-9,
+                                                   "schedule.recheck_every": 0})
   _, outs = run_rounds(closed, data, 2)
   assert [float(o.diagnostics["distill_gate"]) for o in outs] == [0.0, 0.0]
   hp = {**SMALL, "schedule.distill_agreement": 1e-9, "schedule.gate_partial_participation": False}
@@ -444,8 +447,46 @@ def test_recheck_every_skips_only_the_server_work_of_closed_rounds(agreement, fe
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
   hp = {**SMALL, "schedule.distill_agreement": agreement}
-  every, _ = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 4)
+  every, _ = run_rounds(algorithms.build("fedsnd", model, fed, {**hp, "schedule.recheck_every": 0}), data, 4)
   skipping, outs = run_rounds(algorithms.build("fedsnd", model, fed, {**hp, "schedule.recheck_every": 3}), data, 4)
   jax.tree.map(np.testing.assert_array_equal, skipping.params, every.params)
   synthesised = ["synthesis_time_s" in o.times for o in outs]
   assert synthesised == ([True, False, False, True] if agreement < 1 else [True] * 4)
+
+
+def test_recheck_every_under_noise_consensus_synthesises_every_round_and_distils_on_rechecks(federation,
+                                                                                            run_rounds):
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  hp = {**SMALL, "consensus.enabled": True, "schedule.distill_agreement": 1e-9, "schedule.recheck_every": 3}
+  _, outs = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 4)
+  assert ["synthesis_time_s" in o.times for o in outs] == [True] * 4
+  assert ["distill_time_s" in o.times for o in outs] == [True, False, False, True]
+
+
+def test_recheck_every_vectorised_equals_runs_alone_when_their_gates_differ(federation, run_rounds):
+  """Two runs vectorised whose first gates differ: in round 1 one run measures the gate and the other only
+  aggregates; each run ends as it does alone (its model and its kept noise), and the one that did not measure
+  logs NaN there."""
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  hp = {**SMALL, "synthesis.warm_start": "client", "schedule.distill_agreement": 1.01, "schedule.recheck_every": 0}
+  first = [run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 1, seed=s)[1][0] for s in (0, 1)]
+  agreements = [float(o.diagnostics["teacher_agreement"]) for o in first]
+  assert agreements[0] != agreements[1]
+  hp = {**hp, "schedule.distill_agreement": float(np.mean(agreements)), "schedule.recheck_every": 2}
+  alone = [run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 2, seed=s) for s in (0, 1)]
+  skips = int(np.argmax(agreements))  # its gate closed in round 0
+  assert ["synthesis_time_s" in o.times for o in alone[skips][1]] == [True, False]
+  assert ["synthesis_time_s" in o.times for o in alone[1 - skips][1]] == [True, True]
+  vectorised = algorithms.build("fedsnd", model, fed, hp, runs=2)
+  state, outs = vectorised.init(jnp.stack([jax.random.key(0), jax.random.key(1)])), []
+  stacked = federated_data.stack([data, data])
+  for _ in range(2):
+    state, out = vectorised.apply(state, stacked)
+    outs.append(out)
+  for run in (0, 1):
+    chex.assert_trees_all_close(jax.tree.map(lambda x, run=run: x[run], (state.params, state.algorithm)),
+                                (alone[run][0].params, alone[run][0].algorithm), rtol=1e-5, atol=1e-6)
+  assert np.isnan(outs[1].diagnostics["teacher_agreement"][skips])
+  assert not np.isnan(outs[1].diagnostics["teacher_agreement"][1 - skips])

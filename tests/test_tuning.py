@@ -209,7 +209,14 @@ def test_a_run_is_stale_only_when_its_own_configuration_changed(tmp_path):
   assert tuning.stale(str(tmp_path), config)  # unfinished: resuming needs the very same config
   (tmp_path / "summary.json").write_text("{}")
   assert not tuning.stale(str(tmp_path), config)  # finished: the new field's default is the old behaviour
-  fedsnd = tuning.apply(config, {"algorithm": "fedsnd", "fedsnd.synthesis.warm_start": "none"})
+  before = json.loads(tuning.apply(config, {"algorithm": "fedsnd"}).to_json())
+  del before["fedsnd"]["schedule"]["recheck_every"]  # added at 0 (every round), its default since 10
+  (tmp_path / "config.json").write_text(json.dumps(before))
+  assert tuning.stale(str(tmp_path), tuning.apply(config, {"algorithm": "fedsnd"}))
+  assert not tuning.stale(str(tmp_path), tuning.apply(config, {"algorithm": "fedsnd",
+                                                               "fedsnd.schedule.recheck_every": 0}))
+  fedsnd = tuning.apply(config, {"algorithm": "fedsnd", "fedsnd.synthesis.warm_start": "none",
+                                 "fedsnd.schedule.recheck_every": 0})  # as every run before that field
   older = json.loads(fedsnd.to_json())
   del older["fedsnd"]["synthesis"]["stop_ce"]  # a field added inside the section since
   older["fedsnd"]["synthesis"]["warm_start"] = False  # the bool an earlier layout saved for "none"
@@ -236,6 +243,13 @@ def test_server_cost_runs_fedsnd_at_its_tuned_client_settings_and_fedavg_alike()
   assert any(o.get("fedsnd.synthesis.warm_start") == "client" for _, _, o in runs)  # all 20 clients come back
   for _, _, overrides in runs:
     configuration.validate(tuning.apply(base, overrides))
+
+
+def test_server_cost_row_named_the_library_default_server_runs_it():
+  base, runs = server_cost.plan("xdevice_a0.1", {})
+  (overrides,) = [o for _, name, o in runs if "the library's default server" in name]
+  library = tuning.apply(base, {"algorithm": "fedsnd"})
+  assert tuning.apply(base, overrides).fedsnd.to_dict() == library.fedsnd.to_dict()
 
 
 def test_server_cost_table_and_pareto_front_by_hand():

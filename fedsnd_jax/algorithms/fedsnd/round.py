@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedsnd_jax import aggregation, client
 from fedsnd_jax.algorithms.fedsnd import consensus, distillation, schedule, self_distillation, synthesis
@@ -94,8 +95,6 @@ def validate(hp: Hyperparameters, federation: Federation, *, server_side: bool =
   for part, module in PARTS.items():
     module.validate(getattr(hp, part), f"fedsnd.{part}")
   check_range(hp, "fedsnd", positive=("temperature",))
-  require(not (hp.schedule.recheck_every and hp.consensus.enabled), "fedsnd.schedule.recheck_every",
-          "noise consensus scores every round's uploads on noise; set it to 0 or consensus.enabled=False")
   if server_side:
     require(federation.clients_per_round >= 2, "clients_per_round",
             f"the server distils on the other clients' noise, so it needs ≥ 2, got {federation.clients_per_round}")
@@ -165,10 +164,10 @@ class Server:
     made, stats = jax.vmap(lambda p, k, y, x0: synthesis.synthesize(
         self.space, p, k, y, hp.synthesis, steps=steps, init=x0, student_params=ctx.params,
         temperature=hp.temperature))(uploads.params, keys, labels, init)
-    state = carry.state
+    state, kept = carry.state, self.measures(ctx) | hp.consensus.enabled  # consensus synthesises every round
     if at is not None:
-      state = state._replace(noise=ctx.state.noise.at[at].set(made, mode="drop"),
-                             seen=ctx.state.seen.at[at].set(True, mode="drop"))
+      state = _where(kept, state._replace(noise=ctx.state.noise.at[at].set(made, mode="drop"),
+                                          seen=ctx.state.seen.at[at].set(True, mode="drop")), state)
     pool, order = noise_pool(self.space, uploads.params, made, labels, ids, hp.temperature, histograms)
     pool, flags, trusted = consensus.judge(pool, hp.consensus, order, ids)
     weights = carry.weights if trusted is None else carry.weights * trusted
@@ -179,8 +178,16 @@ class Server:
     diagnostics |= {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
                    "teacher_noise_accuracy": jnp.mean(stats.accuracy), "noise_norm": jnp.mean(stats.norm),
                    "noise_steps_taken": jnp.mean(stats.steps.astype(jnp.float32)),
-                   "data_norm": jnp.mean(jax.vmap(self.space.norm)(uploads.params)), **flags}
-    return carry._replace(state=state, weights=weights, work=(pool, order)), diagnostics
+                   "data_norm": jnp.mean(jax.vmap(self.space.norm)(uploads.params))}
+    return carry._replace(state=state, weights=weights, work=(pool, order)), {**_unmeasured(kept, diagnostics),
+                                                                            **flags}
+
+  def measures(self, ctx: RoundContext):
+    """bool [] whether this round measures the gate under `schedule.recheck_every` (True without it). A run
+    reaches a server step where it does not only in a vectorised round where another run does: what such a
+    step computes is then dropped (`_where`) and its diagnostics are NaN."""
+    s = self.hp.schedule
+    return jnp.bool_(True) if s.recheck_every == 0 else schedule.rechecks_in(s, ctx.round, ctx.state.gate)
 
   def plan(self, ctx: RoundContext, pool: NoisePool, average):
     """This round's distillation plan, and the signals the schedule decided it from, for the diagnostics."""
@@ -190,10 +197,17 @@ class Server:
     return plan, {"teacher_agreement": teacher_agreement, "distill_gate": gate,
                   **regime_signals(self.space, pool, average)}
 
-  def remember(self, state: ServerMemory | None, teacher_agreement, gate):
+  def distilled(self, ctx: RoundContext, carry: ServerCarry, signals: dict, diagnostics: dict, **models):
+    """The carry after a distillation step (`models`: its distilled `models` or `average`), the state remembering
+    this round's agreement and gate; all of it kept only where the run measures the gate (`measures`)."""
+    state = carry.state
     if schedule.budgeted(self.hp.schedule):
-      state = state._replace(agreement=teacher_agreement)
-    return state._replace(gate=gate > 0) if self.hp.schedule.recheck_every else state
+      state = state._replace(agreement=signals["teacher_agreement"])
+    if self.hp.schedule.recheck_every:
+      state = state._replace(gate=signals["distill_gate"] > 0)
+    measured = self.measures(ctx)
+    kept = _where(measured, {**models, "state": state}, {k: getattr(carry, k) for k in (*models, "state")})
+    return carry._replace(**kept, work=None), _unmeasured(measured, {**diagnostics, **signals})
 
   def distill_uploads(self, ctx: RoundContext, carry: ServerCarry):
     pool, order = carry.work
@@ -202,31 +216,26 @@ class Server:
     students, diagnostics = distillation.distill_clients(self.space, pool, order, ctx.ids,
                                                          jax.random.fold_in(ctx.key, 1), self.hp.distillation,
                                                          self.hp.temperature, plan)
-    state = self.remember(carry.state, signals["teacher_agreement"], signals["distill_gate"])
-    return carry._replace(models=students, work=None, eval_models={"no_distill": undistilled},
-                          state=state), {**diagnostics, **signals}
+    carry = carry._replace(eval_models={"no_distill": undistilled})
+    return self.distilled(ctx, carry, signals, diagnostics, models=students)
 
   def distill_aggregate(self, ctx: RoundContext, carry: ServerCarry):
     pool, _ = carry.work
     plan, signals = self.plan(ctx, pool, carry.average)
     new, diagnostics = distillation.distill_global(self.space, pool, carry.average, jax.random.fold_in(ctx.key, 1),
                                                    self.hp.distillation, self.hp.temperature, plan)
-    state = self.remember(carry.state, signals["teacher_agreement"], signals["distill_gate"])
-    return carry._replace(average=new, work=None, eval_models={"no_distill": carry.average},
-                          state=state), {**diagnostics, **signals}
+    carry = carry._replace(eval_models={"no_distill": carry.average})
+    return self.distilled(ctx, carry, signals, diagnostics, average=new)
 
   def steps(self, round_index: int, state: ServerMemory | None):
-    """The round's steps; under `schedule.recheck_every` a round after a closed gate only aggregates, but for
-    every recheck_every-th (the last gate is read from the state on the host)."""
+    """The round's steps; under `schedule.recheck_every` a round after a closed gate does not distil, but for
+    every recheck_every-th (the last gate is read from the state on the host; vectorised runs distil when any
+    of them does, `measures`)."""
     s = self.hp.schedule
     if not schedule.distills_in(s, round_index):
       return self.undistilled
-    if s.recheck_every:
-      if jnp.ndim(state.gate):
-        raise InputError("fedsnd.schedule.recheck_every", "decides each round's server steps from its run's last "
-                         "gate, so it cannot run vectorised; set it to 0 or run the cells one by one")
-      if not schedule.rechecks_in(s, round_index, bool(state.gate)):
-        return (AGGREGATE,)
+    if s.recheck_every and not np.any(schedule.rechecks_in(s, round_index, np.asarray(state.gate))):
+      return self.undistilled
     return self.distilling
 
   def extra_bytes(self, round_index: int):
@@ -250,3 +259,13 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     return RoundParts(loss)
   server = Server(model, hp, federation)
   return RoundParts(loss, server.init_state, server_steps=server.steps, extra_bytes=server.extra_bytes)
+
+
+def _where(measured, new, old):
+  """`new` where the run measures the gate this round (`Server.measures`), else `old`."""
+  return jax.tree.map(lambda a, b: jnp.where(measured, a, b), new, old)
+
+
+def _unmeasured(measured, diagnostics: dict) -> dict:
+  """The diagnostics, NaN where the run does not measure the gate this round (`Server.measures`)."""
+  return {k: jnp.where(measured, v, jnp.nan) for k, v in diagnostics.items()}

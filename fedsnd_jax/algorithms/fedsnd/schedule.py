@@ -33,7 +33,8 @@ class Settings(NamedTuple):
       logged as `full_server`.
     recheck_every: while the gate is closed, synthesise noise (to measure the teachers' agreement again) only
       every this many rounds, and only aggregate in between: the server's work of a closed round is skipped
-      (0 = synthesise every round). Not with noise consensus, which scores every round's uploads on noise.
+      (0 = synthesise every round). Under noise consensus the rounds between still synthesise, to score the
+      uploads, but do not distil.
   """
 
   distill_rounds: int = 0
@@ -42,7 +43,7 @@ class Settings(NamedTuple):
   full_server_below: float = 0.0
   full_noise_steps: int = 50
   full_distill_steps: int = 10
-  recheck_every: int = 0
+  recheck_every: int = 10
 
 
 def validate(settings: Settings, section: str) -> None:
@@ -60,9 +61,12 @@ def distills_in(settings: Settings, round_index: int) -> bool:
   return settings.distill_rounds == 0 or round_index < settings.distill_rounds
 
 
-def rechecks_in(settings: Settings, round_index: int, gate_open: bool) -> bool:
-  """Whether a round synthesises noise under `recheck_every`, given the last synthesising round's gate."""
-  return settings.recheck_every == 0 or gate_open or round_index % settings.recheck_every == 0
+def rechecks_in(settings: Settings, round_index, gate_open):
+  """Whether a round measures the gate under `recheck_every`, given the last measuring round's gate: host bools,
+  numpy arrays (one per vectorised run) or traced ones alike."""
+  if settings.recheck_every == 0:
+    return gate_open | True
+  return gate_open | (round_index % settings.recheck_every == 0)
 
 
 def gate_threshold(settings: Settings, federation: Federation) -> float:
