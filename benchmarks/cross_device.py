@@ -128,8 +128,10 @@ def table(block: str, rows: dict[str, dict], target: float | None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(path: str, block: str, rows: dict[str, dict], x_key: str, x_label: str, scale: float) -> None:
-  """Test accuracy against `x_key` (cumulative, averaged over seeds), one line per row with its seed band."""
+def plot(path: str, block: str, rows: dict[str, dict], x_key: str, x_label: str, scale: float,
+         x_scale: str) -> None:
+  """Test accuracy against `x_key` (cumulative, averaged over seeds; axis `x_scale`), one line per row with its
+  seed band."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -140,6 +142,7 @@ def plot(path: str, block: str, rows: dict[str, dict], x_key: str, x_label: str,
     mean, std = leaderboard.accuracy_band(row["metrics"])
     x = leaderboard.seed_mean([np.array([r[x_key] / scale for r in m]) for m in row["metrics"]])
     leaderboard.draw_band(ax, x, mean, std, colour, name)
+  ax.set_xscale(x_scale)
   ax.set_xlabel(x_label)
   ax.set_ylabel("test accuracy (mean ± std over seeds, moving mean)")
   ax.grid(alpha=0.3)
@@ -150,8 +153,9 @@ def plot(path: str, block: str, rows: dict[str, dict], x_key: str, x_label: str,
   plt.close(fig)
 
 
-AXES = {"systems": ("sim_time_s", "cumulative simulated seconds", 1.0),
-        "compression": ("bytes_up", "cumulative upload MB", 1e6)}
+# compressed rows upload 10-300× less than dense ones: bytes on a log axis
+AXES = {"systems": ("sim_time_s", "cumulative simulated seconds", 1.0, "linear"),
+        "compression": ("bytes_up", "cumulative upload MB (log)", 1e6, "log")}
 INTRO = {
     "systems": "Availability: online and offline spells of 300 and 600 s on average. Deadlines at the "
                "0.8-quantile of each round's client times. FedBuff: buffer 10, 20 clients in flight, staleness "

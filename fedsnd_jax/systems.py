@@ -360,6 +360,9 @@ def validate(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> N
     require_partial_work(algorithm)
   if s.buffer_size:
     validate_buffer(s, federation, algorithm)
+  for field in ("concurrency", "staleness_exponent"):  # FedBuff's own: said, not ignored, without a buffer
+    require(s.buffer_size or getattr(s, field) == Settings._field_defaults[field], f"systems.{field}",
+            "sets FedBuff, which is off: set systems.buffer_size > 0 too")
 
 
 def validate_buffer(s: Settings, federation: Federation, algorithm: AlgorithmInfo) -> None:

@@ -63,6 +63,8 @@ def test_the_rebase_by_hand():
     ({"compression.kind": "topk"}, "systems.buffer_size"),
     ({"systems.deadline_s": 1.0}, "systems.buffer_size"),
     ({"systems.concurrency": 99}, "systems.concurrency"),
+    ({"systems.buffer_size": 0, "systems.concurrency": 4}, "systems.concurrency"),  # FedBuff's, without it
+    ({"systems.buffer_size": 0, "systems.staleness_exponent": 0.0}, "systems.staleness_exponent"),
     ({"algorithm": "fedsnd"}, None),
 ])
 def test_fedbuff_rules(overrides, field):
