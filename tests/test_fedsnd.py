@@ -458,35 +458,43 @@ def test_recheck_every_under_noise_consensus_synthesises_every_round_and_distils
                                                                                             run_rounds):
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  hp = {**SMALL, "consensus.enabled": True, "schedule.distill_agreement": 1e-9, "schedule.recheck_every": 3}
-  _, outs = run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 4)
-  assert ["synthesis_time_s" in o.times for o in outs] == [True] * 4
-  assert ["distill_time_s" in o.times for o in outs] == [True, False, False, True]
+  hp = {**SMALL, "consensus.enabled": True, "schedule.distill_agreement": 1e-9, "schedule.recheck_every": 3,
+        "synthesis.warm_start": "client"}
+  alg = algorithms.build("fedsnd", model, fed, hp)
+  first, outs = run_rounds(alg, data, 1)
+  _, more = run_rounds(alg, data, 3, state=first)
+  assert ["synthesis_time_s" in o.times for o in outs + more] == [True] * 4
+  assert ["distill_time_s" in o.times for o in outs + more] == [True, False, False, True]
+  second, _ = run_rounds(alg, data, 1, state=first)  # a round between rechecks keeps the noise it made
+  assert not np.array_equal(np.asarray(second.algorithm.noise), np.asarray(first.algorithm.noise))
 
 
-def test_recheck_every_vectorised_equals_runs_alone_when_their_gates_differ(federation, run_rounds):
-  """Two runs vectorised whose first gates differ: in round 1 one run measures the gate and the other only
-  aggregates; each run ends as it does alone (its model and its kept noise), and the one that did not measure
-  logs NaN there."""
+@pytest.mark.parametrize("variant", [{}, {"distillation.target": "global", "schedule.full_server_below": 0.5},
+                                     {"consensus.enabled": True}])
+def test_recheck_every_vectorised_equals_runs_alone_when_their_gates_differ(variant, federation, run_rounds):
+  """Two runs vectorised whose first gates differ: in round 1 one run measures the gate and the other does not
+  distil; each run ends as it does alone (its model, kept noise, agreement and gate), and the one that did not
+  measure logs NaN there."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
-  hp = {**SMALL, "synthesis.warm_start": "client", "schedule.distill_agreement": 1.01, "schedule.recheck_every": 0}
+  hp = {**SMALL, **variant, "synthesis.warm_start": "client", "schedule.distill_agreement": 1.01,
+        "schedule.recheck_every": 0}
   first = [run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 1, seed=s)[1][0] for s in (0, 1)]
   agreements = [float(o.diagnostics["teacher_agreement"]) for o in first]
   assert agreements[0] != agreements[1]
   hp = {**hp, "schedule.distill_agreement": float(np.mean(agreements)), "schedule.recheck_every": 2}
   alone = [run_rounds(algorithms.build("fedsnd", model, fed, hp), data, 2, seed=s) for s in (0, 1)]
   skips = int(np.argmax(agreements))  # its gate closed in round 0
-  assert ["synthesis_time_s" in o.times for o in alone[skips][1]] == [True, False]
-  assert ["synthesis_time_s" in o.times for o in alone[1 - skips][1]] == [True, True]
+  assert ["distill_time_s" in o.times for o in alone[skips][1]] == [True, False]
+  assert ["distill_time_s" in o.times for o in alone[1 - skips][1]] == [True, True]
   vectorised = algorithms.build("fedsnd", model, fed, hp, runs=2)
   state, outs = vectorised.init(jnp.stack([jax.random.key(0), jax.random.key(1)])), []
   stacked = federated_data.stack([data, data])
   for _ in range(2):
     state, out = vectorised.apply(state, stacked)
     outs.append(out)
-  for run in (0, 1):
+  for run in (0, 1):  # (vmap's float32 sums drift apart over the full server's 50 synthesis steps)
     chex.assert_trees_all_close(jax.tree.map(lambda x, run=run: x[run], (state.params, state.algorithm)),
-                                (alone[run][0].params, alone[run][0].algorithm), rtol=1e-5, atol=1e-6)
+                                (alone[run][0].params, alone[run][0].algorithm), rtol=1e-4, atol=1e-5)
   assert np.isnan(outs[1].diagnostics["teacher_agreement"][skips])
   assert not np.isnan(outs[1].diagnostics["teacher_agreement"][1 - skips])

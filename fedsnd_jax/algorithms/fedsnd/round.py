@@ -79,8 +79,8 @@ class ServerMemory(NamedTuple):
   Attributes:
     noise: warm-start noise [M, Q, *shape], and seen: [M] bool (made before); a row is a client (M = K, warm start
       `client`) or a position in the round (M = C, warm start `round`). None without a warm start.
-    agreement: [] the teacher agreement of the last round that synthesised noise, whether its gate opened or not
-      (0 before the first), for `schedule.full_server_below`; None without it.
+    agreement: [] the teacher agreement of the last round that measured its gate (distilled or not; 0 before the
+      first), for `schedule.full_server_below`; None without it.
     gate: [] bool whether that round's gate opened (True before the first), for `schedule.recheck_every`; None
       without it.
   """
