@@ -11,8 +11,8 @@ A block is
 `publish` replaces exactly one block (or appends it, under a `## TITLE` heading, when the file has none of
 that name) and leaves every other byte of the file as it was, so rerunning a benchmark rewrites its own table
 and nothing else. The header is measured, not written by hand: the command as it was typed, the machine's
-cores and accelerator, the git commit (marked "+ local changes" when tracked files differ from it) and the
-seconds since the process started.
+cores and accelerator, the git commit (marked "+ local changes" when tracked files other than the benchmarks'
+outputs differ from it) and the seconds since the process started.
 """
 
 import datetime
@@ -50,16 +50,20 @@ def machine() -> str:
   return text + ", no accelerator"
 
 
+# What benchmarks write (their own or another's tables and plots): not the code a table ran.
+OUTPUTS = ("benchmarks/RESULTS.md", "benchmarks/plots/")
+
+
 def commit() -> str:
-  """The short HEAD commit, "+ local changes to <paths>" when tracked files differ from it; "unknown" outside
-  git."""
+  """The short HEAD commit, "+ local changes to <paths>" when tracked files other than benchmark outputs
+  (`OUTPUTS`) differ from it; "unknown" outside git."""
   try:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                            text=True, check=True)
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
-  changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip()]
+  changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip() and not line[3:].startswith(OUTPUTS)]
   if not changed:
     return head.stdout.strip()
   return f"{head.stdout.strip()} + local changes to {', '.join(changed[:3])}" + (" …" if len(changed) > 3 else "")

@@ -1,5 +1,6 @@
 """benchmarks.results: a block is rewritten in place, every other byte kept; its header is measured."""
 
+import os
 import re
 import subprocess
 
@@ -47,3 +48,23 @@ def test_the_header_names_no_local_change_when_the_tree_is_clean(tmp_path, monke
   subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "r"], check=True)
   results.publish("R.md", "b", "x", "B")
   assert "local changes" not in (tmp_path / "R.md").read_text()
+
+
+def test_the_commit_counts_code_changes_not_benchmark_outputs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  git = lambda *args: subprocess.run(["git", *args], check=True, capture_output=True)
+  git("init", "-q")
+  os.makedirs("benchmarks/plots")
+  for path in ("benchmarks/RESULTS.md", "benchmarks/plots/a.png", "code.py"):
+    with open(path, "w") as f:
+      f.write("0")
+  git("add", ".")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+  head = results.commit()
+  for path in ("benchmarks/RESULTS.md", "benchmarks/plots/a.png"):  # written by benchmarks
+    with open(path, "w") as f:
+      f.write("1")
+  assert results.commit() == head
+  with open("code.py", "w") as f:
+    f.write("1")
+  assert results.commit() == f"{head} + local changes to code.py"
