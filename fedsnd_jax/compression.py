@@ -95,8 +95,10 @@ def random_k(ratio: float, unbiased: bool):
   """Rand-k: scaled by P/k it is unbiased; unscaled it is contractive (what error feedback needs)."""
 
   def compress(v, key):
+    # the k largest of P uniform draws: a uniform k-subset in one partial sort (`jax.random.choice` without
+    # replacement shuffles all P, ~9× slower on CPU); float32 ties, ~P/2²³ at the cut, go to the lower index
     k = _k(ratio, v.size)
-    idx = jax.random.choice(key, v.size, (k,), replace=False)
+    _, idx = jax.lax.top_k(jax.random.uniform(key, (v.size,)), k)
     return jnp.zeros_like(v).at[idx].set(v[idx] * (v.size / k if unbiased else 1.0))
 
   return compress

@@ -81,6 +81,15 @@ def test_random_compressors_are_unbiased(settings):
   np.testing.assert_allclose(mean, v, atol=0.06)
 
 
+def test_rand_k_sends_k_distinct_coordinates_scaled_by_p_over_k():
+  v = jnp.ones(1000)
+  compressor = compression.make(compression.Settings("randk", ratio=0.3), {"w": v})
+  for i in range(5):
+    sent = np.asarray(compressor.compress(v, jax.random.key(i)))
+    np.testing.assert_allclose(sent[sent != 0], 1000 / 300, rtol=1e-6)
+    assert np.count_nonzero(sent) == 300
+
+
 @pytest.mark.parametrize("kind", ["randk", "qsgd"])
 def test_error_feedback_keeps_a_bounded_memory_with_random_compressors(kind):
   # A constant update v, 6 rounds of error feedback: with a contractive compressor the memory grows at most
