@@ -418,10 +418,11 @@ def test_a_student_left_without_trusted_teachers_keeps_its_params(weighting):
   assert all(np.isfinite(float(v)) for v in (before, after, right))
 
 
-def test_a_dropped_clients_upload_reaches_no_teacher(federation):
-  """Under a deadline a dropped client uploads the model it received: FedSND's server leaves it out as teacher
-  and owner of noise, so whatever that upload holds, the round's result is the same (an attack stands in for
-  the upload's contents here)."""
+@pytest.mark.parametrize("consensus", [False, True])
+def test_a_dropped_clients_upload_reaches_no_teacher(consensus, federation):
+  """Under a deadline a dropped client uploads the model it received: FedSND's server leaves it out as teacher,
+  owner of noise and from noise consensus, so whatever that upload holds, the round's result is the same (an
+  attack stands in for the upload's contents here)."""
   model = models.build_model("mlp", SHAPE, 3)
   data, fed = federation()
   slow = systems.Profiles(jnp.array([0.01, 100.0, 0.01]), jnp.full(3, 1e9), jnp.full(3, 1e9))  # client 1 drops
@@ -429,15 +430,18 @@ def test_a_dropped_clients_upload_reaches_no_teacher(federation):
   def round_with(scale):
     def replace(params, ids, received, key):
       del received, key
-      return jax.tree.map(lambda a: a.at[1].set(scale * jnp.ones_like(a[1])), params)
-    hp = {**SMALL, "schedule.distill_agreement": 1.01}  # the gate always open
+      held = lambda a: jnp.sin(scale * jnp.arange(a.size)).reshape(a.shape)  # a model of its own
+      return jax.tree.map(lambda a: a.at[1].set(held(a[1])), params)
+    hp = {**SMALL, "schedule.distill_agreement": 1.01, "consensus.enabled": consensus}  # the gate always open
     alg = algorithms.build("fedsnd", model, fed, hp,
                            mechanisms=MechanismParts(clock=systems.Clock(slow, 5.0), attack=replace))
     return alg.apply(alg.init(jax.random.key(0)), data)
 
-  (a, out), (b, _) = round_with(1.0), round_with(-3.0)
+  (a, out), (b, other) = round_with(1.0), round_with(-3.0)
   assert out.diagnostics["dropped_clients"] == 1 and float(out.diagnostics["distill_gate"]) == 1.0
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  if consensus:  # the others' scores do not see the dropped upload's noise
+    np.testing.assert_array_equal(out.diagnostics["consensus_scores"], other.diagnostics["consensus_scores"])
 
 
 @pytest.mark.parametrize("agreement", [1e-9, 1.01])

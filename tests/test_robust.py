@@ -175,9 +175,17 @@ def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
   wrong = jax.nn.one_hot((labels + 1) % 3, 3) * 0.8 + 0.1
   probs = jnp.stack([right, right, right, wrong, right])  # upload 3 disagrees everywhere
   pool = NoisePool(None, None, labels, owners, probs, None)
-  trusted, scores = flag(pool, threshold=3.0)
+  trusted, scores = flag(pool, threshold=3.0, present=jnp.ones(5, bool))
   np.testing.assert_array_equal(trusted, [True, True, True, False, True])
   np.testing.assert_allclose(scores, [1, 1, 1, 0, 1])
+  # Upload 3 dropped by a deadline: neither judged nor its noise counted. Upload 1 mislabels only upload 3's
+  # noise: 9 of 12 others' samples right with it, all 9 without it.
+  probs = probs.at[1].set(jnp.where((owners == 3)[:, None], wrong, right))
+  pool = pool._replace(probs=probs)
+  np.testing.assert_allclose(flag(pool, 3.0, jnp.ones(5, bool))[1], [1, 0.75, 1, 0, 1])
+  trusted, scores = flag(pool, 3.0, jnp.arange(5) != 3)
+  np.testing.assert_array_equal(trusted, [True] * 5)
+  np.testing.assert_allclose(scores, [1, 1, 1, np.nan, 1])
 
 
 @pytest.mark.parametrize("mode", [{"schedule.distill_rounds": 1}, {"distillation.target": "global"}])

@@ -30,31 +30,34 @@ def validate(settings: Settings, section: str) -> None:
   check_range(settings, section, positive=("threshold",))
 
 
-def flag(pool: NoisePool, threshold: float):
+def flag(pool: NoisePool, threshold: float, present):
   """Each upload's agreement with the others' noise, and which uploads are trusted.
 
   score_t = mean over the samples k ≠ t made of [argmax σ(f(x̃; w_t)) = ỹ]; an upload is an outlier when
-  score_t < median − threshold·1.4826·max(MAD, 0.05) (at most half of them fall below a median).
+  score_t < median − threshold·1.4826·max(MAD, 0.05) (at most half of them fall below a median). Only the
+  present uploads (`present` [C] bool: not dropped by a deadline) are scored, on their own noise, and count
+  in the median and MAD; the others are not flagged here (the server leaves them out anyway).
 
   Returns:
-    (trusted [C] bool, scores [C]).
+    (trusted [C] bool, scores [C], NaN where not present).
   """
-  scores = teacher_scores(pool)
-  median = jnp.median(scores)
-  spread = 1.4826 * jnp.maximum(jnp.median(jnp.abs(scores - median)), 0.05)
-  return scores >= median - threshold * spread, scores
+  scores = jnp.where(present, teacher_scores(pool, present[pool.owners].astype(jnp.float32)), jnp.nan)
+  median = jnp.nanmedian(scores)
+  spread = 1.4826 * jnp.maximum(jnp.nanmedian(jnp.abs(scores - median)), 0.05)
+  return ~present | (scores >= median - threshold * spread), scores
 
 
-def judge(pool: NoisePool, settings: Settings, order, ids):
+def judge(pool: NoisePool, settings: Settings, order, ids, present):
   """The pool with `trusted` and `scores` set, the round's diagnostics, and the trusted mask in the round's
   order (None, and the pool as it is, when consensus is off).
 
   Args:
     order: [C] the permutation that put the pool in id order. ids: [C] the round's client ids.
+    present: [C] bool, in the pool's order, the uploads a deadline did not drop (`flag`).
   """
   if not settings.enabled:
     return pool, {}, None
-  trusted, scores = flag(pool, settings.threshold)
+  trusted, scores = flag(pool, settings.threshold, present)
   pool = pool._replace(trusted=trusted, scores=scores)
   return pool, {"consensus_flagged": jnp.sum(~trusted), "consensus_scores": scores,
                 "consensus_client_ids": ids[order], "consensus_trusted": trusted}, trusted[jnp.argsort(order)]

@@ -169,10 +169,11 @@ class Server:
       state = _where(kept, state._replace(noise=ctx.state.noise.at[at].set(made, mode="drop"),
                                           seen=ctx.state.seen.at[at].set(True, mode="drop")), state)
     pool, order = noise_pool(self.space, uploads.params, made, labels, ids, hp.temperature, histograms)
-    pool, flags, trusted = consensus.judge(pool, hp.consensus, order, ids)
-    weights = carry.weights if trusted is None else carry.weights * trusted
-    # A client a deadline dropped uploaded the model it received, untrained: never a teacher nor owner of noise.
+    # A client a deadline dropped uploaded the model it received, untrained: never a teacher nor owner of noise,
+    # nor judged by noise consensus.
     present = (ctx.steps > 0)[order]
+    pool, flags, trusted = consensus.judge(pool, hp.consensus, order, ids, present)
+    weights = carry.weights if trusted is None else carry.weights * trusted
     pool = pool._replace(trusted=present if pool.trusted is None else pool.trusted & present)
     diagnostics = {"full_server": full.astype(jnp.float32)} if schedule.budgeted(hp.schedule) else {}
     diagnostics |= {"teacher_ce_initial": jnp.mean(stats.ce_initial), "teacher_ce": jnp.mean(stats.ce_final),
