@@ -444,6 +444,18 @@ def test_a_dropped_clients_upload_reaches_no_teacher(consensus, federation):
     np.testing.assert_array_equal(out.diagnostics["consensus_scores"], other.diagnostics["consensus_scores"])
 
 
+def test_a_dropped_client_keeps_its_warm_start_noise(federation):
+  model = models.build_model("mlp", SHAPE, 3)
+  data, fed = federation()
+  slow = systems.Profiles(jnp.array([0.01, 100.0, 0.01]), jnp.full(3, 1e9), jnp.full(3, 1e9))  # client 1 drops
+  alg = algorithms.build("fedsnd", model, fed, {**SMALL, "synthesis.warm_start": "client"},
+                         mechanisms=MechanismParts(clock=systems.Clock(slow, 5.0)))
+  state, out = alg.apply(alg.init(jax.random.key(0)), data)
+  assert out.diagnostics["dropped_clients"] == 1
+  assert state.algorithm.seen.tolist() == [True, False, True]  # its row: no noise of a model it did not train
+  assert not np.any(np.asarray(state.algorithm.noise[1])) and np.any(np.asarray(state.algorithm.noise[0]))
+
+
 @pytest.mark.parametrize("agreement", [1e-9, 1.01])
 def test_recheck_every_skips_only_the_server_work_of_closed_rounds(agreement, federation, run_rounds):
   """With the gate always closed, rounds between rechecks only aggregate and the model is the one of every round

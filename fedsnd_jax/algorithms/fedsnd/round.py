@@ -166,8 +166,7 @@ class Server:
         temperature=hp.temperature))(uploads.params, keys, labels, init)
     state, kept = carry.state, self.measures(ctx) | hp.consensus.enabled  # consensus synthesises every round
     if at is not None:
-      state = _where(kept, state._replace(noise=ctx.state.noise.at[at].set(made, mode="drop"),
-                                          seen=ctx.state.seen.at[at].set(True, mode="drop")), state)
+      state = _where(kept, keep_noise(state, at, made, ctx.steps > 0), state)
     pool, order = noise_pool(self.space, uploads.params, made, labels, ids, hp.temperature, histograms)
     # A client a deadline dropped uploaded the model it received, untrained: never a teacher nor owner of noise,
     # nor judged by noise consensus.
@@ -260,6 +259,17 @@ def build(model: Model, hp: Hyperparameters, federation: Federation, *, client_s
     return RoundParts(loss)
   server = Server(model, hp, federation)
   return RoundParts(loss, server.init_state, server_steps=server.steps, extra_bytes=server.extra_bytes)
+
+
+def keep_noise(memory: ServerMemory, at, made, trained) -> ServerMemory:
+  """The memory with the round's noise `made` [C, Q, *shape] in rows `at` [C], but where a client did not train
+  (`trained` [C] False: a deadline dropped it) the row keeps its noise: rows hold noise of trained models only
+  (under warm start `client`, the client's own last one)."""
+  old = memory.noise.at[at].get(mode="fill", fill_value=0.0)
+  rows = jnp.where(trained.reshape((-1,) + (1,) * (made.ndim - 1)), made, old)
+  seen = memory.seen.at[at].get(mode="fill", fill_value=False) | trained
+  return memory._replace(noise=memory.noise.at[at].set(rows, mode="drop"),
+                         seen=memory.seen.at[at].set(seen, mode="drop"))
 
 
 def _where(measured, new, old):
