@@ -186,6 +186,10 @@ def test_noise_consensus_flags_the_upload_that_mislabels_the_others_noise():
   trusted, scores = flag(pool, 3.0, jnp.arange(5) != 3)
   np.testing.assert_array_equal(trusted, [True] * 5)
   np.testing.assert_allclose(scores, [1, 1, 1, np.nan, 1])
+  # Only upload 3 present: no other present noise to score it on, so it is not judged either.
+  trusted, scores = flag(pool, 3.0, jnp.arange(5) == 3)
+  np.testing.assert_array_equal(trusted, [True] * 5)
+  assert np.all(np.isnan(scores))
 
 
 @pytest.mark.parametrize("mode", [{"schedule.distill_rounds": 1}, {"distillation.target": "global"}])

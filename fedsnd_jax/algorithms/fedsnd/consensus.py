@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, teacher_scores
+from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, others, teacher_scores
 from fedsnd_jax.errors import check_range
 
 
@@ -35,16 +35,19 @@ def flag(pool: NoisePool, threshold: float, present):
 
   score_t = mean over the samples k ≠ t made of [argmax σ(f(x̃; w_t)) = ỹ]; an upload is an outlier when
   score_t < median − threshold·1.4826·max(MAD, 0.05) (at most half of them fall below a median). Only the
-  present uploads (`present` [C] bool: not dropped by a deadline) are scored, on their own noise, and count
-  in the median and MAD; the others are not flagged here (the server leaves them out anyway).
+  present uploads (`present` [C] bool: not dropped by a deadline) are scored, on the present others' noise,
+  and count in the median and MAD; the others, and an upload alone with no present other to be scored on, are
+  not judged: trusted here (the server leaves the dropped ones out anyway), score NaN.
 
   Returns:
-    (trusted [C] bool, scores [C], NaN where not present).
+    (trusted [C] bool, scores [C]).
   """
-  scores = jnp.where(present, teacher_scores(pool, present[pool.owners].astype(jnp.float32)), jnp.nan)
+  samples = present[pool.owners].astype(jnp.float32)
+  judged = present & (jnp.sum(others(pool) * samples[None, :], axis=1) > 0)
+  scores = jnp.where(judged, teacher_scores(pool, samples), jnp.nan)
   median = jnp.nanmedian(scores)
   spread = 1.4826 * jnp.maximum(jnp.nanmedian(jnp.abs(scores - median)), 0.05)
-  return ~present | (scores >= median - threshold * spread), scores
+  return ~judged | (scores >= median - threshold * spread), scores
 
 
 def judge(pool: NoisePool, settings: Settings, order, ids, present):
