@@ -59,11 +59,11 @@ def commit() -> str:
   (`OUTPUTS`) differ from it; "unknown" outside git."""
   try:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, check=True)
+    dirty = subprocess.run(["git", "diff", "--name-only", "-z", "HEAD"], capture_output=True, text=True,
+                           check=True)  # tracked files, staged or not, by their paths as they are
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
-  changed = [line[3:] for line in dirty.stdout.splitlines() if line.strip() and not line[3:].startswith(OUTPUTS)]
+  changed = [path for path in dirty.stdout.split("\0") if path and not path.startswith(OUTPUTS)]
   if not changed:
     return head.stdout.strip()
   return f"{head.stdout.strip()} + local changes to {', '.join(changed[:3])}" + (" …" if len(changed) > 3 else "")

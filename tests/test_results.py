@@ -55,15 +55,17 @@ def test_the_commit_counts_code_changes_not_benchmark_outputs(tmp_path, monkeypa
   git = lambda *args: subprocess.run(["git", *args], check=True, capture_output=True)
   git("init", "-q")
   os.makedirs("benchmarks/plots")
-  for path in ("benchmarks/RESULTS.md", "benchmarks/plots/a.png", "code.py"):
+  for path in ("benchmarks/RESULTS.md", "benchmarks/plots/a.png", "benchmarks/plots/é.png", "code.py"):
     with open(path, "w") as f:
       f.write("0")
   git("add", ".")
   git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
   head = results.commit()
-  for path in ("benchmarks/RESULTS.md", "benchmarks/plots/a.png"):  # written by benchmarks
+  for path in ("benchmarks/RESULTS.md", "benchmarks/plots/é.png"):  # written by benchmarks (a name git quotes)
     with open(path, "w") as f:
       f.write("1")
+  assert results.commit() == head
+  git("mv", "benchmarks/plots/a.png", "benchmarks/plots/b.png")  # staged, renamed
   assert results.commit() == head
   with open("code.py", "w") as f:
     f.write("1")
