@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, others, teacher_scores
+from fedsnd_jax.algorithms.fedsnd.pool import NoisePool, teacher_scores
 from fedsnd_jax.errors import check_range
 
 
@@ -42,9 +42,8 @@ def flag(pool: NoisePool, threshold: float, present):
   Returns:
     (trusted [C] bool, scores [C]).
   """
-  samples = present[pool.owners].astype(jnp.float32)
-  judged = present & (jnp.sum(others(pool) * samples[None, :], axis=1) > 0)
-  scores = jnp.where(judged, teacher_scores(pool, samples), jnp.nan)
+  judged = present & (jnp.sum(present) >= 2)  # another present upload's noise to be scored on
+  scores = jnp.where(judged, teacher_scores(pool, present[pool.owners].astype(jnp.float32)), jnp.nan)
   median = jnp.nanmedian(scores)
   spread = 1.4826 * jnp.maximum(jnp.nanmedian(jnp.abs(scores - median)), 0.05)
   return ~judged | (scores >= median - threshold * spread), scores

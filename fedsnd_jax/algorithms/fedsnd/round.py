@@ -164,13 +164,14 @@ class Server:
     made, stats = jax.vmap(lambda p, k, y, x0: synthesis.synthesize(
         self.space, p, k, y, hp.synthesis, steps=steps, init=x0, student_params=ctx.params,
         temperature=hp.temperature))(uploads.params, keys, labels, init)
-    state, kept = carry.state, self.measures(ctx) | hp.consensus.enabled  # consensus synthesises every round
+    # A client a deadline dropped uploaded the model it received, untrained: it keeps its noise row, and is
+    # never a teacher nor owner of noise, nor judged by noise consensus.
+    trained = ctx.steps > 0
+    state, kept = carry.state, True if hp.consensus.enabled else self.measures(ctx)  # consensus: every round
     if at is not None:
-      state = _where(kept, keep_noise(state, at, made, ctx.steps > 0), state)
+      state = _where(kept, keep_noise(state, at, made, trained), state)
     pool, order = noise_pool(self.space, uploads.params, made, labels, ids, hp.temperature, histograms)
-    # A client a deadline dropped uploaded the model it received, untrained: never a teacher nor owner of noise,
-    # nor judged by noise consensus.
-    present = (ctx.steps > 0)[order]
+    present = trained[order]
     pool, flags, trusted = consensus.judge(pool, hp.consensus, order, ids, present)
     weights = carry.weights if trusted is None else carry.weights * trusted
     pool = pool._replace(trusted=present if pool.trusted is None else pool.trusted & present)
@@ -183,11 +184,11 @@ class Server:
                                                                             **flags}
 
   def measures(self, ctx: RoundContext):
-    """bool [] whether this round measures the gate under `schedule.recheck_every` (True without it). A run
+    """bool [] whether this round measures the gate under `schedule.recheck_every` (host True without it). A run
     reaches a server step where it does not only in a vectorised round where another run does: what such a
     step computes is then dropped (`_where`) and its diagnostics are NaN."""
     s = self.hp.schedule
-    return jnp.bool_(True) if s.recheck_every == 0 else schedule.rechecks_in(s, ctx.round, ctx.state.gate)
+    return True if s.recheck_every == 0 else schedule.rechecks_in(s, ctx.round, ctx.state.gate)
 
   def plan(self, ctx: RoundContext, pool: NoisePool, average):
     """This round's distillation plan, and the signals the schedule decided it from, for the diagnostics."""
@@ -273,10 +274,10 @@ def keep_noise(memory: ServerMemory, at, made, trained) -> ServerMemory:
 
 
 def _where(measured, new, old):
-  """`new` where the run measures the gate this round (`Server.measures`), else `old`."""
-  return jax.tree.map(lambda a, b: jnp.where(measured, a, b), new, old)
+  """`new` where the run measures the gate this round (`Server.measures`; host True: always), else `old`."""
+  return new if measured is True else jax.tree.map(lambda a, b: jnp.where(measured, a, b), new, old)
 
 
 def _unmeasured(measured, diagnostics: dict) -> dict:
   """The diagnostics, NaN where the run does not measure the gate this round (`Server.measures`)."""
-  return {k: jnp.where(measured, v, jnp.nan) for k, v in diagnostics.items()}
+  return diagnostics if measured is True else {k: jnp.where(measured, v, jnp.nan) for k, v in diagnostics.items()}

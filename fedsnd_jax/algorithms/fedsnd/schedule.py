@@ -62,10 +62,8 @@ def distills_in(settings: Settings, round_index: int) -> bool:
 
 
 def rechecks_in(settings: Settings, round_index, gate_open):
-  """Whether a round measures the gate under `recheck_every`, given the last measuring round's gate: host bools,
-  numpy arrays (one per vectorised run) or traced ones alike."""
-  if settings.recheck_every == 0:
-    return gate_open | True
+  """Whether a round measures the gate under `recheck_every` (> 0), given the last measuring round's gate: host
+  bools, numpy arrays (one per vectorised run) or traced ones alike."""
   return gate_open | (round_index % settings.recheck_every == 0)
 
 
